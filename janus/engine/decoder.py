@@ -1,0 +1,105 @@
+"""A gpt-fast style decoder over a transformers ``LlamaForCausalLM``'s own weights.
+
+Why not ``generate``: both engines need many rows of different lengths in one batch, a KV cache
+allocated once (so a 576-step image generation never reallocates), per-row masks and positions, and
+a decode step with static shapes that ``torch.compile`` can turn into CUDA graphs. The layer math
+(RMSNorm, rotary embedding, MLP) is transformers' own modules, so numerics match the reference.
+
+Rows are left-padded, so every row writes the same cache slot at each step; a row's positions
+count only its real tokens (``cumsum(mask) - 1``), exactly as transformers does with padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+class KVCacheDecoder:
+    def __init__(self, language_model: torch.nn.Module):
+        self.lm = language_model
+        self.model = language_model.model
+        cfg = language_model.config
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_position_embeddings = cfg.max_position_embeddings
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+        self.key_valid: torch.Tensor | None = None
+
+    # -- cache -----------------------------------------------------------------------------
+    def cache_bytes(self, batch: int, max_len: int, dtype: torch.dtype) -> int:
+        per = self.n_layers * batch * self.n_kv_heads * max_len * self.head_dim
+        return 2 * per * torch.tensor([], dtype=dtype).element_size()
+
+    def setup_caches(self, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate (or reuse) the static cache for ``batch`` rows of up to ``max_len`` tokens."""
+        shape = (self.n_layers, batch, self.n_kv_heads, max_len, self.head_dim)
+        if self.k_cache is None or self.k_cache.shape != shape or self.k_cache.dtype != dtype:
+            self.k_cache = self.v_cache = None  # free the old one before allocating
+            self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+
+    def release(self) -> None:
+        self.k_cache = self.v_cache = self.key_valid = None
+
+    # -- forward -----------------------------------------------------------------------------
+    def prefill(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the left-padded prompt; returns (last hidden state [B, D], next positions [B])."""
+        t = embeds.shape[1]
+        mask = attention_mask.bool()
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.key_valid[:, :t] = mask
+        slots = torch.arange(t, device=embeds.device)
+        hidden = self.forward(embeds, positions, slots, kv_len=t)
+        return hidden[:, -1], positions[:, -1] + 1
+
+    def decode_step(
+        self, embeds: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, kv_len: int | None = None
+    ) -> torch.Tensor:
+        """One token per row at cache ``slot`` (a 1-element tensor); returns hidden [B, D].
+
+        ``kv_len`` None attends over the whole static cache (fixed shapes, for torch.compile);
+        an int attends over the filled prefix only (faster in eager mode, same result).
+        """
+        self.key_valid.index_fill_(1, slot, True)
+        return self.forward(embeds, positions[:, None], slot, kv_len=kv_len)[:, -1]
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_len: int | None
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        kv_len = kv_len or self.k_cache.shape[3]
+        key_pos = torch.arange(kv_len, device=x.device)
+        causal = key_pos[None, :] <= slots[:, None]  # [t, kv]
+        mask = self.key_valid[:, None, :kv_len] & causal[None]  # [b, t, kv]
+        mask = mask | (key_pos[None, None, :] == slots[None, :, None])  # a padded query still sees itself
+        mask = mask[:, None]  # [b, 1, t, kv]
+        cos, sin = self.model.rotary_emb(x, positions)
+        gqa = self.n_kv_heads != self.n_heads
+        for i, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            self.k_cache[i].index_copy_(2, slots, k.to(self.k_cache.dtype))
+            self.v_cache[i].index_copy_(2, slots, v.to(self.v_cache.dtype))
+            keys = self.k_cache[i][:, :, :kv_len]
+            values = self.v_cache[i][:, :, :kv_len]
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
+            )
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.lm_head(hidden)

@@ -1,0 +1,66 @@
+"""Per-row sampling that does not depend on the batch a row shares.
+
+Each row owns a random stream derived from its seed (one uniform per step, drawn up front), and a
+token is chosen by inverse-CDF lookup of that uniform. The same (weights, prompt, seed, settings)
+therefore give the same tokens alone or inside any batch, and no step needs a host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def row_uniforms(seeds: list[int], steps: int, device: torch.device) -> torch.Tensor:
+    """[rows, steps] float64 uniforms in [0, 1), one independent stream per seed."""
+    out = torch.empty(len(seeds), steps, dtype=torch.float64)
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        out[i] = torch.rand(steps, generator=gen, dtype=torch.float64)
+    return out.to(device)
+
+
+@dataclass
+class SamplingParams:
+    """Per-row settings as tensors on the device; built once per batch."""
+
+    temperature: torch.Tensor  # [B] float32, <= 0 means greedy
+    top_k: torch.Tensor  # [B] long, 0 means off
+    top_p: torch.Tensor  # [B] float32, 1.0 means off
+    use_top_k: bool
+    use_top_p: bool
+
+    @classmethod
+    def build(cls, temperature, top_k, top_p, device: torch.device) -> SamplingParams:
+        k = [int(v or 0) for v in top_k]
+        p = [float(1.0 if v is None else v) for v in top_p]
+        return cls(
+            temperature=torch.tensor([float(t) for t in temperature], dtype=torch.float32, device=device),
+            top_k=torch.tensor(k, dtype=torch.long, device=device),
+            top_p=torch.tensor(p, dtype=torch.float32, device=device),
+            use_top_k=any(v > 0 for v in k),
+            use_top_p=any(v < 1.0 for v in p),
+        )
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
+    """Pick one token per row from fp32 ``logits`` [B, V] using ``uniforms`` [B]."""
+    logits = logits.float()
+    greedy = params.temperature <= 0
+    scaled = logits / torch.where(greedy, torch.ones_like(params.temperature), params.temperature)[:, None]
+    if params.use_top_k:
+        k = torch.where(params.top_k > 0, params.top_k, torch.full_like(params.top_k, logits.shape[-1]))
+        k = k.clamp(max=logits.shape[-1])
+        kth = torch.topk(scaled, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if params.use_top_p:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
+        sorted_p = sorted_p.masked_fill(before >= params.top_p[:, None], 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+    cdf = probs.double().cumsum(-1)
+    target = (uniforms * cdf[:, -1])[:, None]
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
+    return torch.where(greedy, logits.argmax(dim=-1), picked)

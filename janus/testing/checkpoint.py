@@ -1,0 +1,198 @@
+"""Write complete tiny Janus checkpoints in the official on-disk layout.
+
+Real Janus-Pro weights cannot be downloaded in tests or the demo, so this writes a directory that
+looks exactly like ``deepseek-ai/Janus-Pro-*`` (config.json, pytorch_model.bin or safetensors,
+tokenizer and processor files) with small random weights. It is loaded through the very same
+code path as the real checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .tokenizer import write_processor_configs, write_tiny_tokenizer
+
+
+def official_config(
+    *,
+    vocab_size: int,
+    hidden: int,
+    llm_layers: int,
+    llm_heads: int,
+    intermediate: int,
+    vision: dict[str, Any] | None = None,
+    vq: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    max_position_embeddings: int = 16384,
+) -> dict[str, Any]:
+    """A ``config.json`` dict of the official schema; ``vision``/``vq`` hold our shrinking extensions."""
+    return {
+        "model_type": "multi_modality",
+        "torch_dtype": dtype,
+        "vision_config": {
+            "cls": "CLIPVisionTower",
+            "model_type": "vision",
+            "params": {
+                "image_size": 384,
+                "model_name": "siglip_large_patch16_384",
+                "select_feature": "same",
+                "select_layer": -1,
+                **(vision or {}),
+            },
+        },
+        "aligner_config": {
+            "cls": "MlpProjector",
+            "model_type": "aligner",
+            "params": {
+                "depth": 2,
+                "input_dim": (vision or {}).get("width", 1024),
+                "n_embed": hidden,
+                "projector_type": "mlp_gelu",
+            },
+        },
+        "gen_vision_config": {
+            "cls": "VQ-16",
+            "model_type": "gen_vision",
+            "params": {"image_token_size": 16384, "n_embed": 8, **(vq or {})},
+        },
+        "gen_aligner_config": {
+            "cls": "MlpProjector",
+            "model_type": "gen_aligner",
+            "params": {
+                "depth": 2,
+                "input_dim": (vq or {}).get("n_embed", 8),
+                "n_embed": hidden,
+                "projector_type": "mlp_gelu",
+            },
+        },
+        "gen_head_config": {
+            "cls": "vision_head",
+            "model_type": "gen_head",
+            "params": {
+                "image_token_embed": hidden,
+                "image_token_size": (vq or {}).get("image_token_size", 16384),
+                "n_embed": hidden,
+            },
+        },
+        "language_config": {
+            "hidden_size": hidden,
+            "intermediate_size": intermediate,
+            "max_position_embeddings": max_position_embeddings,
+            "num_attention_heads": llm_heads,
+            "num_hidden_layers": llm_layers,
+            "num_key_value_heads": llm_heads,
+            "torch_dtype": dtype,
+            "vocab_size": vocab_size,
+        },
+    }
+
+
+def write_tiny_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    weights_format: str = "bin",
+    shards: int = 1,
+    hidden: int = 64,
+    llm_layers: int = 2,
+    llm_heads: int = 4,
+    intermediate: int = 128,
+    vocab_size: int | None = None,
+    vision_width: int = 64,
+    vision_layers: int = 2,
+    vision_heads: int = 4,
+    vq_ch: int = 32,
+    vq_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
+    vq_z_channels: int = 64,
+    config_overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete random checkpoint; returns its directory.
+
+    ``weights_format`` is "bin" (official: pickled ``pytorch_model*.bin``) or "safetensors";
+    ``shards`` > 1 writes several files plus the index json, as the 7B checkpoint has.
+    The understanding side keeps the official 384 px / 576 tokens; only widths and depths shrink.
+    """
+    from janus.models.configuration import MultiModalityConfig
+    from janus.models.modeling_vlm import MultiModalityCausalLM
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    n_tokens = write_tiny_tokenizer(out)
+    write_processor_configs(out)
+    vocab = vocab_size or -(-n_tokens // 64) * 64
+    if vocab < n_tokens:
+        raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({n_tokens} tokens)")
+    cfg = official_config(
+        vocab_size=vocab,
+        hidden=hidden,
+        llm_layers=llm_layers,
+        llm_heads=llm_heads,
+        intermediate=intermediate,
+        vision={"width": vision_width, "layers": vision_layers, "heads": vision_heads},
+        vq={"ch": vq_ch, "ch_mult": list(vq_ch_mult), "z_channels": vq_z_channels},
+        dtype=dtype,
+    )
+    for key, value in (config_overrides or {}).items():
+        cfg[key] = value
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MultiModalityCausalLM(
+            MultiModalityConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+        )
+        _init_tiny_weights(model)
+    state = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
+    if "gen_vision_model.quantize.codebook_used" in state:
+        state["gen_vision_model.quantize.codebook_used"] = state[
+            "gen_vision_model.quantize.codebook_used"
+        ].float()
+    save_state_dict(state, out, weights_format=weights_format, shards=shards)
+    return out
+
+
+def _init_tiny_weights(model: torch.nn.Module) -> None:
+    """Small-std normal init: keeps the tiny model's activations and logits in a sane range."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.01)
+        elif p.dim() == 1:  # norm scales
+            torch.nn.init.normal_(p, mean=1.0, std=0.05)
+        else:
+            torch.nn.init.normal_(p, std=0.02 if p.dim() == 2 else 0.05)
+
+
+def save_state_dict(
+    state: dict[str, torch.Tensor], directory: Path, *, weights_format: str = "bin", shards: int = 1
+) -> list[Path]:
+    """Save in the official naming: ``pytorch_model.bin`` or ``pytorch_model-0000k-of-0000n.bin`` + index."""
+    if weights_format not in ("bin", "safetensors"):
+        raise ValueError(f"weights_format must be 'bin' or 'safetensors', not {weights_format!r}")
+    names = list(state)
+    shards = max(1, min(shards, len(names)))
+    stem, ext = ("pytorch_model", "bin") if weights_format == "bin" else ("model", "safetensors")
+    groups = [names[i::shards] for i in range(shards)]
+    files: list[Path] = []
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups, start=1):
+        fname = f"{stem}.{ext}" if shards == 1 else f"{stem}-{i:05d}-of-{shards:05d}.{ext}"
+        part = {k: state[k] for k in group}
+        if weights_format == "bin":
+            torch.save(part, directory / fname)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(part, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in group})
+        files.append(directory / fname)
+    if shards > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
+    return files

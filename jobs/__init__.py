@@ -1,0 +1,1 @@
+"""Entry points: the console script and ``ray job submit`` targets."""
