@@ -40,3 +40,60 @@ def shared_dir() -> Path:
     if not (SHARED / "reference").is_dir():
         raise RuntimeError(f"the project's shared/ folder is expected beside the repository at {SHARED}")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto's server), stopped at the end of the session."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def s3_options(s3_endpoint) -> dict:
+    """fsspec storage_options for the moto endpoint."""
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": s3_endpoint},
+    }
+
+
+@pytest.fixture(scope="session")
+def hf_pair(tmp_path_factory):
+    """(transformers' JanusForConditionalGeneration, our model loaded from its converted weights, processor).
+
+    The HF model is an independent implementation; its random weights are converted into the official
+    on-disk layout (tests/hf_janus.py) and loaded by our loader, so any comparison checks our code
+    against theirs, not against our own numbers.
+    """
+    from hf_janus import randomize_, tiny_hf_janus_config, write_official_checkpoint_from_hf
+    from transformers import JanusForConditionalGeneration
+
+    from janus.models import MultiModalityCausalLM, VLChatProcessor
+    from janus.testing import write_processor_configs, write_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("hf") / "janus-from-hf"
+    path.mkdir()
+    n_tokens = write_tiny_tokenizer(path)
+    write_processor_configs(path)
+    processor = VLChatProcessor.from_pretrained(path)
+    config = tiny_hf_janus_config(vocab_size=-(-n_tokens // 64) * 64, image_token_id=processor.image_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        hf = JanusForConditionalGeneration(config)
+        randomize_(hf, seed=1234)
+    hf = hf.eval().float()
+    write_official_checkpoint_from_hf(hf, path)
+    ours = MultiModalityCausalLM.from_pretrained(path, dtype=torch.float32)
+    return hf, ours, processor
