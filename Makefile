@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m jobs.demo --out out
+	$(VENV)/bin/python -m jobs.cli synthesize --config configs/demo_synthesize.yaml
+	$(VENV)/bin/python -m jobs.cli caption --config configs/demo_caption.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check janus pipeline jobs tests benchmarks

@@ -1,0 +1,89 @@
+"""Safe decoding of untrusted image bytes into the RGB PIL image the Janus processor expects.
+
+Captioning reads images from the wild: a single corrupt file, a decompression bomb or an odd mode
+must become one failed row with a readable message, never a crashed worker or an exhausted node.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+
+# 40 MP: well above any camera photo, far below what would exhaust a worker (RGB = 120 MB decoded).
+DEFAULT_MAX_PIXELS = 40_000_000
+# Raster formats only: PIL would otherwise also open e.g. EPS, which runs Ghostscript on load.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes multi-picture (MPO) files
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can decode safely; the message says why."""
+
+
+def _open(data: bytes) -> PIL.Image.Image:
+    """Open lazily (header only), with our own errors instead of PIL's."""
+    try:
+        with warnings.catch_warnings():
+            # decode_image's own max_pixels check replaces PIL's bomb warning.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            return PIL.Image.open(io.BytesIO(data), formats=FORMATS)
+    except PIL.Image.DecompressionBombError as exc:
+        raise ImageDecodeError(
+            f"image too large to decode safely (a possible decompression bomb): {exc}"
+        ) from exc
+    except (PIL.UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(
+            f"not a readable {'/'.join(FORMATS)} image ({len(data)} bytes): {exc}"
+        ) from exc
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header only: no pixel data is decoded."""
+    with _open(data) as img:
+        return img.size
+
+
+def _to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
+    # 16-bit greyscale: PIL's convert("RGB") clips at 255 (a white image); scale to 8 bits instead.
+    if img.mode.startswith("I;16") or (img.mode == "I" and np.asarray(img).max(initial=0) > 255):
+        arr = np.asarray(img).astype(np.uint32)
+        return PIL.Image.fromarray((arr // 257).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        # Same pixels as a direct convert("RGB"), without PIL's warning for every such image.
+        img = img.convert("RGBA")
+    # Everything else as DeepSeek's load_pil_images: convert("RGB") (alpha is dropped, CMYK and
+    # palettes are mapped by PIL).
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> PIL.Image.Image:
+    """Decode ``data`` into an RGB image, EXIF orientation applied, first frame of animations.
+
+    The pixel count is checked from the header before any pixel is decoded. PIL's global
+    ``MAX_IMAGE_PIXELS`` is left alone: ``max_pixels`` is this function's own limit.
+    """
+    if not data:
+        raise ImageDecodeError("empty image data (0 bytes)")
+    img = _open(data)
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"image has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+            "(a possible decompression bomb; raise max_pixels if such images are expected)"
+        )
+    try:
+        img.load()  # first frame only for animated GIF/WebP/APNG
+        try:
+            img = PIL.ImageOps.exif_transpose(img)
+        except Exception:  # a broken EXIF block must not lose an otherwise good image
+            pass
+        return _to_rgb(img)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageDecodeError(
+            f"corrupt, truncated or unsupported {img.format or 'image'} data: {exc}"
+        ) from exc

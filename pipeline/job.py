@@ -1,0 +1,202 @@
+"""The batch jobs as Ray Data graphs: read -> drop committed keys -> model actors -> shard sink.
+
+synthesize: prompt files -> rows (n_samples each) -> Synthesizer actors -> tar + Parquet shards.
+caption:    image files / Parquet / tars -> CPU decode + resize tasks -> Captioner actors -> Parquet.
+Every input row becomes exactly one committed output row; a rerun resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from .config import JobConfig
+from .resume import cleanup_uncommitted, drop_committed, duplicate_keys, load_committed, summarize_output
+from .sinks import ShardDatasink
+from .sources import PromptDefaults, image_dataset, prompt_dataset
+
+logger = logging.getLogger(__name__)
+
+
+def connect(cfg: JobConfig) -> None:
+    """Join the cluster named by config or RAY_ADDRESS; otherwise start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        logger.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        logger.info("starting a local Ray (num_cpus=%s, num_gpus=%s)", cfg.ray.num_cpus, cfg.ray.num_gpus)
+        ray.init(
+            num_cpus=cfg.ray.num_cpus,
+            num_gpus=cfg.ray.num_gpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+
+
+def actor_options(cfg: JobConfig) -> dict[str, Any]:
+    """map_batches arguments for the model actor pool (GPU per actor when the cluster has GPUs)."""
+    c = cfg.compute
+    gpus = c.gpus_per_actor
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    from ray.data import ActorPoolStrategy
+
+    return {
+        "compute": ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors),
+        "batch_size": c.batch_size,
+        "num_gpus": gpus,
+        "num_cpus": c.cpus_per_actor,
+        "resources": c.resources or None,
+        # a crashed actor is restarted and its batch retried: the sink's writes are idempotent
+        "max_restarts": c.max_restarts,
+        "max_task_retries": -1,
+    }
+
+
+def _model_kwargs(cfg: JobConfig) -> dict[str, Any]:
+    from .actors.common import resolve_model_ref
+
+    model = cfg.model
+    return {
+        "name": model.path,  # what output rows record (not a machine-local cache path)
+        "path": resolve_model_ref(model.path, model.cache_dir),
+        "dtype": model.dtype,
+        "device": model.device,
+        "storage_options": model.storage_options,
+        "cache_dir": model.cache_dir,
+    }
+
+
+def build_synthesis(cfg: JobConfig, committed: np.ndarray):
+    from .actors import Synthesizer
+
+    s = cfg.synthesis
+    defaults = PromptDefaults(
+        seed=s.seed, cfg_weight=s.cfg_weight, temperature=s.temperature, n_samples=s.n_samples
+    )
+    ds = prompt_dataset(cfg.input.url, cfg.input.storage_options, defaults, cfg.input.format)
+    ds = drop_committed(ds, committed)
+    return ds.map_batches(
+        Synthesizer,
+        fn_constructor_kwargs={
+            "model": _model_kwargs(cfg),
+            "engine": vars(cfg.engine),
+            "sampling": {"top_k": s.top_k, "top_p": s.top_p},
+        },
+        **actor_options(cfg),
+    )
+
+
+def preprocess_images(
+    batch: dict[str, np.ndarray], image_size: int, max_pixels: int
+) -> dict[str, np.ndarray]:
+    """CPU stage: bytes -> decoded, resized and padded uint8 [S, S, 3], so GPUs never wait on JPEG."""
+    from janus.models.image_processing_vlm import VLMImageProcessor
+
+    from .images import decode_image
+
+    processor = VLMImageProcessor(image_size=image_size)
+    n = len(batch["key"])
+    pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    width = np.zeros(n, dtype=np.int32)
+    height = np.zeros(n, dtype=np.int32)
+    status = list(batch["status"])
+    error = list(batch["error"])
+    for i in range(n):
+        if status[i] == "error":
+            continue
+        try:
+            image = decode_image(batch["image_bytes"][i], max_pixels=max_pixels)
+            width[i], height[i] = image.size
+            pixels[i] = np.asarray(processor.resize(image))
+        except Exception as exc:  # any undecodable input becomes that row's error
+            status[i], error[i] = "error", f"{type(exc).__name__}: {exc}"
+    return {
+        "key": batch["key"],
+        "source": batch["source"],
+        "pixels": pixels,
+        "width": width,
+        "height": height,
+        "status": np.array(status, dtype=object),
+        "error": np.array(error, dtype=object),
+    }
+
+
+def build_caption(cfg: JobConfig, committed: np.ndarray):
+    from .actors import Captioner
+
+    i = cfg.input
+    ds = image_dataset(i.url, i.storage_options, i.format, i.image_column, i.key_column)
+    ds = drop_committed(ds, committed)
+    ds = ds.map_batches(
+        preprocess_images,
+        fn_kwargs={"image_size": 384, "max_pixels": i.max_pixels},
+        batch_size=cfg.compute.batch_size,
+        num_cpus=cfg.compute.preprocess_cpus,
+    )
+    return ds.map_batches(
+        Captioner,
+        fn_constructor_kwargs={
+            "model": _model_kwargs(cfg),
+            "engine": vars(cfg.engine),
+            "caption": vars(cfg.caption),
+        },
+        **actor_options(cfg),
+    )
+
+
+def run_job(cfg: JobConfig) -> dict[str, Any]:
+    """Run (or resume) a job to completion; returns the summary that the CLI prints."""
+    connect(cfg)
+    out = cfg.output
+    t0 = time.perf_counter()
+    removed = cleanup_uncommitted(out.url, out.storage_options)
+    if removed:
+        logger.info("removed %d uncommitted leftovers of an earlier run", len(removed))
+    committed = load_committed(out.url, out.storage_options)
+    logger.info("%s: %d rows already committed in %s", cfg.job, committed.size, out.url)
+
+    ds = build_synthesis(cfg, committed) if cfg.job == "synthesize" else build_caption(cfg, committed)
+    kind = "synthesis" if cfg.job == "synthesize" else "caption"
+    sink = ShardDatasink(out.url, out.storage_options, kind=kind, rows_per_shard=out.rows_per_shard)
+    ds.write_datasink(sink)
+    elapsed = time.perf_counter() - t0
+
+    written = {f: sum(s.get(f, 0) for s in sink.shards) for f in ("count", "ok", "failed")}
+    totals = summarize_output(out.url, out.storage_options)
+    duplicates = duplicate_keys(out.url, out.storage_options)
+    summary: dict[str, Any] = {
+        "job": cfg.job,
+        "output": out.url,
+        "this_run": {
+            **written,
+            "shards": len(sink.shards),
+            "seconds": round(elapsed, 2),
+            "rows_per_s": round(written["count"] / elapsed, 3) if elapsed > 0 else None,
+        },
+        "total": totals,
+        "duplicate_keys": len(duplicates),
+        "complete": not duplicates,
+    }
+    if cfg.job == "synthesize" and out.contact_sheet:
+        from .contact_sheet import write_contact_sheet
+
+        summary["contact_sheet"] = write_contact_sheet(out.url, out.storage_options, out.contact_sheet)
+    logger.info(
+        "%s done: %d rows (%d ok, %d failed) in %.1fs -> %s",
+        cfg.job,
+        written["count"],
+        written["ok"],
+        written["failed"],
+        elapsed,
+        out.url,
+    )
+    return summary

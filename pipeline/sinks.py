@@ -1,0 +1,323 @@
+"""Output shards in img2dataset / WebDataset layout, written so that a crash never shows half a shard.
+
+Per shard, in one flat output directory:
+    {shard}.tar          synthesis only: ``{key}.png`` + ``{key}.json`` for every successful sample
+    {shard}_stats.json   counts, first/last key, error messages
+    {shard}.parquet      one row per sample, failures included: the commit marker, written LAST
+Each file is written whole and atomically (``storage.atomic_write``). A shard is committed iff its
+Parquet file exists; a crash before that leaves a tar/stats pair that ``resume.cleanup_uncommitted``
+removes and whose keys are regenerated on the next run.
+
+The shard name is ``shard-`` + sha256 of the shard's sorted keys, and rows are written sorted by key:
+a Ray task retry (or a rerun) that writes the same batch rewrites the same files byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+from ray.data import Datasink
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.datasink import WriteResult
+
+from .images import image_size
+from .storage import atomic_write, open_fs
+
+KINDS = ("synthesis", "caption")
+SHARD_PREFIX = "shard-"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_ERROR_CHARS = 500  # per-row error messages in stats are grouped by their first characters
+_TAR_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # WebDataset splits member names at the first dot
+
+SYNTHESIS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("status", pa.string()),  # "ok" or "error"
+        ("error", pa.string()),
+        ("prompt", pa.string()),
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("index", pa.int64()),
+        ("sample", pa.int32()),
+        ("seed", pa.int64()),
+        ("cfg_weight", pa.float64()),
+        ("temperature", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("shard", pa.string()),
+        ("member", pa.string()),  # "{key}.png" in "{shard}.tar"; null for failures
+        ("model", pa.string()),
+        ("seconds", pa.float64()),  # this row's share of its batch's model time
+    ]
+)
+
+CAPTION_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("source", pa.string()),
+        ("caption", pa.string()),
+        ("question", pa.string()),
+        ("num_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("shard", pa.string()),
+        ("model", pa.string()),
+        ("seconds", pa.float64()),
+    ]
+)
+
+SCHEMAS = {"synthesis": SYNTHESIS_SCHEMA, "caption": CAPTION_SCHEMA}
+
+
+def shard_name(keys: Iterable[str]) -> str:
+    """Deterministic shard name from the shard's keys (order-independent)."""
+    joined = "\n".join(sorted(keys))
+    return SHARD_PREFIX + hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+def shard_files(shard: str) -> dict[str, str]:
+    """File names of one shard; ``parquet`` is the commit marker."""
+    return {"tar": f"{shard}.tar", "stats": f"{shard}_stats.json", "parquet": f"{shard}.parquet"}
+
+
+@dataclass
+class Sample:
+    """One output row: its Parquet record and, for a successful synthesis, its PNG."""
+
+    record: dict[str, Any]
+    png: bytes | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.record["status"] == "ok"
+
+
+def _png(image: Any) -> tuple[bytes, int, int]:
+    """PNG bytes and size from PNG bytes or a uint8 [H, W, 3] / [H, W] array."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if not data.startswith(PNG_MAGIC):
+            raise ValueError("image bytes are not a PNG file")
+        width, height = image_size(data)
+        return data, width, height
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ValueError(
+            f"image must be PNG bytes or a uint8 [H, W, 3] array, got {arr.dtype} {list(arr.shape)}"
+        )
+    buf = io.BytesIO()
+    PIL.Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue(), arr.shape[1], arr.shape[0]
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _sample(row: dict[str, Any], kind: str, shard: str) -> Sample:
+    """Normalise one result row; anything unusable turns the row into a failure, never an exception."""
+    status = row.get("status") or "ok"
+    error = row.get("error") if status != "ok" else None
+    if status != "ok":
+        status, error = "error", error or f"status {row.get('status')!r}"
+    # numpy scalars (rows cut from numpy batches) become plain Python for Arrow and JSON.
+    record = {name: _plain(row.get(name)) for name in SCHEMAS[kind].names}
+    record.update(status=status, error=error, shard=shard)
+    png = None
+    if kind == "synthesis":
+        record["member"] = None
+        if status == "ok":
+            try:
+                image = row.get("image")
+                if image is None:
+                    raise ValueError("result has no image")
+                png, record["width"], record["height"] = _png(image)
+                record["member"] = f"{row['key']}.png"
+            except ValueError as exc:
+                record.update(status="error", error=f"cannot store image: {exc}", width=None, height=None)
+    elif status == "ok" and not isinstance(record["caption"], str):
+        record.update(status="error", error="result has no caption text")
+    return Sample(record, png)
+
+
+class TarShardWriter:
+    """WebDataset tar of successful samples; fixed member metadata so equal input gives equal bytes."""
+
+    def __init__(self, fs: AbstractFileSystem, path: str):
+        self._fs, self._path = fs, path
+        self._buf = io.BytesIO()
+        self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.PAX_FORMAT)
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, sample: Sample) -> None:
+        if not sample.ok:
+            return
+        key = sample.record["key"]
+        meta = {k: v for k, v in sample.record.items() if k not in ("status", "error")}
+        self._add(f"{key}.png", sample.png)
+        self._add(f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+
+    def close(self) -> None:
+        self._tar.close()
+        atomic_write(self._fs, self._path, self._buf.getvalue())
+
+
+class StatsWriter:
+    """Per-shard counts, like img2dataset's ``{shard}_stats.json``."""
+
+    def __init__(self, fs: AbstractFileSystem, path: str, shard: str, kind: str, files: dict[str, str]):
+        self._fs, self._path = fs, path
+        self.stats: dict[str, Any] = {"shard": shard, "kind": kind, "files": files}
+        self._keys: list[str] = []
+        self._ok = 0
+        self._seconds = 0.0
+        self._errors: Counter[str] = Counter()
+
+    def write(self, sample: Sample) -> None:
+        self._keys.append(sample.record["key"])
+        self._seconds += sample.record.get("seconds") or 0.0
+        if sample.ok:
+            self._ok += 1
+        else:
+            self._errors[str(sample.record["error"])[:MAX_ERROR_CHARS]] += 1
+
+    def close(self) -> None:
+        self.stats.update(
+            count=len(self._keys),
+            ok=self._ok,
+            failed=len(self._keys) - self._ok,
+            first_key=min(self._keys, default=None),
+            last_key=max(self._keys, default=None),
+            seconds=self._seconds,
+            errors=dict(sorted(self._errors.items())),
+        )
+        atomic_write(self._fs, self._path, json.dumps(self.stats, indent=1, sort_keys=True).encode("utf-8"))
+
+
+class ParquetShardWriter:
+    """All rows of the shard, failures included; its appearance commits the shard."""
+
+    def __init__(self, fs: AbstractFileSystem, path: str, schema: pa.Schema):
+        self._fs, self._path, self._schema = fs, path, schema
+        self._records: list[dict[str, Any]] = []
+
+    def write(self, sample: Sample) -> None:
+        self._records.append(sample.record)
+
+    def close(self) -> None:
+        table = pa.Table.from_pylist(self._records, schema=self._schema)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        atomic_write(self._fs, self._path, buf.getvalue())
+
+
+def _rows(rows: Sequence[dict[str, Any]] | pa.Table) -> list[dict[str, Any]]:
+    if isinstance(rows, pa.Table):
+        # Ray's accessor turns tensor columns (uint8 images) into numpy arrays, not nested lists.
+        return [dict(r) for r in BlockAccessor.for_block(rows).iter_rows(public_row_format=True)]
+    return list(rows)
+
+
+def write_shard(
+    rows: Sequence[dict[str, Any]] | pa.Table,
+    output_url: str,
+    storage_options: dict | None = None,
+    kind: str = "synthesis",
+) -> dict[str, Any]:
+    """Write one batch of results as one committed shard; returns the shard's stats.
+
+    Rows carry ``key`` and ``status``/``error``; synthesis rows carry ``image`` (PNG bytes or uint8
+    [H, W, 3]) and the prompt fields, caption rows ``caption``. Extra fields are not
+    stored: every shard has the same schema, so readers can concatenate them without unification.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown shard kind {kind!r}: use one of {KINDS}")
+    rows = _rows(rows)
+    if not rows:
+        return {"shard": None, "kind": kind, "count": 0, "ok": 0, "failed": 0}
+    keys = [row.get("key") for row in rows]
+    if not all(isinstance(k, str) and k for k in keys):
+        raise ValueError("every row needs a non-empty string 'key' (made by pipeline.sources)")
+    if len(set(keys)) != len(keys):
+        dupes = sorted(k for k, n in Counter(keys).items() if n > 1)[:5]
+        raise ValueError(f"duplicate keys in one batch ({dupes}): each input row must appear once")
+    if kind == "synthesis" and not all(_TAR_SAFE_KEY.match(k) for k in keys):
+        raise ValueError("synthesis keys must be [A-Za-z0-9_-]+ to be valid WebDataset member names")
+
+    fs, root = open_fs(output_url, storage_options)
+    shard = shard_name(keys)
+    names = shard_files(shard)
+    if kind != "synthesis":
+        del names["tar"]
+    stats = StatsWriter(fs, f"{root}/{names['stats']}", shard, kind, names)
+    writers: list[Any] = [TarShardWriter(fs, f"{root}/{names['tar']}")] if "tar" in names else []
+    # Commit order: tar, stats, then the Parquet file that makes the shard visible.
+    writers += [stats, ParquetShardWriter(fs, f"{root}/{names['parquet']}", SCHEMAS[kind])]
+    for sample in sorted((_sample(row, kind, shard) for row in rows), key=lambda s: s.record["key"]):
+        for writer in writers:
+            writer.write(sample)
+    for writer in writers:
+        writer.close()
+    return stats.stats
+
+
+class ShardDatasink(Datasink[list[dict[str, Any]]]):
+    """``ds.write_datasink(ShardDatasink(...))``: each write task writes its rows as committed shards.
+
+    Ray bundles at least ``rows_per_shard`` rows per write task; a task splits what it gets into
+    near-equal shards of about that size. After the write, ``self.shards`` holds every shard's stats.
+    """
+
+    def __init__(
+        self,
+        output_url: str,
+        storage_options: dict | None = None,
+        kind: str = "synthesis",
+        rows_per_shard: int = 1000,
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"unknown shard kind {kind!r}: use one of {KINDS}")
+        if rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        self.output_url = output_url
+        self.storage_options = storage_options
+        self.kind = kind
+        self.rows_per_shard = rows_per_shard
+        self.shards: list[dict[str, Any]] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_shard
+
+    def write(self, blocks: Iterable[Block], ctx: Any) -> list[dict[str, Any]]:
+        rows = [dict(r) for b in blocks for r in BlockAccessor.for_block(b).iter_rows(public_row_format=True)]
+        parts = np.array_split(np.arange(len(rows)), max(1, math.ceil(len(rows) / self.rows_per_shard)))
+        return [
+            write_shard([rows[i] for i in part], self.output_url, self.storage_options, self.kind)
+            for part in parts
+            if len(part)
+        ]
+
+    def on_write_complete(self, write_result: WriteResult[list[dict[str, Any]]]) -> None:
+        self.shards = [s for shards in write_result.write_returns for s in shards]
