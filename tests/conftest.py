@@ -97,3 +97,15 @@ def hf_pair(tmp_path_factory):
     write_official_checkpoint_from_hf(hf, path)
     ours = MultiModalityCausalLM.from_pretrained(path, dtype=torch.float32)
     return hf, ours, processor
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session, with two fake GPUs: torch sees no CUDA, so GPU actors
+    must schedule on them and still run on the CPU."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

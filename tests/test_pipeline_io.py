@@ -77,19 +77,6 @@ def s3_store(s3_options) -> Store:
     return _s3_store(s3_options)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """Ray for the few tests that run real Datasets; shared with other modules if already started."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 PROMPTS = ["a red apple on a table", "Ünïcödé: 一只猫", "two people, walking; at sunset"]
 
 

@@ -1,0 +1,325 @@
+"""The Ray Data jobs end to end: local and S3, bad inputs, fake GPUs, driver and actor death."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import PIL.Image
+import pyarrow.parquet as pq
+import pytest
+
+from janus.testing import write_tiny_checkpoint
+from pipeline.config import load_config
+from pipeline.job import actor_options, run_job
+from pipeline.resume import committed_keys, duplicate_keys
+from pipeline.sources import PromptDefaults, read_images, read_prompts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    # 2-level VQ (48 px images): fast; the pipeline does not care about image size
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("jobs") / "tiny", seed=5, vq_ch_mult=(1, 2)))
+
+
+def job(model_dir: str, job: str, input_url: str, output_url: str, *extra: str):
+    return load_config(
+        None,
+        [
+            f"job={job}",
+            f"model.path={model_dir}",
+            "model.dtype=float32",
+            f"input.url={input_url}",
+            f"output.url={output_url}",
+            "output.rows_per_shard=4",
+            "compute.batch_size=4",
+            "engine.max_batch_size=4",
+            "caption.max_new_tokens=4",
+            *extra,
+        ],
+    )
+
+
+def output_rows(url: str, storage_options: dict | None = None) -> list[dict]:
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    rows = []
+    for path in sorted(fs.glob(f"{root}/shard-*.parquet")):
+        with fs.open(path, "rb") as f:
+            rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+def stats(url: str) -> dict[str, int]:
+    totals = {"count": 0, "ok": 0, "failed": 0}
+    for path in Path(url).glob("*_stats.json"):
+        data = json.loads(path.read_text())
+        for k in totals:
+            totals[k] += data[k]
+    return totals
+
+
+PROMPT_LINES = [
+    b"a red apple on a wooden table",
+    b"",
+    b"   ",
+    b"two people walking along the beach at sunset",
+    b"caf\xe9 au lait, not utf-8",
+    b"word " * 3000,
+    b"a lighthouse in a storm",
+]
+
+
+def test_synthesis_job_on_fake_gpus_with_bad_prompts(ray_session, model_dir, tmp_path):
+    (tmp_path / "prompts.txt").write_bytes(b"\n".join(PROMPT_LINES) + b"\n")
+    out = tmp_path / "out"
+    cfg = job(
+        model_dir,
+        "synthesize",
+        str(tmp_path / "prompts.txt"),
+        str(out),
+        "synthesis.n_samples=2",
+        "engine.max_prompt_tokens=256",
+        "output.contact_sheet=4",
+    )
+    assert actor_options(cfg)["num_gpus"] == 1  # the cluster has (fake) GPUs: one per actor
+    summary = run_job(cfg)
+
+    expected = [
+        r["key"] for r in read_prompts(str(tmp_path / "prompts.txt"), defaults=PromptDefaults(n_samples=2))
+    ]
+    rows = output_rows(str(out))
+    assert sorted(r["key"] for r in rows) == sorted(expected)
+    by_status = {s: [r for r in rows if r["status"] == s] for s in ("ok", "error")}
+    assert len(by_status["ok"]) == 6  # 3 good prompts x 2 samples
+    errors = " | ".join(sorted({r["error"] for r in by_status["error"]}))
+    assert "empty prompt" in errors and "UTF-8" in errors and "at most" in errors
+    assert summary["complete"] and summary["this_run"]["count"] == len(expected)
+    assert stats(str(out)) == {"count": len(expected), "ok": 6, "failed": len(expected) - 6}
+    assert Path(summary["contact_sheet"]).exists()
+    # the images really are in the tars, readable by the webdataset package
+    import webdataset as wds
+
+    tars = sorted(str(p) for p in out.glob("*.tar"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("rgb8"))
+    assert sorted(s["__key__"] for s in samples) == sorted(r["key"] for r in by_status["ok"])
+    assert samples[0]["png"].shape == (48, 48, 3)
+
+
+def test_rerun_makes_no_duplicates_and_same_seed_same_image(ray_session, model_dir, tmp_path):
+    (tmp_path / "p.jsonl").write_text(
+        "\n".join(json.dumps({"prompt": f"prompt number {i}", "seed": 100 + i}) for i in range(3)) + "\n"
+    )
+    out = tmp_path / "out"
+    cfg = job(model_dir, "synthesize", str(tmp_path / "p.jsonl"), str(out), "compute.gpus_per_actor=0")
+    run_job(cfg)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = run_job(cfg)
+    assert again["this_run"]["count"] == 0 and again["total"]["count"] == 3
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
+    # a second output with the same rows gives the same shards and byte-identical images
+    other = tmp_path / "other"
+    run_job(job(model_dir, "synthesize", str(tmp_path / "p.jsonl"), str(other), "compute.gpus_per_actor=0"))
+    assert pngs(other) == pngs(out) and len(pngs(out)) == 3
+
+
+def pngs(directory: Path) -> dict[str, bytes]:
+    found = {}
+    for path in sorted(directory.glob("shard-*.tar")):
+        with tarfile.open(path) as tar:
+            found.update({m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".png")})
+    return found
+
+
+def make_images() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+
+    def encode(img: PIL.Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    rgb = PIL.Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotate 90: the decoded image must come out 60 x 90 -> 90 x 60 transposed
+    good = encode(rgb, "JPEG")
+    return {
+        "good.jpg": good,
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "rotated.jpg": encode(rgb, "JPEG", exif=exif),
+        "palette.png": encode(rgb.convert("P"), "PNG", transparency=0),
+        "sixteen.png": encode(
+            PIL.Image.fromarray((rng.integers(0, 65535, (20, 30))).astype(np.uint16)), "PNG"
+        ),
+        "truncated.jpg": good[: len(good) // 3],
+        "empty.png": b"",
+        "notes.webp": b"this is not an image",
+    }
+
+
+def test_caption_job_from_s3_to_s3(ray_session, model_dir, s3_options):
+    bucket = f"cap-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("s3", **s3_options)
+    fs.mkdir(bucket)
+    for name, data in make_images().items():
+        fs.pipe(f"{bucket}/images/{name}", data)
+    so = json.dumps(s3_options)
+    cfg = job(
+        model_dir,
+        "caption",
+        f"s3://{bucket}/images",
+        f"s3://{bucket}/captions",
+        f"input.storage_options={so}",
+        f"output.storage_options={so}",
+        "input.format=images",
+    )
+    summary = run_job(cfg)
+    rows = output_rows(f"s3://{bucket}/captions", s3_options)
+    inputs = list(read_images(f"s3://{bucket}/images", s3_options, "images"))
+    assert sorted(r["key"] for r in rows) == sorted(r["key"] for r in inputs)
+    by_source = {r["source"]: r for r in rows}
+    for name in ("good.jpg", "cmyk.jpg", "rotated.jpg", "palette.png", "sixteen.png"):
+        assert by_source[name]["status"] == "ok", by_source[name]
+        assert by_source[name]["caption"] is not None and by_source[name]["num_tokens"] >= 0
+    assert (by_source["rotated.jpg"]["width"], by_source["rotated.jpg"]["height"]) == (60, 90)
+    for name in ("truncated.jpg", "empty.png", "notes.webp"):
+        assert by_source[name]["status"] == "error" and by_source[name]["error"]
+    assert summary["total"] == {"shards": summary["total"]["shards"], "count": 8, "ok": 5, "failed": 3}
+    assert not duplicate_keys(f"s3://{bucket}/captions", s3_options)
+
+
+def many_prompts(path: Path, n: int) -> list[str]:
+    path.write_text("\n".join(f"prompt {i}: a small scene number {i}" for i in range(n)) + "\n")
+    return [r["key"] for r in read_prompts(str(path))]
+
+
+def test_resume_after_the_driver_is_killed(ray_session, model_dir, tmp_path):
+    keys = many_prompts(tmp_path / "p.txt", 40)
+    out = tmp_path / "out"
+    args = [
+        f"--set=model.path={model_dir}",
+        "--set=model.dtype=float32",
+        f"--set=input.url={tmp_path / 'p.txt'}",
+        f"--set=output.url={out}",
+        "--set=output.rows_per_shard=4",
+        "--set=compute.batch_size=4",
+        "--set=compute.gpus_per_actor=0",
+        "--set=output.contact_sheet=0",
+    ]
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+        "PYTHONPATH": str(REPO),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "synthesize", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list(out.glob("*.parquet"))) < 2:
+            assert proc.poll() is None, "the job finished before it could be killed"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    committed_before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
+    assert 0 < len(committed_before) and len(committed_keys(str(out))) < len(keys)
+
+    subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "synthesize", *args],
+        cwd=REPO,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=600,
+    )
+    rows = output_rows(str(out))
+    assert sorted(r["key"] for r in rows) == sorted(keys)  # every key exactly once
+    assert {
+        p.name: p.read_bytes() for p in out.glob("*.parquet") if p.name in committed_before
+    } == committed_before
+    leftovers = [
+        p.name for p in out.iterdir() if not p.name.startswith("shard-") and p.name != "contact_sheet.png"
+    ]
+    assert not leftovers
+    for tar in out.glob("*.tar"):
+        assert (out / tar.name.replace(".tar", ".parquet")).exists()
+
+
+def actor_pids(name: str) -> list[int]:
+    """Pids of live Ray actor processes whose title names ``name`` (Ray sets ``ray::<actor>``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline.startswith("ray::") and name in cmdline:
+            pids.append(int(proc.name))
+    return sorted(pids)
+
+
+def test_killed_actor_is_replaced_and_every_row_lands_once(ray_session, model_dir, tmp_path):
+    keys = many_prompts(tmp_path / "p.txt", 32)
+    out = tmp_path / "out"
+    cfg = job(
+        model_dir,
+        "synthesize",
+        str(tmp_path / "p.txt"),
+        str(out),
+        "compute.gpus_per_actor=0",
+        "output.contact_sheet=0",
+    )
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(summary=run_job(cfg)))
+    runner.start()
+    killed = None
+    deadline = time.time() + 240
+    while runner.is_alive() and time.time() < deadline and killed is None:
+        alive = actor_pids("MapBatches(Synthesizer)")
+        if alive and len(list(out.glob("*.parquet"))) >= 1:
+            killed = alive[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    runner.join(timeout=600)
+    assert killed is not None, "no actor was seen alive mid-job"
+    assert result["summary"]["complete"]
+    rows = output_rows(str(out))
+    assert sorted(r["key"] for r in rows) == sorted(keys)
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(None, ["engine.max_batchsize=3"])
+    with pytest.raises(ConfigError, match="job must be"):
+        load_config(None, ["job=train"])
+    cli = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "synthesize", "--set", "compute.min_actors=0"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "bad configuration" in cli.stderr
