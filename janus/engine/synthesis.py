@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_TOKENS = 576  # Janus generates a 24 x 24 grid of VQ codes
 GRID = 24
+PROMPT_BUCKET = 64  # with compile=True, prompt lengths are padded up to a multiple of this
 
 
 @dataclass
@@ -245,6 +246,8 @@ class SynthesisEngine:
         model, dev, b = self.model, self.device, len(batch)
         pad = self.processor.pad_id
         length = max(len(p.ids) for p in batch)
+        if self.compile:  # fewer distinct shapes -> fewer recompiles / CUDA graphs; extra left padding is masked
+            length = -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
         tokens = torch.full((2 * b, length), pad, dtype=torch.long)
         mask = torch.zeros((2 * b, length), dtype=torch.long)
         for row, p in enumerate(batch):
