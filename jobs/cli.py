@@ -1,4 +1,4 @@
-"""``janus-pipeline``: the one command users run (batch jobs now; ``serve`` once it lands)."""
+"""``janus-pipeline``: the one command users run (batch jobs, and the online server)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="janus-pipeline", description="Janus-Pro batch jobs on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="janus-pipeline", description="Janus-Pro batch jobs and serving on Ray."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("synthesize", "text prompts -> images (CFG), written as tar + Parquet shards"),
@@ -26,11 +28,37 @@ def _parser() -> argparse.ArgumentParser:
             help="override a config value, e.g. --set output.url=s3://bucket/run (repeatable)",
         )
         p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("serve", help="the OpenAI-compatible online API on Ray Serve (runs until Ctrl-C)")
+    p.add_argument(
+        "--config", required=True, help="Serve YAML (see configs/serve_*.yaml), as for `serve run`"
+    )
+    p.add_argument("--address", help="Ray cluster to deploy to (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print its arguments, exit")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Validate the config with our own checks first, then run it exactly as `serve run` does."""
+    from pipeline.serve.config import ServeConfigError, check_serve_config
+
+    try:
+        apps = check_serve_config(args.config)
+    except ServeConfigError as exc:
+        print(f"janus-pipeline: bad serve configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps({name: cfg.model_dump() for name, cfg in apps}, indent=2, default=str))
+        return 0
+    from ray.serve.scripts import cli as serve_cli
+
+    argv = ["run", args.config, *(["--address", args.address] if args.address else [])]
+    return serve_cli.main(argv, prog_name="serve", standalone_mode=False) or 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -35,6 +35,10 @@ class CaptionRequest:
     temperature: float = 0.0  # 0 = greedy, as DeepSeek's example
     top_p: float | None = None
     seed: int = 0
+    # Multi-turn chat instead of ``question``: [{"role": "<|User|>" | "<|Assistant|>", "content": str}],
+    # alternating from the user's and ending with it; one image tag per image, wherever it belongs.
+    conversation: list[dict[str, str]] | None = None
+    system_prompt: str | None = None  # None = the processor's (DeepSeek's) system prompt
 
     @classmethod
     def coerce(cls, req: Any) -> CaptionRequest:
@@ -53,6 +57,7 @@ class CaptionResult:
     status: str  # "ok" or "error"
     text: str | None = None
     num_tokens: int = 0
+    prompt_tokens: int = 0  # template + text + image tokens the model read (usage accounting)
     finish_reason: str | None = None  # "stop" (EOS) or "length"
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -121,8 +126,6 @@ class CaptionEngine:
             raise RequestError("request has no image")
         if len(images) > self.max_images_per_request:
             raise RequestError(f"{len(images)} images; at most {self.max_images_per_request} per request")
-        if not isinstance(req.question, str) or not req.question.strip():
-            raise RequestError("question must be a non-empty string")
         try:
             req.max_new_tokens = int(req.max_new_tokens)
             req.temperature = float(req.temperature)
@@ -136,19 +139,26 @@ class CaptionEngine:
         if req.top_p is not None and not (0.0 < float(req.top_p) <= 1.0):
             raise RequestError(f"top_p must be in (0, 1], got {req.top_p}")
 
-        content = req.question
-        n_tags = content.count(self.image_tag)
-        if n_tags == 0:
-            content = f"{self.image_tag}\n" * len(images) + content
-        elif n_tags != len(images):
-            raise RequestError(
-                f"question has {n_tags} {self.image_tag} tags but {len(images)} images were given"
-            )
-        conversation = [{"role": "<|User|>", "content": content}, {"role": "<|Assistant|>", "content": ""}]
+        if req.conversation is not None:
+            conversation = self._conversation(req.conversation, len(images))
+        else:
+            if not isinstance(req.question, str) or not req.question.strip():
+                raise RequestError("question must be a non-empty string")
+            content = req.question
+            n_tags = content.count(self.image_tag)
+            if n_tags == 0:
+                content = f"{self.image_tag}\n" * len(images) + content
+            elif n_tags != len(images):
+                raise RequestError(
+                    f"question has {n_tags} {self.image_tag} tags but {len(images)} images were given"
+                )
+            conversation = [{"role": "<|User|>", "content": content}]
+        if req.system_prompt is not None and not isinstance(req.system_prompt, str):
+            raise RequestError("system_prompt must be a string")
         prompt = self.processor.apply_sft_template_for_multi_turn_prompts(
-            conversations=conversation,
+            conversations=[*conversation, {"role": "<|Assistant|>", "content": ""}],
             sft_format=self.processor.sft_format,
-            system_prompt=self.processor.system_prompt,
+            system_prompt=self.processor.system_prompt if req.system_prompt is None else req.system_prompt,
         )
         pixels = torch.stack([self.pixel_values(im) for im in images])
         ids = torch.tensor(self.tokenizer.encode(prompt), dtype=torch.long)
@@ -165,6 +175,21 @@ class CaptionEngine:
             sft_format=prompt, input_ids=ids, pixel_values=pixels, num_image_tokens=n_tokens
         )
         return _Prepared(index, req, processed)
+
+    def _conversation(self, turns: Any, n_images: int) -> list[dict[str, str]]:
+        """Check a multi-turn chat: the template only renders strictly alternating turns."""
+        roles = ("<|User|>", "<|Assistant|>")
+        if not isinstance(turns, list) or len(turns) % 2 == 0:
+            raise RequestError("conversation must be a list of turns that ends with the user's")
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or turn.get("role") != roles[i % 2]:
+                raise RequestError(f"conversation turn {i} must have role {roles[i % 2]} (turns alternate)")
+            if not isinstance(turn.get("content"), str) or not turn["content"].strip():
+                raise RequestError(f"conversation turn {i} must have non-empty text content")
+        n_tags = sum(t["content"].count(self.image_tag) for t in turns)
+        if n_tags != n_images:
+            raise RequestError(f"conversation has {n_tags} {self.image_tag} tags but {n_images} images")
+        return [{"role": t["role"], "content": t["content"]} for t in turns]
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, requests: list[Any]) -> list[CaptionResult]:
@@ -237,7 +262,8 @@ class CaptionEngine:
         timings["decode_steps"] = steps
         rows = out[:, :steps].cpu().tolist()
         results = []
-        for req, row in zip(reqs, rows, strict=True):
+        for p, row in zip(batch, rows, strict=True):
+            req = p.request
             row = row[: req.max_new_tokens]
             stop = eos in row
             toks = row[: row.index(eos)] if stop else row
@@ -247,6 +273,7 @@ class CaptionEngine:
                     status="ok",
                     text=text,
                     num_tokens=len(toks),
+                    prompt_tokens=len(p.processed.input_ids),
                     finish_reason="stop" if stop else "length",
                     timings=dict(timings),
                 )

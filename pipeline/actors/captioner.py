@@ -29,7 +29,9 @@ class Captioner:
     ):
         t0 = time.perf_counter()
         net, processor = load_model_and_processor(model)
-        options = {k: v for k, v in (engine or {}).items() if k in ("max_batch_size",)}
+        options = {
+            k: v for k, v in (engine or {}).items() if k in ("max_batch_size", "max_images_per_request")
+        }
         self.engine = CaptionEngine(net, processor, **options)
         self.model_name = model.get("name") or model["path"]
         self.caption = dict(caption or {})

@@ -41,9 +41,9 @@ class Synthesizer:
         )
 
     def generate(self, requests: list[dict[str, Any]]):
-        """Plain engine call, shared with the online deployment."""
+        """Plain engine call, shared with the online deployment: the configured sampling applies to both."""
         self.calls += 1
-        return self.engine.generate(requests)
+        return self.engine.generate([{**self.sampling, **r} for r in requests])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
@@ -56,7 +56,6 @@ class Synthesizer:
                 "seed": int(batch["seed"][i]),
                 "cfg_weight": float(batch["cfg_weight"][i]),
                 "temperature": float(batch["temperature"][i]),
-                **self.sampling,
             }
             for i in todo
         ]

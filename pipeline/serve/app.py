@@ -1,0 +1,355 @@
+"""The online application: an OpenAI-compatible FastAPI ingress in front of the model deployments.
+
+    serve run configs/serve_tiny.yaml           # or: janus-pipeline serve --config configs/serve_tiny.yaml
+
+Routes: ``POST /v1/chat/completions`` (captioning / visual chat), ``POST /v1/images/generations``
+(synthesis), ``GET /v1/models``, ``GET /health``. The ingress validates everything a client sends
+and turns it into engine requests; the model deployments (``ModelServer``) run the batch jobs'
+actor classes with dynamic batching. Metrics: Ray's Prometheus endpoint (Serve's request, latency,
+queue and batch metrics, plus the token and image counters below).
+
+No ``from __future__ import annotations`` here: FastAPI and Serve's class-based views read the route
+signatures at runtime.
+"""
+
+import asyncio
+import base64
+import io
+import json
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+import PIL.Image
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter
+
+from pipeline.actors import Captioner, Synthesizer
+
+from .config import APISection, ModelSection, ServeArgs, parse_args
+from .errors import APIError, bad_request, install_handlers, overloaded, validation_error
+from .inputs import ImageSource, chat_input, decode_for_model, read_body
+from .model_server import ModelServer
+from .schemas import SEED_LIMIT, ChatCompletionRequest, ImageGenerationRequest
+
+HEALTH_TIMEOUT_S = 2.0
+Body = TypeVar("Body", bound=BaseModel)
+
+api = FastAPI(title="Janus-Pro", docs_url=None, redoc_url=None)
+install_handlers(api)
+
+
+class Backend:
+    """A model deployment as the ingress sees it: its handle, served name and (cached) limits."""
+
+    def __init__(self, handle: DeploymentHandle, name: str, retry_after_s: int):
+        self.handle = handle
+        self.name = name
+        self.retry_after_s = retry_after_s
+        self._info: dict[str, Any] | None = None
+
+    async def info(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """The model's limits; a replica answers only once its model is loaded."""
+        if self._info is None:
+            self._info = await self._remote("info", timeout_s=timeout_s)
+        return self._info
+
+    async def generate(self, request: dict[str, Any]) -> Any:
+        return await self._remote("generate", request)
+
+    async def _remote(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        response = getattr(self.handle, method).remote(*args)
+        try:
+            return await asyncio.wait_for(_awaited(response), timeout_s)
+        except BackPressureError:
+            raise overloaded(
+                f"model {self.name} is at capacity (its queue is full); retry later", self.retry_after_s
+            ) from None
+        except (DeploymentUnavailableError, RayActorError) as exc:
+            raise APIError(
+                503,
+                f"model {self.name} is unavailable right now ({type(exc).__name__}); retry later",
+                code="model_unavailable",
+                headers={"Retry-After": str(self.retry_after_s)},
+            ) from None
+        except TimeoutError:
+            response.cancel()
+            raise
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+def check_result(result: Any, retry_after_s: int) -> None:
+    """An engine row error is the request's fault, except running out of device memory."""
+    if result.ok:
+        return
+    if result.error.startswith("out of memory") or "free memory" in result.error:
+        raise overloaded(f"the model could not fit this request right now: {result.error}", retry_after_s)
+    raise bad_request(result.error, code="invalid_request")
+
+
+def parse(model: type[Body], body: bytes) -> Body:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def png_b64(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    PIL.Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def text_pieces(text: str) -> list[str]:
+    """Word-sized stream deltas that concatenate back to exactly ``text``."""
+    return re.findall(r"\s*\S+|\s+$", text)
+
+
+async def sse_chunks(
+    completion_id: str, created: int, model: str, result: Any, usage: dict[str, int] | None
+) -> AsyncIterator[str]:
+    """OpenAI's chunk sequence: role, content deltas, finish reason, [usage], then ``[DONE]``.
+
+    The answer is complete before the first event (the engine decodes a whole batch at once), so
+    this streams the finished text in word-sized deltas rather than token by token.
+    """
+    head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    deltas = [{"role": "assistant", "content": ""}] + [{"content": p} for p in text_pieces(result.text)]
+    for i, delta in enumerate([*deltas, {}]):
+        finish = result.finish_reason if i == len(deltas) else None
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+    if usage is not None:
+        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def readiness(backends: dict[str, Backend | None], timeout_s: float) -> dict[str, bool]:
+    """Per configured model: has a replica answered (i.e. finished loading) within the timeout?"""
+    ready: dict[str, bool] = {}
+    for kind, backend in backends.items():
+        if backend is not None:
+            try:
+                await backend.info(timeout_s=timeout_s)
+                ready[kind] = True
+            except (APIError, TimeoutError):
+                ready[kind] = False
+    return ready
+
+
+# Everything the routes use is defined above: serve.ingress snapshots (pickles) the FastAPI app
+# when the class below is decorated, so later module names would be missing in the replicas.
+@serve.deployment(name="JanusAPI")
+@serve.ingress(api)
+class JanusAPI:
+    """Validation, image intake and response shapes; never holds a model."""
+
+    def __init__(
+        self,
+        synthesis: DeploymentHandle | None,
+        caption: DeploymentHandle | None,
+        names: dict[str, str],
+        settings: dict[str, Any],
+    ):
+        self.settings = APISection.model_validate(settings)
+        retry = self.settings.retry_after_s
+        self.synthesis = Backend(synthesis, names["synthesis"], retry) if synthesis is not None else None
+        self.caption = Backend(caption, names["caption"], retry) if caption is not None else None
+        self.images = ImageSource(
+            tuple(self.settings.image_url_prefixes),
+            self.settings.image_storage_options,
+            self.settings.max_image_bytes,
+        )
+        self.created = int(time.time())
+        self.tokens = Counter(
+            "janus_chat_tokens", "Chat tokens read and written.", tag_keys=("model", "kind")
+        )
+        self.images_made = Counter("janus_images_generated", "Images generated.", tag_keys=("model",))
+
+    def _backend(self, backend: Backend | None, model: str | None, what: str) -> Backend:
+        if backend is None or (model is not None and model != backend.name):
+            served = f"; this server's model for {what} is {backend.name!r}" if backend else ""
+            raise APIError(
+                404,
+                f"model {model!r} does not exist or does not serve {what}{served}",
+                code="model_not_found",
+                param="model",
+            )
+        return backend
+
+    # -- chat ------------------------------------------------------------------------------------
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        req = parse(ChatCompletionRequest, await read_body(request, self.settings.max_body_bytes))
+        backend = self._backend(self.caption, req.model, "chat completions")
+        info = await backend.info()
+        chat = chat_input(req.messages, info["image_tag"])
+        if len(chat.image_urls) > info["max_images"]:
+            raise bad_request(
+                f"messages: {len(chat.image_urls)} images; at most {info['max_images']} per request",
+                code="too_many_images",
+                param="messages",
+            )
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.settings.default_max_tokens
+        if max_tokens > self.settings.max_tokens:
+            raise bad_request(
+                f"max_tokens is {max_tokens}; at most {self.settings.max_tokens}", param="max_tokens"
+            )
+        images = await asyncio.gather(
+            *(
+                asyncio.to_thread(self._load_image, url, param, info["input_size"])
+                for param, url in chat.image_urls
+            )
+        )
+        result = await backend.generate(
+            {
+                "images": list(images),
+                "conversation": chat.conversation,
+                "system_prompt": chat.system_prompt,
+                "max_new_tokens": max_tokens,
+                "temperature": req.temperature or 0.0,
+                "top_p": req.top_p,
+                "seed": secrets.randbelow(SEED_LIMIT) if req.seed is None else req.seed,
+            }
+        )
+        check_result(result, self.settings.retry_after_s)
+        self.tokens.inc(result.prompt_tokens, tags={"model": backend.name, "kind": "prompt"})
+        self.tokens.inc(result.num_tokens, tags={"model": backend.name, "kind": "completion"})
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        usage = {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.num_tokens,
+            "total_tokens": result.prompt_tokens + result.num_tokens,
+        }
+        if req.stream:
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            events = sse_chunks(
+                completion_id, created, backend.name, result, usage if include_usage else None
+            )
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        return JSONResponse(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": backend.name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.text},
+                        "finish_reason": result.finish_reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": usage,
+            }
+        )
+
+    def _load_image(self, url: str, param: str, size: int) -> np.ndarray:
+        data = self.images.read(url, param)
+        return decode_for_model(data, param, self.settings.max_pixels, size)
+
+    # -- images ----------------------------------------------------------------------------------
+    @api.post("/v1/images/generations")
+    async def images_generations(self, request: Request) -> JSONResponse:
+        req = parse(ImageGenerationRequest, await read_body(request, self.settings.max_body_bytes))
+        backend = self._backend(self.synthesis, req.model, "image generation")
+        if req.n > self.settings.max_n:
+            raise bad_request(f"n is {req.n}; at most {self.settings.max_n} images per request", param="n")
+        if req.response_format == "url":
+            raise bad_request(
+                "response_format 'url' is not supported: images are returned inline as b64_json",
+                param="response_format",
+            )
+        side = (await backend.info())["image_size"]
+        if req.size not in (None, "auto", f"{side}x{side}"):
+            raise bad_request(
+                f"size {req.size!r} is not supported: {backend.name} generates {side}x{side} images only",
+                code="unsupported_size",
+                param="size",
+            )
+        first = secrets.randbelow(SEED_LIMIT) if req.seed is None else req.seed
+        seeds = [(first + i) % SEED_LIMIT for i in range(req.n)]  # as the batch job's n_samples
+        results = await asyncio.gather(
+            *(
+                backend.generate(
+                    {
+                        "prompt": req.prompt,
+                        "seed": s,
+                        "cfg_weight": req.cfg_weight,
+                        "temperature": req.temperature,
+                    }
+                )
+                for s in seeds
+            )
+        )
+        for result in results:
+            check_result(result, self.settings.retry_after_s)
+        encoded = await asyncio.to_thread(lambda: [png_b64(r.image) for r in results])
+        self.images_made.inc(len(results), tags={"model": backend.name})
+        return JSONResponse(
+            {
+                "created": int(time.time()),
+                "data": [{"b64_json": b64, "seed": s} for b64, s in zip(encoded, seeds, strict=True)],
+            }
+        )
+
+    # -- discovery and health --------------------------------------------------------------------
+    @api.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        names = dict.fromkeys(b.name for b in (self.synthesis, self.caption) if b is not None)
+        data = [
+            {"id": n, "object": "model", "created": self.created, "owned_by": "janus-pipeline"} for n in names
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 once every model has answered (it is loaded); 503 while any is still loading or down."""
+        ready = await readiness({"synthesis": self.synthesis, "caption": self.caption}, HEALTH_TIMEOUT_S)
+        ok = all(ready.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "loading", "models": ready}, status_code=200 if ok else 503
+        )
+
+
+def build_app(args: Mapping[str, Any] | ServeArgs) -> serve.Application:
+    """Application builder (the Serve YAML's ``import_path``); ``args`` as in ``config.ServeArgs``."""
+    cfg = args if isinstance(args, ServeArgs) else parse_args(args)
+    handles: dict[str, Any] = {"synthesis": None, "caption": None}
+    names: dict[str, str] = {}
+    if cfg.synthesis is not None:
+        s = cfg.synthesis
+        handles["synthesis"] = ModelServer.options(
+            name="Synthesizer", **s.deployment_options("synthesis")
+        ).bind(Synthesizer, _model(s.model), s.engine, s.sampling, s.batching.model_dump())
+        names["synthesis"] = s.model.served_name
+    if cfg.caption is not None:
+        c = cfg.caption
+        handles["caption"] = ModelServer.options(name="Captioner", **c.deployment_options("caption")).bind(
+            Captioner, _model(c.model), c.engine, {}, c.batching.model_dump()
+        )
+        names["caption"] = c.model.served_name
+    return JanusAPI.options(**cfg.api.deployment_options()).bind(
+        handles["synthesis"], handles["caption"], names, cfg.api.model_dump()
+    )
+
+
+def _model(section: ModelSection) -> dict[str, Any]:
+    """The actors' ``model`` dict (the batch jobs' model section), with the served name."""
+    return {**section.model_dump(exclude={"name"}), "name": section.served_name}

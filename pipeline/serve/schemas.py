@@ -1,0 +1,83 @@
+"""Request bodies of the OpenAI-compatible routes, validated strictly (no "5" for 5, no NaN).
+
+Unknown fields are ignored, as OpenAI-compatible servers do, so official clients that send fields
+we do not use (``user``, ``quality``, ...) keep working; every field we do use is checked here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.sources import SEED_LIMIT  # the batch jobs' seed range: (seed + sample) % SEED_LIMIT
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class ImageURL(_Body):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; Janus sees every image at 384 px
+
+
+class ContentPart(_Body):
+    """One part of a message: ``{"type": "text", "text": ...}`` or ``{"type": "image_url", ...}``."""
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+    @model_validator(mode="after")
+    def _payload(self) -> ContentPart:
+        if getattr(self, self.type) is None:
+            raise ValueError(f"a {self.type!r} part needs a {self.type!r} field")
+        return self
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: list[ContentPart] | None = None  # a plain string becomes one text part
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_as_part(cls, content: object) -> object:
+        return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Body):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    temperature: float | None = Field(None, ge=0, le=2)  # None: greedy, as the batch caption job
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported for chat completions")
+        return n
+
+
+class ImageGenerationRequest(_Body):
+    prompt: str = Field(min_length=1)
+    model: str | None = None  # None: the served synthesis model
+    n: int = Field(1, ge=1)
+    size: str | None = None  # None / "auto": the model's size (384x384 for Janus-Pro)
+    response_format: Literal["b64_json", "url"] | None = None
+    # extensions, passed to the engine exactly as the batch job passes them
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # None: a random seed (returned per image)
+    cfg_weight: float = Field(5.0, ge=1)
+    temperature: float = Field(1.0, ge=0)

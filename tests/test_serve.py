@@ -1,0 +1,652 @@
+"""The online API over real HTTP on 127.0.0.1: Ray Serve, the tiny model on CPU, httpx and openai.
+
+One Serve instance for the module with two applications: ``janus`` (both models, the normal limits)
+and ``overload`` (a synthesis model with a one-slot queue, to show 503 + Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import PIL.Image
+import pytest
+import yaml
+
+from janus.testing import write_tiny_checkpoint
+from jobs.cli import main as cli_main
+from pipeline.actors import Captioner, Synthesizer
+from pipeline.serve.app import Backend, build_app, readiness
+from pipeline.serve.config import ServeConfigError, check_serve_config, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "janus-test"
+SIZE = 48  # vq_ch_mult=(1, 2): 24 * 2 px
+SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
+ONE_REPLICA = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}  # per-replica stats
+
+
+def png(seed: int, w: int = 40, h: int = 30) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def user(*parts: str | dict) -> dict:
+    """A user message; str parts are text, dict parts are image_url parts."""
+    content = [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]
+    return {"role": "user", "content": content}
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def decode_png(b64: str) -> np.ndarray:
+    return np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", seed=5, vq_ch_mult=(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """An allow-listed image folder, a file outside it and a symlink from inside to outside."""
+    root = tmp_path_factory.mktemp("images")
+    allowed, outside = root / "allowed", root / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "ok.png").write_bytes(png(1))
+    (outside / "secret.png").write_bytes(png(2))
+    os.symlink(outside / "secret.png", allowed / "link.png")
+    return {"allowed": allowed, "outside": outside}
+
+
+@pytest.fixture(scope="module")
+def s3_images(s3_endpoint) -> dict:
+    """A bucket on the moto S3 server with one image under the allowed prefix and one outside it."""
+    import fsspec
+
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = fsspec.filesystem("s3", **options)
+    fs.mkdir("serve-images")
+    fs.pipe({"serve-images/uploads/ok.png": png(11), "serve-images/private/secret.png": png(12)})
+    return options
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, model_dir, files, s3_images):
+    from ray import serve
+
+    model = {"path": model_dir, "name": MODEL, "dtype": "float32"}
+    queue = {
+        "max_ongoing_requests": 16,
+        "max_queued_requests": 64,
+        "autoscaling_config": ONE_REPLICA,
+        **SMALL,
+    }
+    args = {
+        "api": {
+            "max_body_bytes": 1_000_000,
+            "max_pixels": 4_000_000,
+            "max_n": 4,
+            "max_tokens": 64,
+            "default_max_tokens": 6,
+            "image_url_prefixes": [f"file://{files['allowed']}/", "s3://serve-images/uploads/"],
+            "image_storage_options": s3_images,
+            "deployment": SMALL,
+        },
+        "synthesis": {"model": model, "engine": {"max_batch_size": 8}, "deployment": queue},
+        "caption": {
+            "model": model,
+            "engine": {"max_batch_size": 8, "max_images_per_request": 4},
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+            "deployment": queue,
+        },
+    }
+    overload = {
+        "api": {"retry_after_s": 3, "deployment": SMALL},
+        "synthesis": {
+            "model": model,
+            "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0},
+            "deployment": {"max_ongoing_requests": 1, "max_queued_requests": 1, **SMALL},
+        },
+        "caption": None,
+    }
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run_many(
+            [
+                serve.RunTarget(build_app(args), name="janus", route_prefix="/"),
+                serve.RunTarget(build_app(overload), name="overload", route_prefix="/overload"),
+            ]
+        )
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def captioner(model_dir):
+    """The batch job's actor class, in this process: what the server must agree with."""
+    return Captioner({"path": model_dir, "dtype": "float32"}, {"max_batch_size": 8})
+
+
+@pytest.fixture(scope="module")
+def synthesizer(model_dir):
+    return Synthesizer({"path": model_dir, "dtype": "float32"}, {"max_batch_size": 8})
+
+
+def stats(name: str) -> dict[str, int]:
+    from ray import serve
+
+    return serve.get_deployment_handle(name, app_name="janus").stats.remote().result()
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"]
+    return body["error"]
+
+
+# -- discovery and health -------------------------------------------------------------------------
+
+
+def test_health_and_models(client):
+    health = client.get("/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ready", "models": {"synthesis": True, "caption": True}}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+def test_readiness_is_false_until_a_replica_answers():
+    class Pending:
+        def __await__(self):
+            return asyncio.sleep(3600).__await__()
+
+        def cancel(self):
+            pass
+
+    class Method:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def remote(self):
+            return self.answer
+
+    class Handle:
+        def __init__(self, answer):
+            self.info = Method(answer)
+
+    async def loaded():
+        return {"model": "m"}
+
+    async def check():
+        return await readiness(
+            {"synthesis": Backend(Handle(Pending()), "m", 1), "caption": Backend(Handle(loaded()), "m", 1)},
+            timeout_s=0.1,
+        )
+
+    assert asyncio.run(check()) == {"synthesis": False, "caption": True}
+
+
+# -- chat -----------------------------------------------------------------------------------------
+
+
+def test_chat_with_an_image_answers_as_the_batch_captioner(client, captioner):
+    image = png(3)
+    body = {
+        "model": MODEL,
+        "messages": [user(image_part(data_url(image)), "What is in the picture?")],
+        "max_tokens": 7,
+    }
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["model"] == MODEL
+    choice = out["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    usage = out["usage"]
+    assert usage["completion_tokens"] <= 7 and usage["prompt_tokens"] > 576  # the image's 576 tokens
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # greedy by default: the batch job's captioner gives the same text for the same image and question
+    expected = captioner.generate(
+        [
+            {
+                "image": PIL.Image.open(io.BytesIO(image)),
+                "question": "What is in the picture?",
+                "max_new_tokens": 7,
+            }
+        ]
+    )[0]
+    assert choice["message"]["content"] == expected.text
+    assert usage["completion_tokens"] == expected.num_tokens
+
+
+def test_multi_turn_chat_with_several_images(client, captioner):
+    first, second = png(4), png(5, 64, 20)
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            user(image_part(data_url(first)), "What is this?"),
+            {"role": "assistant", "content": "A pattern."},
+            user("And this one?", image_part(data_url(second))),
+        ],
+        "max_tokens": 5,
+    }
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    expected = captioner.generate(
+        [
+            {
+                "images": [PIL.Image.open(io.BytesIO(first)), PIL.Image.open(io.BytesIO(second))],
+                "conversation": [
+                    {"role": "<|User|>", "content": "<image_placeholder>\nWhat is this?"},
+                    {"role": "<|Assistant|>", "content": "A pattern."},
+                    {"role": "<|User|>", "content": "And this one?\n<image_placeholder>"},
+                ],
+                "system_prompt": "Answer briefly.",
+                "max_new_tokens": 5,
+            }
+        ]
+    )[0]
+    assert expected.ok, expected.error
+    assert r.json()["choices"][0]["message"]["content"] == expected.text
+
+
+def test_engine_conversation_requests(captioner):
+    """The engine's multi-turn form (used by chat): one user turn equals the question form."""
+    image = PIL.Image.open(io.BytesIO(png(10)))
+    tag = "<image_placeholder>"
+    one_turn = {"image": image, "conversation": [{"role": "<|User|>", "content": f"{tag}\nWhat?"}]}
+    question, turn, *bad = captioner.generate(
+        [
+            {"image": image, "question": "What?", "max_new_tokens": 5},
+            {**one_turn, "max_new_tokens": 5},
+            {
+                **one_turn,
+                "conversation": [*one_turn["conversation"], {"role": "<|Assistant|>", "content": "x"}],
+            },
+            {**one_turn, "conversation": [{"role": "<|Assistant|>", "content": f"{tag} x"}]},
+            {**one_turn, "conversation": [{"role": "<|User|>", "content": "no tag"}]},
+            {**one_turn, "system_prompt": 5},
+        ]
+    )
+    assert question.ok and turn.ok and turn.text == question.text
+    assert turn.prompt_tokens == question.prompt_tokens > 576
+    assert [r.status for r in bad] == ["error"] * 4
+    assert "ends with the user's" in bad[0].error and "<|User|>" in bad[1].error and "tags" in bad[2].error
+
+
+def test_streaming_sends_the_same_text_as_chunks_then_done(client):
+    body = {"model": MODEL, "messages": [user(image_part(data_url(png(6))), "Describe it.")], "max_tokens": 8}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    events = []
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=stream_body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    with_choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert with_choices[0]["delta"]["role"] == "assistant"
+    assert "".join(c["delta"].get("content", "") for c in with_choices) == whole["message"]["content"]
+    assert with_choices[-1]["finish_reason"] == whole["finish_reason"]
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_the_official_openai_client(oai, client):
+    chat = oai.chat.completions.create(
+        model=MODEL,
+        messages=[user(image_part(data_url(png(7))), "What is it?")],
+        max_tokens=4,
+    )
+    assert isinstance(chat.choices[0].message.content, str)
+    assert chat.usage.completion_tokens <= 4
+    streamed = oai.chat.completions.create(
+        model=MODEL, messages=[user(image_part(data_url(png(7))), "What is it?")], max_tokens=4, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == chat.choices[0].message.content
+
+    images = oai.images.generate(
+        model=MODEL,
+        prompt="a red apple",
+        size=f"{SIZE}x{SIZE}",
+        response_format="b64_json",
+        extra_body={"seed": 3},
+    )
+    assert decode_png(images.data[0].b64_json).shape == (SIZE, SIZE, 3)
+
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.images.generate(model=MODEL, prompt="x", size="384x384")
+    assert err.value.code == "unsupported_size" and f"{SIZE}x{SIZE}" in err.value.message
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.chat.completions.create(model="gpt-4o", messages=[user("hi")])
+    assert err.value.code == "model_not_found"
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+
+def test_same_seed_gives_the_batch_jobs_image(client, synthesizer):
+    body = {"prompt": "a lighthouse at dusk", "n": 2, "seed": 11, "cfg_weight": 3.0, "temperature": 0.9}
+    r = client.post(
+        "/v1/images/generations", json={**body, "size": f"{SIZE}x{SIZE}", "response_format": "b64_json"}
+    )
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [d["seed"] for d in data] == [11, 12]  # n samples: seed, seed + 1, as the batch job
+    served = [decode_png(d["b64_json"]) for d in data]
+    # the batch job's path: Synthesizer.__call__ on prompt rows (Ray Data's map_batches)
+    rows = synthesizer(
+        {
+            "key": np.array(["a", "b"], dtype=object),
+            "prompt": np.array([body["prompt"]] * 2, dtype=object),
+            "seed": np.array([11, 12]),
+            "cfg_weight": np.array([3.0, 3.0]),
+            "temperature": np.array([0.9, 0.9]),
+        }
+    )
+    engine = synthesizer.engine.generate(
+        [{"prompt": body["prompt"], "seed": s, "cfg_weight": 3.0, "temperature": 0.9} for s in (11, 12)]
+    )
+    for i in range(2):
+        assert served[i].tobytes() == rows["image"][i].tobytes() == engine[i].image.tobytes()
+    assert served[0].tobytes() != served[1].tobytes()
+    again = client.post("/v1/images/generations", json={**body, "n": 1, "seed": 12}).json()["data"][0]
+    assert decode_png(again["b64_json"]).tobytes() == served[1].tobytes()
+
+
+# -- concurrency and batching ---------------------------------------------------------------------
+
+
+def test_64_concurrent_requests_are_all_answered_in_shared_batches(server):
+    before = stats("Captioner")
+    body = {"model": MODEL, "messages": [user(image_part(data_url(png(8))), "Describe.")], "max_tokens": 3}
+
+    async def run() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server, timeout=120, limits=limits) as c:
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(64)))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 64
+    assert len({r.json()["choices"][0]["message"]["content"] for r in responses}) == 1
+    after = stats("Captioner")
+    requests = after["requests"] - before["requests"]
+    calls = after["model_calls"] - before["model_calls"]
+    assert requests == 64
+    assert calls < 64 and after["largest_batch"] > 1  # several requests per model call
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as c:
+            body = {"prompt": "a boat", "seed": 1}
+            return await asyncio.gather(
+                *(c.post("/overload/v1/images/generations", json=body) for _ in range(8))
+            )
+
+    responses = asyncio.run(run())
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 503}, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "3"
+            assert error_of(r)["code"] == "overloaded" and error_of(r)["type"] == "server_error"
+
+
+# -- client errors: always a 4xx with an OpenAI-style body, never a 500 ----------------------------
+
+GOOD_IMAGE = image_part(data_url(png(9)))
+
+
+def chat(*messages: dict, **extra) -> dict:
+    return {"model": MODEL, "messages": list(messages) or [user(GOOD_IMAGE, "What?")], **extra}
+
+
+def bomb() -> bytes:
+    """A small file that decodes to 9 megapixels (the test server allows 4)."""
+    buf = io.BytesIO()
+    PIL.Image.new("L", (3000, 3000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+CHAT_ERRORS = {
+    "malformed JSON": (b'{"model": "x", "messages": [', 400, "invalid_json"),
+    "not an object": ([1, 2], 400, "model_type"),
+    "missing messages": ({"model": MODEL}, 400, "missing"),
+    "missing model": ({"messages": [user(GOOD_IMAGE, "hi")]}, 400, "missing"),
+    "wrong type": (chat(max_tokens="5"), 400, "int_type"),
+    "wrong content type": (chat({"role": "user", "content": 5}), 400, "list_type"),
+    "unknown part type": (chat(user({"type": "input_audio", "input_audio": {}})), 400, "literal_error"),
+    "unknown role": (chat({"role": "robot", "content": "hi"}), 400, "literal_error"),
+    "negative temperature": (chat(temperature=-1), 400, "greater_than_equal"),
+    "top_p zero": (chat(top_p=0), 400, "greater_than"),
+    "n > 1": (chat(n=2), 400, "value_error"),
+    "max_tokens over the limit": (chat(max_tokens=65), 400, "invalid_request"),
+    "unknown model": ({**chat(), "model": "gpt-4o"}, 404, "model_not_found"),
+    "bad base64": (chat(user(image_part("data:image/png;base64,@@@not-base64"), "x")), 400, "invalid_base64"),
+    "data URL not base64": (chat(user(image_part("data:image/png,rawbytes"), "x")), 400, "invalid_image_url"),
+    "undecodable image": (
+        chat(user(image_part(data_url(b"not an image at all")), "x")),
+        400,
+        "invalid_image",
+    ),
+    "decompression bomb": (chat(user(image_part(data_url(bomb())), "x")), 400, "invalid_image"),
+    "too many images": (chat(user(*[GOOD_IMAGE] * 5, "x")), 400, "too_many_images"),
+    "no image": (chat(user("hello")), 400, "missing_image"),
+    "http URL": (chat(user(image_part("http://127.0.0.1:1/x.png"), "x")), 400, "unsupported_image_url"),
+    "https URL": (chat(user(image_part("https://example.com/x.png"), "x")), 400, "unsupported_image_url"),
+    "s3 URL not allowed": (chat(user(image_part("s3://bucket/x.png"), "x")), 400, "image_url_not_allowed"),
+    "assistant first": (
+        chat({"role": "assistant", "content": "hi"}, user(GOOD_IMAGE, "x")),
+        400,
+        "invalid_request",
+    ),
+    "assistant last": (
+        chat(user(GOOD_IMAGE, "x"), {"role": "assistant", "content": "hi"}),
+        400,
+        "invalid_request",
+    ),
+    "image in system message": (
+        chat({"role": "system", "content": [GOOD_IMAGE]}, user("x")),
+        400,
+        "invalid_request",
+    ),
+    "image tag in text": (chat(user(GOOD_IMAGE, "<image_placeholder> sneaky")), 400, "invalid_request"),
+    "empty user text": (
+        chat(user(GOOD_IMAGE), {"role": "assistant", "content": "a"}, user("")),
+        400,
+        "invalid_request",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CHAT_ERRORS))
+def test_chat_client_errors(client, case):
+    body, status, code = CHAT_ERRORS[case]
+    if isinstance(body, bytes):
+        r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    assert error_of(r)["code"] == code
+    assert error_of(r)["type"] == "invalid_request_error"
+
+
+IMAGE_ERRORS = {
+    "missing prompt": ({"n": 1}, 400, "missing"),
+    "empty prompt": ({"prompt": ""}, 400, "string_too_short"),
+    "n too large": ({"prompt": "x", "n": 5}, 400, "invalid_request"),
+    "n zero": ({"prompt": "x", "n": 0}, 400, "greater_than_equal"),
+    "unsupported size": ({"prompt": "x", "size": "384x384"}, 400, "unsupported_size"),
+    "url response": ({"prompt": "x", "response_format": "url"}, 400, "invalid_request"),
+    "unknown response format": ({"prompt": "x", "response_format": "png"}, 400, "literal_error"),
+    "cfg below 1": ({"prompt": "x", "cfg_weight": 0.5}, 400, "greater_than_equal"),
+    "negative seed": ({"prompt": "x", "seed": -1}, 400, "greater_than_equal"),
+    "huge seed": ({"prompt": "x", "seed": 2**64}, 400, "less_than"),
+    "seed as string": ({"prompt": "x", "seed": "7"}, 400, "int_type"),
+    "unknown model": ({"prompt": "x", "model": "dall-e-3"}, 404, "model_not_found"),
+    "prompt too long for the context": ({"prompt": "word " * 20_000}, 400, "invalid_request"),
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGE_ERRORS))
+def test_image_client_errors(client, case):
+    body, status, code = IMAGE_ERRORS[case]
+    r = client.post("/v1/images/generations", json=body)
+    assert r.status_code == status, r.text
+    assert error_of(r)["code"] == code
+
+
+def test_oversized_bodies_are_refused_before_parsing(client):
+    big = b'{"prompt": "' + b"x" * 1_100_000 + b'"}'
+    r = client.post("/v1/images/generations", content=big)
+    assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
+    # no Content-Length (chunked upload): the streamed size is counted
+    r = client.post("/v1/images/generations", content=iter([big[:600_000], big[600_000:]]))
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
+
+
+def test_file_urls_only_from_the_allowed_prefix(client, files):
+    def ask(url: str) -> httpx.Response:
+        return client.post("/v1/chat/completions", json=chat(user(image_part(url), "What?")))
+
+    assert ask(f"file://{files['allowed']}/ok.png").status_code == 200
+    for url in (
+        f"file://{files['outside']}/secret.png",  # outside the prefix
+        f"file://{files['allowed']}/../outside/secret.png",  # traversal
+        f"file://{files['allowed']}/link.png",  # a symlink leading out
+        f"file://{files['allowed']}",  # the prefix itself, without a file
+        f"file://{files['allowed']}/ok.png\x00.txt",  # a NUL byte
+    ):
+        r = ask(url)
+        assert r.status_code == 400 and error_of(r)["code"] == "image_url_not_allowed", url
+    r = ask(f"file://{files['allowed']}/missing.png")
+    assert r.status_code == 400 and error_of(r)["code"] == "image_not_found"
+
+
+def test_s3_urls_only_from_the_allowed_prefix(client):
+    def ask(url: str) -> httpx.Response:
+        return client.post("/v1/chat/completions", json=chat(user(image_part(url), "What?")))
+
+    assert ask("s3://serve-images/uploads/ok.png").status_code == 200
+    for url in ("s3://serve-images/private/secret.png", "s3://serve-images/uploads/../private/secret.png"):
+        r = ask(url)
+        assert r.status_code == 400 and error_of(r)["code"] == "image_url_not_allowed", url
+    r = ask("s3://serve-images/uploads/missing.png")
+    assert r.status_code == 400 and error_of(r)["code"] == "image_not_found"
+
+
+def test_unknown_routes_and_methods_keep_the_error_shape(client):
+    assert error_of(client.get("/v1/nothing"))["code"] == "not_found"
+    r = client.get("/v1/chat/completions")
+    assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"
+
+
+def test_replicas_survive_every_error(client):
+    """Run last among the HTTP tests: after all the bad input, the same replicas still answer."""
+    assert client.get("/health").status_code == 200
+    r = client.post("/v1/chat/completions", json=chat(max_tokens=2))
+    assert r.status_code == 200
+
+
+# -- configuration and CLI -------------------------------------------------------------------------
+
+
+def test_the_shipped_serve_configs_are_valid():
+    for name in ("serve_tiny.yaml", "serve_prod.yaml"):
+        [(app, args)] = check_serve_config(REPO / "configs" / name)
+        assert app == "janus" and args.synthesis is not None and args.caption is not None
+        assert build_app(args) is not None
+    assert cli_main(["serve", "--config", str(REPO / "configs" / "serve_tiny.yaml"), "--dry-run"]) == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"api": {"max_body_byte": 1}}, "max_body_byte"),
+        ({"synthesis": {"engine": {"max_batch": 4}}}, "max_batch"),
+        ({"synthesis": {"sampling": {"top_q": 1}}}, "top_q"),
+        ({"caption": {"deployment": {"max_ongoing_requests": 2}}}, "max_ongoing_requests (2)"),
+        ({"caption": {"deployment": {"max_queue": 2}}}, "max_queue"),
+        ({"api": {"image_url_prefixes": ["https://example.com/"]}}, "https://example.com/"),
+        ({"api": {"image_url_prefixes": ["file:///"]}}, "not a usable prefix"),
+        ({"api": {"image_url_prefixes": ["file:///data/../etc"]}}, "not a usable prefix"),
+        ({"synthesis": None, "caption": None}, "at least one"),
+    ],
+)
+def test_bad_serve_configs_fail_before_deploying(args, message):
+    with pytest.raises(ServeConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cfg = parse_args(args)
+        cfg.api.deployment_options()
+        for section in (cfg.synthesis, cfg.caption):
+            if section is not None:
+                section.deployment_options("x")
+
+
+def test_cli_rejects_a_bad_config(tmp_path, capsys):
+    data = yaml.safe_load((REPO / "configs" / "serve_tiny.yaml").read_text())
+    data["applications"][0]["args"]["api"]["max_n"] = 0
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli_main(["serve", "--config", str(path)]) == 2
+    assert "max_n" in capsys.readouterr().err
+
+
+def test_metrics_reach_rays_prometheus_endpoint(client, ray_session):
+    """Our counters and Serve's batching metrics on the node's Prometheus export port."""
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + 30
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if "janus_chat_tokens" in text and "serve_actual_batch_size" in text:
+            break
+        time.sleep(1)
+    assert "janus_chat_tokens" in text and "janus_images_generated" in text
+    assert "serve_actual_batch_size" in text
