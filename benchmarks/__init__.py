@@ -1,0 +1,1 @@
+"""Throughput benchmarks (not tests) and DeepSeek's reference generation loops used as baselines."""
