@@ -202,3 +202,45 @@ def test_missing_weights_and_shards_are_clear_errors(tmp_path):
         f.unlink()
     with pytest.raises(CheckpointError, match="no weights in"):
         MultiModalityCausalLM.from_pretrained(path)
+
+
+PEAK_SCRIPT = r"""
+import sys, torch
+from janus.models import MultiModalityCausalLM
+
+def anon_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+before = anon_kib()
+model = MultiModalityCausalLM.from_pretrained(sys.argv[1], dtype=sys.argv[2])
+print(anon_kib() - before)
+"""
+
+
+@pytest.mark.parametrize("dtype,max_copies", [("bfloat16", 0.1), ("float32", 1.1)])
+def test_loading_holds_no_second_copy_of_the_weights(tmp_path, dtype, max_copies):
+    # A ~110 MB bf16 checkpoint: in its own dtype the tensors stay memory-mapped (almost no anonymous
+    # memory); cast to fp32 they are materialised once (2x the file), never file + model copies.
+    import subprocess
+    import sys
+
+    path = write_tiny_checkpoint(
+        tmp_path / "c",
+        dtype="bfloat16",
+        hidden=512,
+        vocab_size=32768,
+        intermediate=1024,
+        llm_layers=4,
+        llm_heads=8,
+        vq_ch_mult=(1, 2),
+    )
+    size = (path / "pytorch_model.bin").stat().st_size
+    grown_kib = int(
+        subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, str(path), dtype], check=True, capture_output=True, text=True
+        ).stdout.split()[-1]
+    )
+    model_bytes = size * (2 if dtype == "float32" else 1)
+    assert grown_kib * 1024 < max_copies * model_bytes + 16 * 2**20, (grown_kib, size)
