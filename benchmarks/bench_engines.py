@@ -144,8 +144,12 @@ class Row:
     decode_tokens_per_s: float  # generated tokens (all rows) per second of llm_s
     steps_per_s: float  # sequential decode steps per second of llm_s
     bandwidth_gb_s: float  # decode bytes x steps_per_s
+    best_cpu_s: float = 0.0  # least process CPU time of the repeats (all threads)
+    images_per_cpu_s: float = 0.0  # batch / best_cpu_s: barely moved by other processes at --threads 1
     ratio_vs_reference: float | None = None
     ratio_vs_hf: float | None = None
+    cpu_ratio_vs_reference: float | None = None
+    cpu_ratio_vs_hf: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -445,10 +449,20 @@ def bench_caption(model, processor, args, common: dict) -> list[Row]:
 def add_ratios(rows: list[Row], reference: str) -> None:
     by = {r.contender: r for r in rows}
     for r in rows:
+        cpu = r.extra.get("cpu_s_all") or []
+        if cpu:
+            r.best_cpu_s = min(cpu)
+            r.images_per_cpu_s = r.batch / r.best_cpu_s
+    for r in rows:
+        cpu = r.extra.get("cpu_s_all") or []
         if reference in by:
             r.ratio_vs_reference = r.images_per_s / by[reference].images_per_s
+            if cpu and by[reference].images_per_cpu_s:
+                r.cpu_ratio_vs_reference = r.images_per_cpu_s / by[reference].images_per_cpu_s
         if "hf" in by:
             r.ratio_vs_hf = r.images_per_s / by["hf"].images_per_s
+            if cpu and by["hf"].images_per_cpu_s:
+                r.cpu_ratio_vs_hf = r.images_per_cpu_s / by["hf"].images_per_cpu_s
 
 
 def format_row(r: Row) -> str:
@@ -457,6 +471,7 @@ def format_row(r: Row) -> str:
         f"{r.task:9s} {r.contender:15s} {r.device} {r.dtype:8s} B={r.batch:<3d} best {r.best_s:8.2f} s  "
         f"{r.images_per_s:7.3f} img/s  llm {r.llm_s:7.2f} s  {r.decode_tokens_per_s:9.1f} tok/s  "
         f"{r.steps_per_s:7.1f} steps/s  {r.bandwidth_gb_s:6.2f} GB/s{ratio}"
+        f"  | cpu {r.best_cpu_s:7.2f} s {r.images_per_cpu_s:7.3f} img/cpu-s"
     )
 
 
@@ -567,7 +582,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nsummary (best of {args.repeats} interleaved runs after warm-up)")
     for r in rows:
         hf = "" if r.ratio_vs_hf is None else f"  x{r.ratio_vs_hf:.2f} vs hf"
-        print(format_row(r) + hf)
+        cpu = (
+            "" if r.cpu_ratio_vs_reference is None else f"  (cpu-time x{r.cpu_ratio_vs_reference:.2f} vs ref"
+        )
+        cpu += "" if r.cpu_ratio_vs_hf is None else f", x{r.cpu_ratio_vs_hf:.2f} vs hf"
+        print(format_row(r) + hf + (cpu + ")" if cpu else ""))
     meta = {
         "command": "python -m benchmarks.bench_engines "
         + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -578,7 +597,8 @@ def main(argv: list[str] | None = None) -> None:
         "machine": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "repeats": args.repeats,
-        "statistic": "best (min) wall time of the repeats; repeats interleaved round-robin over contenders after one batch-1 warm-up call each",
+        "statistic": "best (min) wall time of the repeats, and separately the least process CPU time; "
+        "repeats interleaved round-robin over contenders after one batch-1 warm-up call each",
         "image_tokens": IMAGE_TOKENS,
         "wall_s": time.perf_counter() - t0,
         # other processes on a shared machine skew the numbers: (1, 5, 15 min) load averages
