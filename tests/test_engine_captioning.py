@@ -6,6 +6,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from benchmarks.reference_loop import reference_caption
 from janus.engine import CaptionEngine
 
 
@@ -15,28 +16,6 @@ def image(w: int, h: int, seed: int) -> PIL.Image.Image:
 
 IMAGES = [image(320, 240, 0), image(64, 300, 1), image(384, 384, 2), image(50, 20, 3)]
 QUESTIONS = ["Describe this image in detail.", "What is it?", "Convert the formula into latex code.", "Why?"]
-
-
-def seed_style_generate(model, processor, img, question, max_new_tokens):
-    """DeepSeek's understanding example: processor -> prepare_inputs_embeds -> language_model.generate."""
-    conversation = [
-        {"role": "<|User|>", "content": f"<image_placeholder>\n{question}", "images": ["x"]},
-        {"role": "<|Assistant|>", "content": ""},
-    ]
-    inputs = processor(conversations=conversation, images=[img], force_batchify=True)
-    embeds = model.prepare_inputs_embeds(**inputs)
-    tok = processor.tokenizer
-    out = model.language_model.generate(
-        inputs_embeds=embeds,
-        attention_mask=inputs.attention_mask,
-        pad_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        use_cache=True,
-    )
-    return tok.decode(out[0].tolist(), skip_special_tokens=True)
 
 
 def test_batched_greedy_text_equals_the_seed_path(tiny_model, tiny_processor):
@@ -49,7 +28,7 @@ def test_batched_greedy_text_equals_the_seed_path(tiny_model, tiny_processor):
     results = engine.generate(requests)
     for req, res in zip(requests, results, strict=True):
         assert res.ok, res.error
-        expected = seed_style_generate(
+        expected, _ = reference_caption(
             tiny_model, tiny_processor, req["image"], req["question"], req["max_new_tokens"]
         )
         assert res.text == expected
