@@ -66,6 +66,7 @@ class EngineConfig:
     max_batch_size: int = 16
     compile: bool = False
     vq_decode_batch_size: int = 8
+    vq_channels_last: bool = True  # NHWC VQ decode: same result to ~1e-4, much faster convolutions
     max_prompt_tokens: int | None = None
     truncate_prompts: bool = False
 
@@ -80,6 +81,10 @@ class ComputeConfig:
     preprocess_cpus: float = 0.5  # caption: CPU decode/preprocess tasks
     max_restarts: int = 3  # actor restarts after a crash; its batch is retried elsewhere
     resources: dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {"worker": 1}
+    #: "package.module:Class" to run instead of the job's model actor (Synthesizer / Captioner): same
+    #: constructor arguments and batch columns. For custom models and for tests that need a model-free
+    #: stand-in behind the real reader, actor pool and sink. None = the job's own actor.
+    actor_class: str | None = None
 
 
 @dataclass
@@ -152,4 +157,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(f"job must be 'synthesize' or 'caption', got {cfg.job!r}")
     if cfg.compute.min_actors < 1 or cfg.compute.max_actors < cfg.compute.min_actors:
         raise ConfigError("compute: need 1 <= min_actors <= max_actors")
+    if cfg.compute.actor_class is not None:
+        module, _, name = cfg.compute.actor_class.partition(":")
+        if not module or not name.isidentifier():
+            raise ConfigError(
+                f"compute.actor_class must look like 'package.module:Class', got {cfg.compute.actor_class!r}"
+            )
     return cfg

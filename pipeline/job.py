@@ -7,6 +7,7 @@ Every input row becomes exactly one committed output row; a rerun resumes where 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -15,10 +16,11 @@ from typing import Any
 import numpy as np
 import ray
 
-from .config import JobConfig
+from .config import ConfigError, JobConfig
 from .resume import cleanup_uncommitted, drop_committed, duplicate_keys, load_committed, summarize_output
 from .sinks import ShardDatasink
 from .sources import PromptDefaults, image_dataset, prompt_dataset
+from .storage import storage_step
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,22 @@ def actor_options(cfg: JobConfig) -> dict[str, Any]:
     }
 
 
+def model_actor_class(cfg: JobConfig, default: type) -> type:
+    """The class the actor pool runs: the job's own, or ``compute.actor_class`` when set (a custom
+    model, or a test's model-free stand-in that keeps the real reader, pool and sink around it)."""
+    path = cfg.compute.actor_class
+    if not path:
+        return default
+    module, _, name = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"compute.actor_class {path!r} cannot be imported: {exc}") from exc
+    if not isinstance(cls, type):
+        raise ConfigError(f"compute.actor_class {path!r} is not a class")
+    return cls
+
+
 def _model_kwargs(cfg: JobConfig) -> dict[str, Any]:
     from .actors.common import resolve_model_ref
 
@@ -85,7 +103,7 @@ def build_synthesis(cfg: JobConfig, committed: np.ndarray):
     ds = prompt_dataset(cfg.input.url, cfg.input.storage_options, defaults, cfg.input.format)
     ds = drop_committed(ds, committed)
     return ds.map_batches(
-        Synthesizer,
+        model_actor_class(cfg, Synthesizer),
         fn_constructor_kwargs={
             "model": _model_kwargs(cfg),
             "engine": vars(cfg.engine),
@@ -143,7 +161,7 @@ def build_caption(cfg: JobConfig, committed: np.ndarray):
         num_cpus=cfg.compute.preprocess_cpus,
     )
     return ds.map_batches(
-        Captioner,
+        model_actor_class(cfg, Captioner),
         fn_constructor_kwargs={
             "model": _model_kwargs(cfg),
             "engine": vars(cfg.engine),
@@ -158,21 +176,28 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     connect(cfg)
     out = cfg.output
     t0 = time.perf_counter()
-    removed = cleanup_uncommitted(out.url, out.storage_options)
-    if removed:
-        logger.info("removed %d uncommitted leftovers of an earlier run", len(removed))
-    committed = load_committed(out.url, out.storage_options)
+    with storage_step("read the output", out.url):
+        removed = cleanup_uncommitted(out.url, out.storage_options)
+        if removed:
+            logger.info("removed %d uncommitted leftovers of an earlier run", len(removed))
+        committed = load_committed(out.url, out.storage_options)
     logger.info("%s: %d rows already committed in %s", cfg.job, committed.size, out.url)
 
-    ds = build_synthesis(cfg, committed) if cfg.job == "synthesize" else build_caption(cfg, committed)
+    with storage_step("list the input", cfg.input.url):
+        ds = build_synthesis(cfg, committed) if cfg.job == "synthesize" else build_caption(cfg, committed)
     kind = "synthesis" if cfg.job == "synthesize" else "caption"
     sink = ShardDatasink(out.url, out.storage_options, kind=kind, rows_per_shard=out.rows_per_shard)
     ds.write_datasink(sink)
     elapsed = time.perf_counter() - t0
 
     written = {f: sum(s.get(f, 0) for s in sink.shards) for f in ("count", "ok", "failed")}
-    totals = summarize_output(out.url, out.storage_options)
-    duplicates = duplicate_keys(out.url, out.storage_options)
+    with storage_step("read the output", out.url):
+        # writers killed mid-file (a lost node) may leave temporaries; their shards were rewritten whole
+        leftovers = cleanup_uncommitted(out.url, out.storage_options)
+        if leftovers:
+            logger.info("removed %d leftovers of writers that died mid-file", len(leftovers))
+        totals = summarize_output(out.url, out.storage_options)
+        duplicates = duplicate_keys(out.url, out.storage_options)
     summary: dict[str, Any] = {
         "job": cfg.job,
         "output": out.url,

@@ -47,10 +47,11 @@ def committed_shards(output_url: str, storage_options: dict | None = None) -> li
     return _committed_shards(_output_names(output_url, storage_options)[2])
 
 
-def _read_keys(fs: AbstractFileSystem, path: str) -> pa.ChunkedArray:
+def _read_keys(fs: AbstractFileSystem, path: str) -> np.ndarray:
+    """One shard's keys as fixed-width bytes, converted at once: Arrow's copy is freed shard by shard."""
     try:
         with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=["key"]).column("key")
+            return _as_bytes(pq.read_table(f, columns=["key"]).column("key"))
     except (pa.ArrowInvalid, KeyError) as exc:
         raise ValueError(
             f"committed shard {path} is unreadable ({exc}); it was not written by this pipeline "
@@ -58,7 +59,7 @@ def _read_keys(fs: AbstractFileSystem, path: str) -> pa.ChunkedArray:
         ) from exc
 
 
-def _key_columns(output_url: str, storage_options: dict | None) -> Iterator[tuple[str, pa.ChunkedArray]]:
+def _key_columns(output_url: str, storage_options: dict | None) -> Iterator[tuple[str, np.ndarray]]:
     """(shard, key column) of every committed shard; reads overlap, as object-store latency dominates."""
     fs, root, names = _output_names(output_url, storage_options)
     shards = _committed_shards(names)
@@ -71,7 +72,7 @@ def committed_keys(output_url: str, storage_options: dict | None = None) -> set[
     """Every key of every committed shard (a Python set: for tests, tools and job summaries)."""
     keys: set[str] = set()
     for _, column in _key_columns(output_url, storage_options):
-        keys.update(column.to_pylist())
+        keys.update(key.decode("utf-8") for key in column.tolist())
     return keys
 
 
@@ -83,10 +84,13 @@ def load_committed(output_url: str, storage_options: dict | None = None) -> np.n
     """Committed keys as one sorted numpy bytes array: ~20 bytes a key (100M keys ~ 2 GB, a Python set
     would take ~10 GB), stored once in Ray's object store for every filter task (as Ray's own
     checkpoint filter does)."""
-    parts = [_as_bytes(column) for _, column in _key_columns(output_url, storage_options)]
+    parts = [column for _, column in _key_columns(output_url, storage_options)]
     if not parts:
         return np.array([], dtype="S1")
-    return np.unique(np.concatenate(parts))
+    keys = np.concatenate(parts)
+    del parts
+    keys.sort()
+    return keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
 
 
 def filter_committed(batch: pa.Table, committed: np.ndarray) -> pa.Table:
@@ -109,16 +113,23 @@ def drop_committed(ds: Dataset, committed: np.ndarray) -> Dataset:
 
 
 def duplicate_keys(output_url: str, storage_options: dict | None = None) -> dict[str, list[str]]:
-    """Keys found more than once across committed shards -> the shards holding them (should be empty)."""
-    tables = [
-        pa.table({"key": column, "shard": pa.array([shard] * len(column), pa.string())})
-        for shard, column in _key_columns(output_url, storage_options)
-    ]
-    if not tables:
+    """Keys found more than once across committed shards -> the shards holding them (should be empty).
+
+    Runs in the driver after every job, so it holds no more than ``load_committed`` does: the keys as
+    fixed-width bytes, twice (per shard, and all of them sorted in place to find repeats).
+    """
+    found = list(_key_columns(output_url, storage_options))
+    if not found:
         return {}
-    grouped = pa.concat_tables(tables).group_by("key").aggregate([("shard", "list")])
-    dupes = grouped.filter(pc.greater(pc.list_value_length(grouped.column("shard_list")), 1))
-    return {row["key"]: sorted(row["shard_list"]) for row in dupes.to_pylist()}
+    keys = np.concatenate([column for _, column in found])
+    keys.sort()
+    repeated = np.unique(keys[1:][keys[1:] == keys[:-1]])
+    del keys
+    holders: dict[str, list[str]] = {}
+    for shard, column in found:
+        for key in column[np.isin(column, repeated)].tolist():
+            holders.setdefault(key.decode("utf-8"), []).append(shard)
+    return {key: sorted(shards) for key, shards in holders.items()}
 
 
 def cleanup_uncommitted(output_url: str, storage_options: dict | None = None) -> list[str]:

@@ -45,7 +45,7 @@ from fsspec.spec import AbstractBufferedFile
 from ray.data import Dataset, Datasource, ReadTask, read_datasource
 from ray.data.block import BlockMetadata
 
-from .storage import Listing, list_files
+from .storage import Listing, list_files, storage_step
 
 KEY_VERSION = "janus-pipeline/1"
 KEY_CHARS = 20
@@ -633,12 +633,13 @@ def _read_files(
     rows: list[dict[str, Any]] = []
     nbytes = 0
     for path, source, size in files:
-        for row in file_rows(fs, path, source, size):
-            rows.append(row)
-            nbytes += len(row.get("image_bytes") or b"")
-            if len(rows) >= rows_per_block or nbytes >= bytes_per_block:
-                yield pa.Table.from_pylist(rows, schema=schema)
-                rows, nbytes = [], 0
+        with storage_step("read", fs.unstrip_protocol(path)):
+            for row in file_rows(fs, path, source, size):
+                rows.append(row)
+                nbytes += len(row.get("image_bytes") or b"")
+                if len(rows) >= rows_per_block or nbytes >= bytes_per_block:
+                    yield pa.Table.from_pylist(rows, schema=schema)
+                    rows, nbytes = [], 0
     if rows:
         yield pa.Table.from_pylist(rows, schema=schema)
 

@@ -1,0 +1,75 @@
+"""Actor classes that tests/test_scale.py runs through ``compute.actor_class``.
+
+Both keep the job's real path (reader -> drop committed -> actor pool -> ShardDatasink) and change
+only what happens inside the pool: ``TracedSynthesizer`` is the real model actor that also says
+where it ran; the stand-ins replace the model so that thousands of rows (or a million) cross the
+pipeline in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+
+IMAGE_TOKENS = 576
+
+
+class TracedSynthesizer:
+    """The real Synthesizer; each row's ``model`` value gets ``@<node id>`` appended, so a test can read
+    from the committed output alone which cluster node produced every row."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        from pipeline.actors import Synthesizer  # here, so that the stand-ins never import torch
+
+        self.synthesizer = Synthesizer(*args, **kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.synthesizer(batch)
+        node = ray.get_runtime_context().get_node_id()
+        out["model"] = np.array([f"{name}@{node}" for name in out["model"]], dtype=object)
+        return out
+
+
+class StandInSynthesizer:
+    """Model-free: answers every good prompt row at once with a 384 x 384 image (Janus-Pro's real
+    output size, so blocks weigh what production blocks weigh) and the Synthesizer's columns."""
+
+    image_size = 384
+
+    def __init__(self, model: dict[str, Any], engine: dict | None = None, sampling: dict | None = None):
+        self.model_name = f"stand-in:{model.get('name') or model['path']}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n, size = len(batch["key"]), self.image_size
+        status = np.array(["error" if s == "error" else "ok" for s in batch["status"]], dtype=object)
+        images = np.empty((n, size, size, 3), dtype=np.uint8)
+        images[:] = (np.asarray(batch["seed"], dtype=np.int64) % 256).astype(np.uint8)[:, None, None, None]
+        out = dict(batch)
+        out.update(
+            status=status,
+            image=images,
+            tokens=np.zeros((n, IMAGE_TOKENS), dtype=np.int32),
+            seconds=np.zeros(n, dtype=np.float64),
+            model=np.array([self.model_name] * n, dtype=object),
+        )
+        return out
+
+
+class RejectingStandInSynthesizer:
+    """Model-free: fails every row at once, with a message saying so. A failed row is the cheapest row
+    the real sink writes, for inputs of a million rows where only their number matters."""
+
+    def __init__(self, model: dict[str, Any], engine: dict | None = None, sampling: dict | None = None):
+        self.model_name = f"stand-in:{model.get('name') or model['path']}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        out = dict(batch)
+        out.update(
+            status=np.array(["error"] * n, dtype=object),
+            error=np.array([e or "stand-in: no model ran" for e in batch["error"]], dtype=object),
+            model=np.array([self.model_name] * n, dtype=object),
+        )
+        return out
