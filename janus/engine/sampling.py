@@ -30,23 +30,30 @@ class SamplingParams:
     top_p: torch.Tensor  # [B] float32, 1.0 means off
     use_top_k: bool
     use_top_p: bool
+    any_greedy: bool = False  # Python flags, known when the batch is built: a step skips the work
+    all_greedy: bool = False  # that no row needs (argmax when none is greedy, the CDF when all are)
 
     @classmethod
     def build(cls, temperature, top_k, top_p, device: torch.device) -> SamplingParams:
         k = [int(v or 0) for v in top_k]
         p = [float(1.0 if v is None else v) for v in top_p]
+        greedy = [float(t) <= 0 for t in temperature]
         return cls(
             temperature=torch.tensor([float(t) for t in temperature], dtype=torch.float32, device=device),
             top_k=torch.tensor(k, dtype=torch.long, device=device),
             top_p=torch.tensor(p, dtype=torch.float32, device=device),
             use_top_k=any(v > 0 for v in k),
             use_top_p=any(v < 1.0 for v in p),
+            any_greedy=any(greedy),
+            all_greedy=bool(greedy) and all(greedy),
         )
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
     """Pick one token per row from fp32 ``logits`` [B, V] using ``uniforms`` [B]."""
     logits = logits.float()
+    if params.all_greedy:
+        return logits.argmax(dim=-1)
     greedy = params.temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(params.temperature), params.temperature)[:, None]
     if params.use_top_k:
@@ -63,4 +70,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor)
     cdf = probs.double().cumsum(-1)
     target = (uniforms * cdf[:, -1])[:, None]
     picked = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
+    if not params.any_greedy:
+        return picked
     return torch.where(greedy, logits.argmax(dim=-1), picked)
