@@ -67,6 +67,7 @@ class EngineConfig:
     compile: bool = False
     vq_decode_batch_size: int = 8
     vq_channels_last: bool = True  # NHWC VQ decode: same result to ~1e-4, much faster convolutions
+    cfg_before_head: bool = True  # CFG mix before gen_head's last Linear: B rows through it, not 2B
     max_prompt_tokens: int | None = None
     truncate_prompts: bool = False
 

@@ -91,6 +91,27 @@ def test_greedy_equals_the_reference_loop(small):
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
+def test_cfg_mixed_before_the_head_matches_the_head_then_mix(small):
+    """The default moves the CFG mix in front of gen_head's last Linear: the logits agree with
+    head-then-mix (DeepSeek's order) to float rounding, and sampled tokens are the same."""
+    model, processor = small
+    fused = SynthesisEngine(model, processor, cfg_before_head=True)
+    plain = SynthesisEngine(model, processor, cfg_before_head=False)
+    assert fused.cfg_before_head and not plain.cfg_before_head
+    torch.manual_seed(0)
+    hidden = torch.randn(8, model.language_model.config.hidden_size)
+    cfg = torch.tensor([[1.0], [3.0], [5.0], [7.5]])
+    head = model.gen_head
+    with torch.inference_mode():
+        logits = head(hidden).float()
+        reference = logits[4:] + cfg * (logits[:4] - logits[4:])
+        z = head.vision_activation(head.output_mlp_projector(hidden)).float()
+        mixed = head.vision_head(z[4:] + cfg * (z[:4] - z[4:])).float()
+    assert torch.allclose(mixed, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    requests = [{"prompt": p, "seed": i, "cfg_weight": 2.0 + i} for i, p in enumerate(PROMPTS[:4])]
+    assert tokens_of(fused.generate(requests)) == tokens_of(plain.generate(requests))
+
+
 def test_greedy_equals_transformers_janus_generate(hf_pair):
     hf, ours, processor = hf_pair
     engine = SynthesisEngine(ours, processor, max_batch_size=2)

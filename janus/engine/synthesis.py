@@ -86,6 +86,7 @@ class SynthesisEngine:
         max_batch_size: int = 16,
         vq_decode_batch_size: int = 8,
         vq_channels_last: bool = True,
+        cfg_before_head: bool = True,
         compile: bool = False,
         max_prompt_tokens: int | None = None,
         truncate_prompts: bool = False,
@@ -100,6 +101,11 @@ class SynthesisEngine:
         self.max_batch_size = max_batch_size
         self.vq_decode_batch_size = vq_decode_batch_size
         self.vq_channels_last = vq_channels_last
+        head = model.gen_head
+        # the CFG mix moved in front of the head's last (linear) layer needs that layer to exist
+        self.cfg_before_head = cfg_before_head and all(
+            hasattr(head, m) for m in ("output_mlp_projector", "vision_activation", "vision_head")
+        )
         self.truncate_prompts = truncate_prompts
         self.memory_fraction = memory_fraction
         limit = self.decoder.max_position_embeddings - IMAGE_TOKENS
@@ -304,8 +310,21 @@ class SynthesisEngine:
         ]
 
     def _choose(self, hidden: torch.Tensor, params: SamplingParams, u: torch.Tensor, cfg: torch.Tensor):
-        logits = self.model.gen_head(hidden).float()
-        b = logits.shape[0] // 2
+        """CFG-mix the conditional (first half) and unconditional rows' logits, then sample.
+
+        ``gen_head`` is Linear -> GELU -> Linear(image_token_embed -> 16384), and the CFG mix
+        ``uncond + cfg * (cond - uncond)`` is affine with weights summing to one, so it commutes with
+        the last Linear (its bias included): with ``cfg_before_head`` the mix is taken on the GELU
+        output and only B rows, not 2B, go through the widest matmul of the step. Exact in real
+        arithmetic; in floating point the logits move by rounding only (fp32 ~1e-6 relative).
+        """
+        head = self.model.gen_head
+        b = hidden.shape[0] // 2
+        if self.cfg_before_head:
+            z = head.vision_activation(head.output_mlp_projector(hidden)).float()
+            mixed = z[b:] + cfg * (z[:b] - z[b:])
+            return sample(head.vision_head(mixed.to(hidden.dtype)).float(), params, u)
+        logits = head(hidden).float()
         cond, uncond = logits[:b], logits[b:]
         return sample(uncond + cfg * (cond - uncond), params, u)
 

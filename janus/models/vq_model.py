@@ -48,7 +48,10 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 def _swish(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(x)
+    """x * sigmoid(x), the reference's nonlinearity, as one fused kernel (SiLU): one pass over the
+    activations instead of two, which at 384 px is ~15% of a bf16 CPU decode. Same function; fp32
+    results move by at most an ulp."""
+    return F.silu(x)
 
 
 class ResnetBlock(nn.Module):
