@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from janus.testing import write_tiny_checkpoint
-from tests.local_cluster import REPO, WORKER_RESOURCE, LocalCluster
+from tests.local_cluster import REPO, WORKER_RESOURCE, LocalCluster, cli_summary
 
 
 def run_once(cluster: LocalCluster, model: str, prompts: Path, out: Path, actors: int) -> dict:
@@ -57,7 +57,7 @@ def run_once(cluster: LocalCluster, model: str, prompts: Path, out: Path, actors
         check=True,
     )
     wall = time.perf_counter() - t0
-    summary = json.loads(done.stdout[done.stdout.rindex('{\n  "job"') :])
+    summary = cli_summary(done.stdout)
     shards = sorted(out.glob("*.parquet"), key=lambda p: p.stat().st_mtime)
     first, last = shards[0].stat().st_mtime, shards[-1].stat().st_mtime
     after_first = sum(pq.read_metadata(p).num_rows for p in shards[1:])

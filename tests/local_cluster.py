@@ -12,6 +12,7 @@ local Ray that the test process itself is connected to (the ``ray_session`` fixt
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -140,6 +141,12 @@ def _serve(conn: Connection, env: dict[str, str], head_cpus: int, head_store_mb:
             conn.send((False, f"{type(exc).__name__}: {exc}"))
         else:
             conn.send((True, value))
+
+
+def cli_summary(stdout: str) -> dict:
+    """The summary JSON a CLI job prints, from its stdout: Ray may forward lines from the cluster
+    before it and after it (a lost node's connection errors, say)."""
+    return json.JSONDecoder().raw_decode(stdout, stdout.rindex('{\n  "job"'))[0]
 
 
 def _children(parent: int) -> dict[int, str]:

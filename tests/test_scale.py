@@ -24,7 +24,7 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 from faulty_s3 import FaultPlan, FaultyS3Proxy
-from local_cluster import REPO, WORKER_RESOURCE, LocalCluster, actor_pids
+from local_cluster import REPO, WORKER_RESOURCE, LocalCluster, actor_pids, cli_summary
 
 from janus.testing import write_tiny_checkpoint
 from pipeline.actors import Synthesizer
@@ -75,12 +75,11 @@ def start_cli(job: str, overrides: list[str], env: dict[str, str], log: Path) ->
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> dict:
-    """Wait for the CLI; its summary (the JSON at the end of stdout, after any lines Ray forwards from
-    the cluster), or a failure that shows the job log."""
+    """Wait for the CLI; its summary (the JSON on stdout, among any lines Ray forwards from the
+    cluster), or a failure that shows the job log."""
     proc.wait(timeout=timeout)
     assert proc.returncode == 0, f"job failed (rc {proc.returncode}):\n{log.read_text()[-4000:]}"
-    out = log.with_suffix(".out").read_text()
-    return json.loads(out[out.rindex('{\n  "job"') :])
+    return cli_summary(log.with_suffix(".out").read_text())
 
 
 def output_rows(url: str, storage_options: dict | None = None) -> list[dict]:
