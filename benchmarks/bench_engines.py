@@ -47,6 +47,18 @@ IMAGE_TOKENS = 576
 #: write_tiny_checkpoint keyword sets. "small" is the CPU benchmark model: a 4-layer, 512-wide LLM
 #: (vocab 1024) with the REAL-size VQ-16 decoder (ch 128, z 256, 5 levels, 384 px). 1b / 7b are the
 #: Janus-Pro architectures with random weights (GPU only: the checkpoint is written to disk first).
+SMALL: dict[str, Any] = dict(
+    hidden=512,
+    llm_layers=4,
+    llm_heads=8,
+    intermediate=1408,
+    vocab_size=1024,
+    vision_width=256,
+    vision_layers=4,
+    vision_heads=4,
+    vq_ch=128,
+    vq_z_channels=256,
+)
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         hidden=64,
@@ -60,30 +72,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
         vq_ch=32,
         vq_z_channels=32,
     ),
-    "small": dict(
-        hidden=512,
-        llm_layers=4,
-        llm_heads=8,
-        intermediate=1408,
-        vocab_size=1024,
-        vision_width=256,
-        vision_layers=4,
-        vision_heads=4,
-        vq_ch=128,
-        vq_z_channels=256,
-    ),
-    "small-vq32": dict(
-        hidden=512,
-        llm_layers=4,
-        llm_heads=8,
-        intermediate=1408,
-        vocab_size=1024,
-        vision_width=256,
-        vision_layers=4,
-        vision_heads=4,
-        vq_ch=32,
-        vq_z_channels=64,
-    ),
+    "small": SMALL,
+    # as small but a quarter-width VQ decoder, so the LLM phase is not buried under it on CPU
+    "small-vq32": dict(SMALL, vq_ch=32, vq_z_channels=64),
     "1b": dict(
         hidden=2048,
         llm_layers=24,
