@@ -425,7 +425,7 @@ def test_a_slow_sink_holds_memory_bounded(cluster, s3_endpoint, s3_options, tmp_
             str(tmp_path / "p.txt"),
             f"s3://{bucket}/out",
             f"output.storage_options={slow}",
-            "output.rows_per_shard=100",
+            "output.rows_per_shard=50",
             "compute.batch_size=10",
             "compute.actor_class=tests.scale_actors:StandInSynthesizer",
             "compute.min_actors=2",
