@@ -51,14 +51,56 @@ class KVCacheDecoder:
     def prefill(
         self, embeds: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the left-padded prompt; returns (last hidden state [B, D], next positions [B])."""
+        """Run the left-padded prompt; returns (last hidden state [B, D], next positions [B]).
+
+        Rows of equal length run together as plain causal attention over their own tokens, the
+        same computation as one unpadded prompt in the reference: no mask to build or read, the
+        kernel skips the blocks above the diagonal, and padding costs nothing. Their keys and
+        values land in the cache at the row's left-padded slots. A mask that is not left padding
+        (holes) takes the general masked path.
+        """
         t = embeds.shape[1]
         mask = attention_mask.bool()
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        lengths = mask.sum(-1)
+        suffix = torch.arange(t, device=mask.device)[None, :] >= (t - lengths)[:, None]
+        if not torch.equal(mask, suffix) or bool((lengths == 0).any()):
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            self.key_valid[:, :t] = mask
+            slots = torch.arange(t, device=embeds.device)
+            hidden = self.forward(embeds, positions, slots, kv_len=t)
+            return hidden[:, -1], positions[:, -1] + 1
         self.key_valid[:, :t] = mask
-        slots = torch.arange(t, device=embeds.device)
-        hidden = self.forward(embeds, positions, slots, kv_len=t)
-        return hidden[:, -1], positions[:, -1] + 1
+        last = embeds.new_empty(embeds.shape[0], embeds.shape[2])
+        for length in lengths.unique().tolist():
+            rows = (lengths == length).nonzero().flatten()
+            last[rows] = self._prefill_rows(embeds[rows, t - length :], rows, t - length)[:, -1]
+        return last, lengths
+
+    def _prefill_rows(self, x: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
+        """Unpadded prompts of one length for cache rows ``rows``, written at slots [start, start + L)."""
+        b, t, _ = x.shape
+        positions = torch.arange(t, device=x.device).expand(b, t)
+        cos, sin = self.model.rotary_emb(x, positions)
+        gqa = self.n_kv_heads != self.n_heads
+        contiguous = bool((rows == torch.arange(rows[0], rows[0] + b, device=rows.device)).all())
+        first = int(rows[0])
+        for i, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if contiguous:
+                self.k_cache[i, first : first + b, :, start : start + t] = k
+                self.v_cache[i, first : first + b, :, start : start + t] = v
+            else:
+                self.k_cache[i, rows, :, start : start + t] = k.to(self.k_cache.dtype)
+                self.v_cache[i, rows, :, start : start + t] = v.to(self.v_cache.dtype)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=gqa)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.norm(x)
 
     def decode_step(
         self, embeds: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, kv_len: int | None = None
