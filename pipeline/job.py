@@ -79,6 +79,19 @@ def model_actor_class(cfg: JobConfig, default: type) -> type:
     return cls
 
 
+def full_batches(ds, batch_size: int):
+    """Re-cut ``ds`` into blocks of exactly one model batch before the actor pool.
+
+    Ray Data forms a task's batches within its input bundle, so a block of 21 rows runs as batches
+    of 8, 8 and 5: every read block (Ray splits reads to reach its parallelism target, and the resume
+    filter drops rows) would end in a short batch that costs a GPU nearly a full one. Ray's streaming
+    repartition (strict: every block but the last has exactly this many rows) fixes that without a
+    shuffle. One batch per block also keeps the output streaming: an actor task's outputs form one
+    block, and a block is what the sink commits, so bigger blocks would delay every commit.
+    """
+    return ds.repartition(target_num_rows_per_block=batch_size, strict=True)
+
+
 def _model_kwargs(cfg: JobConfig) -> dict[str, Any]:
     from .actors.common import resolve_model_ref
 
@@ -101,7 +114,7 @@ def build_synthesis(cfg: JobConfig, committed: np.ndarray):
         seed=s.seed, cfg_weight=s.cfg_weight, temperature=s.temperature, n_samples=s.n_samples
     )
     ds = prompt_dataset(cfg.input.url, cfg.input.storage_options, defaults, cfg.input.format)
-    ds = drop_committed(ds, committed)
+    ds = full_batches(drop_committed(ds, committed), cfg.compute.batch_size)
     return ds.map_batches(
         model_actor_class(cfg, Synthesizer),
         fn_constructor_kwargs={
@@ -160,7 +173,7 @@ def build_caption(cfg: JobConfig, committed: np.ndarray):
         batch_size=cfg.compute.batch_size,
         num_cpus=cfg.compute.preprocess_cpus,
     )
-    return ds.map_batches(
+    return full_batches(ds, cfg.compute.batch_size).map_batches(
         model_actor_class(cfg, Captioner),
         fn_constructor_kwargs={
             "model": _model_kwargs(cfg),

@@ -73,3 +73,15 @@ class RejectingStandInSynthesizer:
             model=np.array([self.model_name] * n, dtype=object),
         )
         return out
+
+
+class BatchSizeStandIn(StandInSynthesizer):
+    """Model-free, tiny images; each row's ``seconds`` is the size of the batch it came in, so a test
+    can read from the output how the pool batched the rows."""
+
+    image_size = 8
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super().__call__(batch)
+        out["seconds"] = np.full(len(batch["key"]), float(len(batch["key"])))
+        return out

@@ -135,6 +135,35 @@ def test_rerun_makes_no_duplicates_and_same_seed_same_image(ray_session, model_d
     assert pngs(other) == pngs(out) and len(pngs(out)) == 3
 
 
+def test_the_model_pool_gets_full_batches_and_a_resume_too(ray_session, model_dir, tmp_path):
+    """Read blocks of any size (three files, Ray's own block splitting, the resume filter) reach the
+    model actors as whole batches: one short batch per run at most, where a ragged block would end
+    in a short batch each (a short batch costs a GPU nearly what a full one does)."""
+    for name, n in (("a.txt", 13), ("b.txt", 29), ("c.txt", 7)):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_text("\n".join(f"{name} prompt {i}" for i in range(n)) + "\n")
+    out = tmp_path / "out"
+    settings = ["compute.actor_class=tests.scale_actors:BatchSizeStandIn", "compute.batch_size=8"]
+    cfg = job(model_dir, "synthesize", str(tmp_path / "in"), str(out), *settings)
+
+    def batch_sizes(rows: list[dict]) -> list[int]:
+        sizes = [int(r["seconds"]) for r in rows]
+        return sorted(size for size in set(sizes) for _ in range(sizes.count(size) // size))
+
+    run_job(cfg)
+    first = output_rows(str(out))
+    assert len(first) == 49 and batch_sizes(first) == [1] + [8] * 6
+    # drop some committed shards: the rerun's input is the 49 rows minus those still committed
+    for shard in sorted(out.glob("shard-*.parquet"))[::3]:
+        shard.unlink()
+    kept = {r["key"] for r in output_rows(str(out))}
+    summary = run_job(cfg)
+    redone = [r for r in output_rows(str(out)) if r["key"] not in kept]
+    assert summary["this_run"]["count"] == len(redone) == 49 - len(kept) > 8
+    sizes = batch_sizes(redone)
+    assert sizes.count(8) == len(redone) // 8 and sum(sizes) == len(redone)
+
+
 def pngs(directory: Path) -> dict[str, bytes]:
     found = {}
     for path in sorted(directory.glob("shard-*.tar")):
