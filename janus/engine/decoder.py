@@ -79,28 +79,21 @@ class KVCacheDecoder:
     def _prefill_rows(self, x: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
         """Unpadded prompts of one length for cache rows ``rows``, written at slots [start, start + L)."""
         b, t, _ = x.shape
-        positions = torch.arange(t, device=x.device).expand(b, t)
-        cos, sin = self.model.rotary_emb(x, positions)
-        gqa = self.n_kv_heads != self.n_heads
         contiguous = bool((rows == torch.arange(rows[0], rows[0] + b, device=rows.device)).all())
         first = int(rows[0])
-        for i, layer in enumerate(self.model.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+
+        def attend(i, attn, q, k, v):
             if contiguous:
                 self.k_cache[i, first : first + b, :, start : start + t] = k
                 self.v_cache[i, first : first + b, :, start : start + t] = v
             else:
                 self.k_cache[i, rows, :, start : start + t] = k.to(self.k_cache.dtype)
                 self.v_cache[i, rows, :, start : start + t] = v.to(self.v_cache.dtype)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=gqa)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.norm(x)
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=self.n_kv_heads != self.n_heads
+            )
+
+        return self._layers(x, torch.arange(t, device=x.device).expand(b, t), attend)
 
     def decode_step(
         self, embeds: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, kv_len: int | None = None
@@ -116,15 +109,34 @@ class KVCacheDecoder:
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_len: int | None
     ) -> torch.Tensor:
-        b, t, _ = x.shape
         kv_len = kv_len or self.k_cache.shape[3]
         key_pos = torch.arange(kv_len, device=x.device)
         causal = key_pos[None, :] <= slots[:, None]  # [t, kv]
         mask = self.key_valid[:, None, :kv_len] & causal[None]  # [b, t, kv]
         mask = mask | (key_pos[None, None, :] == slots[None, :, None])  # a padded query still sees itself
         mask = mask[:, None]  # [b, 1, t, kv]
+
+        def attend(i, attn, q, k, v):
+            self.k_cache[i].index_copy_(2, slots, k.to(self.k_cache.dtype))
+            self.v_cache[i].index_copy_(2, slots, v.to(self.v_cache.dtype))
+            keys = self.k_cache[i][:, :, :kv_len]
+            values = self.v_cache[i][:, :, :kv_len]
+            return F.scaled_dot_product_attention(
+                q,
+                keys,
+                values,
+                attn_mask=mask,
+                scale=attn.scaling,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+
+        return self._layers(x, positions, attend)
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder layers, transformers' own modules, around ``attend(layer index, attention module,
+        q, k, v) -> output``, which writes the cache and attends the way its caller needs."""
+        b, t, _ = x.shape
         cos, sin = self.model.rotary_emb(x, positions)
-        gqa = self.n_kv_heads != self.n_heads
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -132,13 +144,7 @@ class KVCacheDecoder:
             k = attn.k_proj(h).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
             v = attn.v_proj(h).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            self.k_cache[i].index_copy_(2, slots, k.to(self.k_cache.dtype))
-            self.v_cache[i].index_copy_(2, slots, v.to(self.v_cache.dtype))
-            keys = self.k_cache[i][:, :, :kv_len]
-            values = self.v_cache[i][:, :, :kv_len]
-            o = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
-            )
+            o = attend(i, attn, q, k, v)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.model.norm(x)
