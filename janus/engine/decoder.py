@@ -79,6 +79,8 @@ class KVCacheDecoder:
     def _prefill_rows(self, x: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
         """Unpadded prompts of one length for cache rows ``rows``, written at slots [start, start + L)."""
         b, t, _ = x.shape
+        # rows sorted by length (the engines sort) are adjacent: a slice write; index_put otherwise,
+        # measured ~50 ms slower per 8 x 620-token bf16 prefill on CPU
         contiguous = bool((rows == torch.arange(rows[0], rows[0] + b, device=rows.device)).all())
         first = int(rows[0])
 
