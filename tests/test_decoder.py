@@ -12,10 +12,8 @@ def run(decoder: KVCacheDecoder, embeds, mask, *, masked: bool, steps: int = 3):
     b, t, _ = embeds.shape
     decoder.setup_caches(b, t + steps, dtype=embeds.dtype, device=embeds.device)
     if masked:  # the general path, forced (what prefill takes for masks that are not left padding)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         decoder.key_valid[:, :t] = mask.bool()
-        hidden = decoder.forward(embeds, positions, torch.arange(t), kv_len=t)[:, -1]
-        positions = positions[:, -1] + 1
+        hidden, positions = decoder._prefill_masked(embeds, mask.bool())
     else:
         hidden, positions = decoder.prefill(embeds, mask)
     outs = [hidden]

@@ -139,8 +139,8 @@ def test_the_model_pool_gets_full_batches_and_a_resume_too(ray_session, model_di
     """Read blocks of any size (three files, Ray's own block splitting, the resume filter) reach the
     model actors as whole batches: one short batch per run at most, where a ragged block would end
     in a short batch each (a short batch costs a GPU nearly what a full one does)."""
+    (tmp_path / "in").mkdir()
     for name, n in (("a.txt", 13), ("b.txt", 29), ("c.txt", 7)):
-        (tmp_path / "in").mkdir(exist_ok=True)
         (tmp_path / "in" / name).write_text("\n".join(f"{name} prompt {i}" for i in range(n)) + "\n")
     out = tmp_path / "out"
     settings = ["compute.actor_class=tests.scale_actors:BatchSizeStandIn", "compute.batch_size=8"]

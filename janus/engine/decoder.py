@@ -63,18 +63,21 @@ class KVCacheDecoder:
         mask = attention_mask.bool()
         lengths = mask.sum(-1)
         suffix = torch.arange(t, device=mask.device)[None, :] >= (t - lengths)[:, None]
-        if not torch.equal(mask, suffix) or bool((lengths == 0).any()):
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            self.key_valid[:, :t] = mask
-            slots = torch.arange(t, device=embeds.device)
-            hidden = self.forward(embeds, positions, slots, kv_len=t)
-            return hidden[:, -1], positions[:, -1] + 1
         self.key_valid[:, :t] = mask
+        if not torch.equal(mask, suffix) or bool((lengths == 0).any()):
+            return self._prefill_masked(embeds, mask)
         last = embeds.new_empty(embeds.shape[0], embeds.shape[2])
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().flatten()
             last[rows] = self._prefill_rows(embeds[rows, t - length :], rows, t - length)[:, -1]
         return last, lengths
+
+    def _prefill_masked(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The general path: the whole padded batch at once under its mask (``key_valid`` already set)."""
+        t = embeds.shape[1]
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.forward(embeds, positions, torch.arange(t, device=embeds.device), kv_len=t)
+        return hidden[:, -1], positions[:, -1] + 1
 
     def _prefill_rows(self, x: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
         """Unpadded prompts of one length for cache rows ``rows``, written at slots [start, start + L)."""
