@@ -6,10 +6,14 @@ Every byte the pipeline reads or writes goes through fsspec (``s3://``, ``file:/
 
 from __future__ import annotations
 
+import gzip
 import logging
+import lzma
 import os
 import posixpath
+import tarfile
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +37,21 @@ S3_PROTOCOLS = frozenset({"s3", "s3a"})
 #: SlowDown or a dropped connection up to 5 times. A bucket that keeps failing therefore fails the job
 #: within one to two minutes (30 requests, 92 s measured), with the store's last error.
 S3_RETRIES = {"max_attempts": 5, "mode": "standard"}
+
+#: Errors that say an input file itself is bad (it becomes a failed row), as opposed to transient I/O
+#: (re-raised, so Ray retries the read). ValueError covers pyarrow's ArrowInvalid (corrupt Parquet)
+#: and decoding errors.
+BAD_FILE_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    EOFError,
+    zlib.error,
+    lzma.LZMAError,
+    gzip.BadGzipFile,
+    tarfile.TarError,
+    ValueError,
+)
 
 
 def _log_failed_s3_attempt(
@@ -159,6 +178,8 @@ class Listing:
     root: str
     paths: tuple[str, ...]
     sizes: tuple[int, ...]
+    #: files under the root that are not inputs of the wanted kinds (e.g. a .svg among images)
+    skipped: tuple[str, ...] = ()
 
     def relative(self, path: str) -> str:
         """The file's name relative to the input root: stable when the data moves to another bucket."""
@@ -206,14 +227,14 @@ def list_files(
             f"no such file, directory or prefix: {url!r} (check the URL and storage_options)"
         )
     found = {fs._strip_protocol(p): info for p, info in found.items()}
-    paths = sorted(
+    visible = sorted(
         p
         for p in found
-        if not _is_hidden(p)
-        and not any(_is_hidden(part) for part in p[len(root) :].split("/")[:-1])
-        and (wanted is None or p.lower().endswith(wanted))
+        if not _is_hidden(p) and not any(_is_hidden(part) for part in p[len(root) :].split("/")[:-1])
     )
+    paths = [p for p in visible if wanted is None or p.lower().endswith(wanted)]
     if not paths:
         kinds = f" ending in {', '.join(wanted)}" if wanted else ""
         raise FileNotFoundError(f"no input files{kinds} found under {url!r}")
-    return Listing(fs, root, tuple(paths), tuple(int(found[p].get("size") or 0) for p in paths))
+    skipped = tuple(p for p in visible if wanted is not None and not p.lower().endswith(wanted))
+    return Listing(fs, root, tuple(paths), tuple(int(found[p].get("size") or 0) for p in paths), skipped)
