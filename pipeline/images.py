@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -87,3 +88,45 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> PIL.Image
         raise ImageDecodeError(
             f"corrupt, truncated or unsupported {img.format or 'image'} data: {exc}"
         ) from exc
+
+
+def model_pixels(
+    data: bytes, processor: Any, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, PIL.Image.Image]:
+    """Untrusted bytes -> (uint8 [S, S, 3] as the model's image processor resizes and pads it, the
+    decoded original). The one way in for images from the wild: the caption job and Serve.
+
+    ``processor`` is the checkpoint's ``VLMImageProcessor`` (its size, pad colour and minimum side).
+    Raises ``ImageDecodeError`` with a message for the user.
+    """
+    image = decode_image(data, max_pixels=max_pixels)
+    try:
+        return np.asarray(processor.resize(image)), image
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError(f"cannot resize the {image.width}x{image.height} image: {exc}") from exc
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    x = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * x + 1) * k / (2 * n)) * np.sqrt(2 / n)
+    m[0] /= np.sqrt(2)
+    return m
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def phash(image: np.ndarray | PIL.Image.Image) -> int:
+    """64-bit perceptual hash (pHash) as a signed int64: near-duplicates differ in a few bits.
+
+    Greyscale, 32 x 32, 2-D DCT; bit i says whether the i-th of the 8 x 8 lowest frequencies is above
+    their median (DC excluded from the median). Survives re-encoding, resizing and small edits:
+    ``bit_count(a.phash # b.phash) <= 6`` finds near-duplicates in DuckDB.
+    """
+    img = image if isinstance(image, PIL.Image.Image) else PIL.Image.fromarray(np.asarray(image))
+    grey = np.asarray(img.convert("L").resize((32, 32), PIL.Image.Resampling.LANCZOS), dtype=np.float64)
+    low = (_DCT32 @ grey @ _DCT32.T)[:8, :8].ravel()
+    bits = low > np.median(low[1:])
+    value = int(np.packbits(bits).view(">u8")[0])
+    return value - (1 << 64) if value >= 1 << 63 else value

@@ -1,20 +1,61 @@
-"""Shared pieces of the two engines: request validation errors, memory budgets, timers."""
+"""What both engines share: the result type, loading, request checks, memory planning, and the
+split-and-retry loop that keeps one oversized batch from failing every row in it."""
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
+
+from .decoder import KVCacheDecoder
+
+logger = logging.getLogger(__name__)
+
+#: row statuses, end to end (engines, actors, Parquet): a result, or a failure with a reason
+OK, ERROR = "ok", "error"
+#: why a request failed: its own fault (a client error), the device's (retry later, elsewhere), the
+#: client's leaving, or our bug
+INVALID_REQUEST, OUT_OF_MEMORY, CANCELLED, INTERNAL = "invalid_request", "out_of_memory", "cancelled", "internal_error"
 
 
 class RequestError(ValueError):
     """A request that cannot be run; becomes that row's error, never the batch's."""
 
 
-class InsufficientMemoryError(RuntimeError):
-    """Even one request does not fit the memory budget of the device."""
+@dataclass
+class Result:
+    status: str = OK
+    error: str | None = None
+    code: str | None = None  # INVALID_REQUEST or OUT_OF_MEMORY when the request failed
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @classmethod
+    def failed(cls, code: str, message: str) -> Result:
+        return cls(status=ERROR, error=message, code=code)
+
+
+def load_model_and_processor(
+    path: str, *, dtype=None, device=None, storage_options=None, cache_dir=None
+) -> tuple[Any, Any]:
+    """A checkpoint (local dir, hub id or fsspec URL) -> (MultiModalityCausalLM, VLChatProcessor)."""
+    from janus.models import VLChatProcessor
+    from janus.models.loading import load_janus_model
+
+    model = load_janus_model(
+        path, dtype=dtype, device=device, storage_options=storage_options, cache_dir=cache_dir
+    )
+    processor = VLChatProcessor.from_pretrained(path, storage_options=storage_options, cache_dir=cache_dir)
+    return model, processor
 
 
 def available_memory(device: torch.device) -> int:
@@ -50,3 +91,143 @@ def timed(timings: dict[str, float], name: str, device: torch.device):
 
 def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# -- request checks ---------------------------------------------------------------------------------
+
+
+def coerce_request(cls: type, req: Any) -> Any:
+    """A dict -> the request dataclass ``cls`` (unknown keys and None values ignored)."""
+    if isinstance(req, cls):
+        return req
+    if not isinstance(req, dict):
+        raise RequestError(f"a request must be a dict, got {type(req).__name__}")
+    known = set(cls.__dataclass_fields__)
+    return cls(**{k: v for k, v in req.items() if k in known and v is not None})
+
+
+def check_sampling(req: Any) -> None:
+    """Seed, temperature, top_k and top_p of a request, coerced to numbers and range-checked in place."""
+    try:
+        req.temperature = float(req.temperature)
+        req.seed = int(req.seed)
+        if getattr(req, "top_p", None) is not None:
+            req.top_p = float(req.top_p)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"bad numeric field: {exc}") from None
+    if not math.isfinite(req.temperature) or req.temperature < 0:
+        raise RequestError(f"temperature must be >= 0 (0 = greedy), got {req.temperature}")
+    top_k = getattr(req, "top_k", None)
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0):
+        raise RequestError(f"top_k must be a non-negative integer, got {top_k}")
+    if req.top_p is not None and not (0.0 < req.top_p <= 1.0):
+        raise RequestError(f"top_p must be in (0, 1], got {req.top_p}")
+
+
+# -- the engine skeleton ----------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A checked request, ready to batch: its index in the call, the request, and engine-specific data."""
+
+    index: int
+    request: Any
+    length: int  # prompt tokens: similar lengths batch together
+    data: Any = None
+
+
+class BatchEngine:
+    """Plain Python in, numpy out; one engine per actor (not thread-safe).
+
+    ``generate`` checks every request (a bad one becomes its own error result), plans batches that fit
+    the device's memory, and runs them; a batch that still runs out of memory is halved and retried,
+    so only a request that cannot fit alone fails, with code ``OUT_OF_MEMORY``.
+    """
+
+    result_type: ClassVar[type[Result]] = Result
+
+    def __init__(self, model, processor, *, max_batch_size: int, memory_fraction: float):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.language_model.parameters()).dtype
+        self.decoder = KVCacheDecoder(model.language_model)
+        self.max_batch_size = max_batch_size
+        self.memory_fraction = memory_fraction
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype=None, device=None, storage_options=None, **options):
+        model, processor = load_model_and_processor(
+            path, dtype=dtype, device=device, storage_options=storage_options
+        )
+        return cls(model, processor, **options)
+
+    # -- what each engine defines --------------------------------------------------------------
+    def prepare(self, index: int, raw: Any) -> Prepared:
+        raise NotImplementedError
+
+    def bytes_per_request(self, prepared: Prepared) -> int:
+        """Device memory one request needs inside a batch (KV cache rows and work space)."""
+        raise NotImplementedError
+
+    def batch_overhead(self, n: int) -> int:
+        """Device memory a batch of ``n`` needs beyond its requests' own."""
+        return 0
+
+    def run_batch(self, batch: list[Prepared]) -> list[Result]:
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------------------
+    def generate(self, requests: list[Any]) -> list[Result]:
+        """One result per request, in order; a bad request yields an error result, never an exception."""
+        results: list[Result | None] = [None] * len(requests)
+        prepared: list[Prepared] = []
+        for i, raw in enumerate(requests):
+            try:
+                prepared.append(self.prepare(i, raw))
+            except RequestError as exc:
+                results[i] = self.result_type.failed(INVALID_REQUEST, str(exc))
+        batches, too_big = self.plan(prepared)
+        for p in too_big:
+            need = self.bytes_per_request(p) + self.batch_overhead(1)
+            results[p.index] = self.result_type.failed(
+                OUT_OF_MEMORY,
+                f"request needs ~{need / 2**20:.0f} MiB, more than the free memory on {self.device}; "
+                "shorten it or use a larger device",
+            )
+        for batch in batches:
+            for p, res in zip(batch, self._run_splitting(batch), strict=True):
+                results[p.index] = res
+        return results  # type: ignore[return-value]
+
+    def budget(self, n: int) -> int:
+        return int(available_memory(self.device) * self.memory_fraction) - self.batch_overhead(n)
+
+    def plan(self, prepared: list[Prepared]) -> tuple[list[list[Prepared]], list[Prepared]]:
+        """Batches of similar length, at most ``max_batch_size`` and within the memory budget; and the
+        requests that do not fit even alone."""
+        budget = self.budget(min(self.max_batch_size, max(len(prepared), 1)))
+        too_big = [p for p in prepared if self.bytes_per_request(p) > budget]
+        fits = sorted((p for p in prepared if p not in too_big), key=lambda p: p.length)
+        batches: list[list[Prepared]] = []
+        for group in chunks(fits, self.max_batch_size):
+            per = max(self.bytes_per_request(p) for p in group)
+            batches.extend(chunks(group, max(1, min(len(group), budget // max(per, 1)))))
+        return batches, too_big
+
+    def _run_splitting(self, batch: list[Prepared]) -> list[Result]:
+        try:
+            return self.run_batch(batch)
+        except torch.OutOfMemoryError as exc:
+            self.decoder.release()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                return [self.result_type.failed(OUT_OF_MEMORY, f"out of memory on {self.device}: {exc}")]
+            half = len(batch) // 2
+            logger.warning(
+                "out of memory with batch %d; retrying as %d + %d", len(batch), half, len(batch) - half
+            )
+            return self._run_splitting(batch[:half]) + self._run_splitting(batch[half:])

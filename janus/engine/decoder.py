@@ -100,6 +100,40 @@ class KVCacheDecoder:
 
         return self._layers(x, torch.arange(t, device=x.device).expand(b, t), attend)
 
+    # -- per-row lengths (continuous batching: rows start at different times) ---------------------
+    def prefill_slots(self, embeds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Unpadded prompts of one length into empty cache rows ``rows`` (their keys at [0, L));
+        returns the last hidden state of each [n, D]. Other rows' caches are untouched."""
+        t = embeds.shape[1]
+        self.key_valid[rows] = False
+        self.key_valid[rows, :t] = True
+        return self._prefill_rows(embeds, rows, 0)[:, -1]
+
+    def decode_slots(
+        self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """One token for every cache row, each written at its own ``slots[row]`` (its length so far) and
+        attending to its own filled prefix; returns hidden [B, D]. Rows keep their own lengths, so a
+        request can join or leave at any step (``scheduler.py``)."""
+        b = embeds.shape[0]
+        rows = torch.arange(b, device=embeds.device)
+        self.key_valid[rows, slots] = True
+        mask = self.key_valid[:, None, None, :kv_len]  # [b, 1, 1, kv]
+
+        def attend(i, attn, q, k, v):
+            self.k_cache[i][rows, :, slots] = k[:, :, 0].to(self.k_cache.dtype)
+            self.v_cache[i][rows, :, slots] = v[:, :, 0].to(self.v_cache.dtype)
+            return F.scaled_dot_product_attention(
+                q,
+                self.k_cache[i][:, :, :kv_len],
+                self.v_cache[i][:, :, :kv_len],
+                attn_mask=mask,
+                scale=attn.scaling,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+
+        return self._layers(embeds, positions[:, None], attend)[:, -1]
+
     def decode_step(
         self, embeds: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, kv_len: int | None = None
     ) -> torch.Tensor:

@@ -11,14 +11,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .common import InsufficientMemoryError, RequestError, available_memory, chunks, timed
-from .decoder import KVCacheDecoder
+from .common import (
+    BatchEngine,
+    Prepared,
+    RequestError,
+    Result,
+    check_sampling,
+    coerce_request,
+    timed,
+)
+from .prompts import DEFAULT_CFG_WEIGHT, DEFAULT_TEMPERATURE, t2i_prompt_ids, unconditional_ids
 from .sampling import SamplingParams, row_uniforms, sample
 
 logger = logging.getLogger(__name__)
@@ -32,51 +40,28 @@ PROMPT_BUCKET = 64  # with compile=True, prompt lengths are padded up to a multi
 class SynthesisRequest:
     prompt: str
     seed: int = 0
-    cfg_weight: float = 5.0
-    temperature: float = 1.0
+    cfg_weight: float = DEFAULT_CFG_WEIGHT
+    temperature: float = DEFAULT_TEMPERATURE
     top_k: int | None = None
     top_p: float | None = None
 
-    @classmethod
-    def coerce(cls, req: Any) -> SynthesisRequest:
-        if isinstance(req, cls):
-            return req
-        if isinstance(req, str):
-            return cls(prompt=req)
-        if not isinstance(req, dict):
-            raise RequestError(f"a request must be a dict or a prompt string, got {type(req).__name__}")
-        known = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in req.items() if k in known and v is not None}
-        if "prompt" not in kwargs:
-            raise RequestError("request has no 'prompt'")
-        return cls(**kwargs)
-
 
 @dataclass
-class SynthesisResult:
-    status: str  # "ok" or "error"
+class SynthesisResult(Result):
     image: np.ndarray | None = None  # uint8 [H, W, 3]
     tokens: np.ndarray | None = None  # int32 [576]
-    error: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    # what the model reads back from the image (``quality.CuratedSynthesis``); None when not asked
+    score: float | None = None  # self-verification: P(yes) / (P(yes) + P(no))
+    ratings: dict[str, float] | None = None  # rated questions, expected level 1..5
+    embedding: np.ndarray | None = None  # float16 [width], L2-normalised
+    candidate: int | None = None  # best-of-k: which candidate won (0 = the request's own seed)
+    scores: list[float] | None = None  # best-of-k: every candidate's score (NaN: it failed)
 
 
-@dataclass
-class _Prepared:
-    index: int
-    request: SynthesisRequest
-    ids: list[int]
-
-
-class SynthesisEngine:
+class SynthesisEngine(BatchEngine):
     """Text -> images. Plain Python in, numpy out; thread-unsafe (one engine per actor)."""
+
+    result_type = SynthesisResult
 
     def __init__(
         self,
@@ -92,13 +77,7 @@ class SynthesisEngine:
         truncate_prompts: bool = False,
         memory_fraction: float = 0.9,
     ):
-        self.model = model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.language_model.parameters()).dtype
-        self.decoder = KVCacheDecoder(model.language_model)
-        self.max_batch_size = max_batch_size
+        super().__init__(model, processor, max_batch_size=max_batch_size, memory_fraction=memory_fraction)
         self.vq_decode_batch_size = vq_decode_batch_size
         self.vq_channels_last = vq_channels_last
         head = model.gen_head
@@ -107,7 +86,6 @@ class SynthesisEngine:
             hasattr(head, m) for m in ("output_mlp_projector", "vision_activation", "vision_head")
         )
         self.truncate_prompts = truncate_prompts
-        self.memory_fraction = memory_fraction
         limit = self.decoder.max_position_embeddings - IMAGE_TOKENS
         self.max_prompt_tokens = min(max_prompt_tokens or limit, limit)
         vq = model.gen_vision_model.config
@@ -118,46 +96,24 @@ class SynthesisEngine:
             torch.compile(self._decode_one, mode="reduce-overhead", fullgraph=True) if compile else None
         )
 
-    @classmethod
-    def from_pretrained(
-        cls, path: str, *, dtype=None, device=None, storage_options=None, **options
-    ) -> SynthesisEngine:
-        from janus.models import VLChatProcessor
-        from janus.models.loading import load_janus_model
-
-        model = load_janus_model(path, dtype=dtype, device=device, storage_options=storage_options)
-        processor = VLChatProcessor.from_pretrained(path, storage_options=storage_options)
-        return cls(model, processor, **options)
-
     # -- prompts -------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of DeepSeek's text-to-image prompt: template, empty system prompt, <begin_of_image>."""
-        conversation = [{"role": "<|User|>", "content": prompt}, {"role": "<|Assistant|>", "content": ""}]
-        text = self.processor.apply_sft_template_for_multi_turn_prompts(
-            conversations=conversation, sft_format=self.processor.sft_format, system_prompt=""
-        )
-        return list(self.tokenizer.encode(text + self.processor.image_start_tag))
+        return t2i_prompt_ids(self.processor, prompt)
 
-    def _prepare(self, index: int, raw: Any) -> _Prepared:
-        req = SynthesisRequest.coerce(raw)
+    def prepare(self, index: int, raw: Any) -> Prepared:
+        req = SynthesisRequest(prompt=raw) if isinstance(raw, str) else coerce_request(SynthesisRequest, raw)
         if not isinstance(req.prompt, str):
             raise RequestError(f"prompt must be a string, got {type(req.prompt).__name__}")
         if not req.prompt.strip():
             raise RequestError("empty prompt")
+        check_sampling(req)
         try:
             req.cfg_weight = float(req.cfg_weight)
-            req.temperature = float(req.temperature)
-            req.seed = int(req.seed)
         except (TypeError, ValueError) as exc:
             raise RequestError(f"bad numeric field: {exc}") from None
         if not math.isfinite(req.cfg_weight) or req.cfg_weight < 1.0:
             raise RequestError(f"cfg_weight must be >= 1 (DeepSeek uses 5), got {req.cfg_weight}")
-        if not math.isfinite(req.temperature) or req.temperature < 0:
-            raise RequestError(f"temperature must be >= 0 (0 = greedy), got {req.temperature}")
-        if req.top_k is not None and (int(req.top_k) != req.top_k or req.top_k < 0):
-            raise RequestError(f"top_k must be a non-negative integer, got {req.top_k}")
-        if req.top_p is not None and not (0.0 < float(req.top_p) <= 1.0):
-            raise RequestError(f"top_p must be in (0, 1], got {req.top_p}")
         ids = self.prompt_ids(req.prompt)
         if len(ids) > self.max_prompt_tokens:
             if not self.truncate_prompts:
@@ -167,7 +123,7 @@ class SynthesisEngine:
                 )
             req.prompt = self._truncate(req.prompt)
             ids = self.prompt_ids(req.prompt)
-        return _Prepared(index, req, ids)
+        return Prepared(index, req, len(ids), ids)
 
     def _truncate(self, prompt: str) -> str:
         overhead = len(self.prompt_ids(""))
@@ -181,91 +137,36 @@ class SynthesisEngine:
         raise RequestError("prompt cannot be truncated to fit the context")
 
     # -- planning ------------------------------------------------------------------------------
-    def bytes_per_request(self, prompt_len: int) -> int:
-        """Device memory one request needs: 2 cache rows, fp32 logits work space, VQ activations."""
-        kv = self.decoder.cache_bytes(2, prompt_len + IMAGE_TOKENS, self.dtype)
+    def bytes_per_request(self, prepared: Prepared) -> int:
+        """Device memory one request needs: 2 cache rows, fp32 logits work space."""
+        kv = self.decoder.cache_bytes(2, prepared.length + IMAGE_TOKENS, self.dtype)
         logits = 2 * self.model.config.image_token_size * 4 * 6
         return kv + logits
 
-    def vq_decode_bytes(self, n: int) -> int:
+    def batch_overhead(self, n: int) -> int:
+        """The VQ decoder's activations for one decode chunk."""
+        n = min(self.vq_decode_batch_size, n)
         ch = self.model.gen_vision_model.config.ch
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return n * self.image_size**2 * ch * elem * 8
 
-    def _plan(self, prepared: list[_Prepared]) -> tuple[list[list[_Prepared]], list[_Prepared]]:
-        budget = int(available_memory(self.device) * self.memory_fraction)
-        budget -= self.vq_decode_bytes(min(self.vq_decode_batch_size, max(len(prepared), 1)))
-        too_big = [p for p in prepared if self.bytes_per_request(len(p.ids)) > budget]
-        fits = [p for p in prepared if p not in too_big]
-        fits.sort(key=lambda p: len(p.ids))  # similar lengths together: less padding
-        batches: list[list[_Prepared]] = []
-        for group in chunks(fits, self.max_batch_size):
-            per = self.bytes_per_request(max(len(p.ids) for p in group))
-            size = max(1, min(len(group), budget // max(per, 1)))
-            batches.extend(chunks(group, size))
-        return batches, too_big
-
     # -- generation ----------------------------------------------------------------------------
-    def generate(self, requests: list[Any]) -> list[SynthesisResult]:
-        """One result per request, in order; a bad request yields an error result, never an exception."""
-        results: list[SynthesisResult | None] = [None] * len(requests)
-        prepared: list[_Prepared] = []
-        for i, raw in enumerate(requests):
-            try:
-                prepared.append(self._prepare(i, raw))
-            except RequestError as exc:
-                results[i] = SynthesisResult(status="error", error=str(exc))
-        batches, too_big = self._plan(prepared)
-        for p in too_big:
-            results[p.index] = SynthesisResult(
-                status="error",
-                error=str(
-                    InsufficientMemoryError(
-                        f"request needs ~{self.bytes_per_request(len(p.ids)) / 2**20:.0f} MiB, more than the "
-                        f"free memory on {self.device}; lower vq_decode_batch_size or use a larger device"
-                    )
-                ),
-            )
-        for batch in batches:
-            for p, res in zip(batch, self._run_splitting(batch), strict=True):
-                results[p.index] = res
-        return results  # type: ignore[return-value]
-
-    def _run_splitting(self, batch: list[_Prepared]) -> list[SynthesisResult]:
-        """Run a batch; if the device runs out of memory, halve it instead of failing every row."""
-        try:
-            return self._generate_batch(batch)
-        except torch.OutOfMemoryError as exc:
-            self.decoder.release()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(batch) == 1:
-                return [SynthesisResult(status="error", error=f"out of memory on {self.device}: {exc}")]
-            half = len(batch) // 2
-            logger.warning(
-                "out of memory with batch %d; retrying as %d + %d", len(batch), half, len(batch) - half
-            )
-            return self._run_splitting(batch[:half]) + self._run_splitting(batch[half:])
-
     @torch.inference_mode()
-    def _generate_batch(self, batch: list[_Prepared]) -> list[SynthesisResult]:
+    def run_batch(self, batch: list[Prepared]) -> list[SynthesisResult]:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         model, dev, b = self.model, self.device, len(batch)
         pad = self.processor.pad_id
-        length = max(len(p.ids) for p in batch)
+        length = max(p.length for p in batch)
         if self.compile:  # fewer distinct shapes -> fewer recompiles / CUDA graphs; extra left padding is masked
             length = -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
         tokens = torch.full((2 * b, length), pad, dtype=torch.long)
         mask = torch.zeros((2 * b, length), dtype=torch.long)
         for row, p in enumerate(batch):
-            ids = torch.tensor(p.ids)
-            uncond = ids.clone()
-            uncond[1:-1] = pad
-            tokens[row, length - len(ids) :] = ids
-            tokens[b + row, length - len(ids) :] = uncond
-            mask[row, length - len(ids) :] = 1
-            mask[b + row, length - len(ids) :] = 1
+            tokens[row, length - p.length :] = torch.tensor(p.data)
+            tokens[b + row, length - p.length :] = torch.tensor(unconditional_ids(p.data, pad))
+            mask[row, length - p.length :] = 1
+            mask[b + row, length - p.length :] = 1
         tokens, mask = tokens.to(dev), mask.to(dev)
         reqs = [p.request for p in batch]
         params = SamplingParams.build(
@@ -305,7 +206,7 @@ class SynthesisEngine:
         timings["batch_size"] = b
         codes_np = codes.to(torch.int32).cpu().numpy()
         return [
-            SynthesisResult(status="ok", image=images[i], tokens=codes_np[i], timings=dict(timings))
+            SynthesisResult(image=images[i], tokens=codes_np[i], timings=dict(timings))
             for i in range(b)
         ]
 

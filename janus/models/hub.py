@@ -65,6 +65,40 @@ def resolve_model_path(
     return _download_hub(ref, cache_dir=cache_dir, revision=revision, local_files_only=local_files_only)
 
 
+def read_checkpoint_file(
+    name_or_path: str | os.PathLike,
+    filename: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> bytes:
+    """One small file of a checkpoint (a config) without fetching the weights: a job's driver needs the
+    image size, not 14 GB it would never use."""
+    ref = os.fspath(name_or_path)
+    local = ref[len("file://") :] if ref.startswith("file://") else ref
+    if os.path.isdir(local):
+        return (Path(local) / filename).read_bytes()
+    try:
+        if "://" in ref:
+            import fsspec
+
+            cached = _url_cache_dir(ref, cache_dir)
+            if (cached / _COMPLETE_MARKER).exists():
+                return (cached / filename).read_bytes()
+            fs, prefix = fsspec.core.url_to_fs(ref, **dict(storage_options or {}))
+            return fs.cat_file(f"{prefix.rstrip('/')}/{filename}")
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(ref, filename, cache_dir=cache_dir)).read_bytes()
+    except Exception as exc:  # fsspec and the hub client raise many types for "unreachable"
+        raise ModelNotFoundError(f"cannot read {filename} of model {ref!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _url_cache_dir(url: str, cache_dir: str | os.PathLike | None) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / "urls" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:24]
+
+
 def _download_hub(repo_id: str, *, cache_dir, revision, local_files_only) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -89,8 +123,8 @@ def _download_hub(repo_id: str, *, cache_dir, revision, local_files_only) -> Pat
 def _download_fsspec(url: str, *, cache_dir, storage_options: Mapping[str, Any]) -> Path:
     import fsspec
 
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / "urls" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:24]
+    target = _url_cache_dir(url, cache_dir)
+    root = target.parent.parent
     if (target / _COMPLETE_MARKER).exists():
         logger.info("using cached copy of %s in %s", url, target)
         return target

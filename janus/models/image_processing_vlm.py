@@ -74,10 +74,12 @@ class VLMImageProcessor:
         path = resolve_model_path(name_or_path) / _CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the checkpoint has no image preprocessor config")
-        config = json.loads(path.read_text(encoding="utf-8"))
-        init = {k: config[k] for k in _INIT_KEYS if k in config}
-        init.update(kwargs)
-        return cls(**init)
+        return cls.from_dict({**json.loads(path.read_text(encoding="utf-8")), **kwargs})
+
+    @classmethod
+    def from_dict(cls, config: dict) -> VLMImageProcessor:
+        """From ``preprocessor_config.json``'s content (keys we do not use are ignored)."""
+        return cls(**{k: config[k] for k in _INIT_KEYS if k in config})
 
     def to_dict(self) -> dict:
         """The official ``preprocessor_config.json`` content for these settings."""

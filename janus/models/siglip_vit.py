@@ -60,3 +60,9 @@ def create_siglip_vit(
         num_classes=0,
         weight_init="skip",
     )
+
+
+def tower_width(params: dict) -> int:
+    """Feature width of the tower a ``vision_config.params`` builds (1024 for Janus-Pro's SigLIP-L)."""
+    base = SIGLIP_MODEL_CONFIG.get(params.get("model_name", "siglip_large_patch16_384"), SigLIPVisionCfg())
+    return int(params.get("width", base.width))

@@ -2,80 +2,96 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import time
 from typing import Any
 
 import numpy as np
 
 from janus.engine import SynthesisEngine
+from janus.engine.quality import CuratedSynthesis, QualityOptions
+from janus.models.siglip_vit import tower_width
+from pipeline.images import phash
 
-from .common import load_model_and_processor
-
-logger = logging.getLogger(__name__)
+from .common import ModelActor, objects, per_row_seconds
 
 
-class Synthesizer:
+class Synthesizer(ModelActor):
     """Callable class for ``map_batches`` (and the Serve deployment): prompt rows -> image rows.
 
     Input columns: key, prompt, seed, cfg_weight, temperature (+ status/error set by the reader for
     rows that were already bad). Output: the input columns plus status, error, image (uint8
-    [H, W, 3]; zeros for failed rows), tokens, timing columns and the model name.
+    [H, W, 3]; zeros for failed rows), tokens, seconds, the model name, and what the model reads back
+    from each image (``quality``): score, candidate/scores (best-of-k), rating_<name>, embedding, phash.
+    Rows whose score is below ``quality.min_score`` get status ``filtered``.
     """
 
-    def __init__(
-        self, model: dict[str, Any], engine: dict[str, Any] | None = None, sampling: dict | None = None
-    ):
-        t0 = time.perf_counter()
-        net, processor = load_model_and_processor(model)
-        self.engine = SynthesisEngine(net, processor, **(engine or {}))
-        self.model_name = model.get("name") or model["path"]
-        self.sampling = {k: v for k, v in (sampling or {}).items() if k in ("top_k", "top_p")}
-        self.calls = 0
-        logger.info(
-            "Synthesizer ready on %s in %.1fs (pid %d)",
-            self.engine.device,
-            time.perf_counter() - t0,
-            os.getpid(),
-        )
+    engine_class = SynthesisEngine
 
-    def generate(self, requests: list[dict[str, Any]]):
-        """Plain engine call, shared with the online deployment: the configured sampling applies to both."""
-        self.calls += 1
-        return self.engine.generate([{**self.sampling, **r} for r in requests])
+    def __init__(
+        self,
+        model: dict[str, Any],
+        engine: dict[str, Any] | None = None,
+        sampling: dict | None = None,
+        quality: dict | None = None,
+    ):
+        super().__init__(model, engine)
+        self.sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
+        quality = dict(quality or {})
+        self.min_score = quality.pop("min_score", None)
+        self.quality = QualityOptions(**quality)
+        if self.quality.reads:
+            self.runner = CuratedSynthesis(self.engine, self.quality)
+        self.embedding_width = tower_width(self.engine.model.config.vision_config.params)
+
+    def with_defaults(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {**self.sampling, **request}
+
+    def request(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+        return {
+            "prompt": batch["prompt"][i],
+            "seed": int(batch["seed"][i]),
+            "cfg_weight": float(batch["cfg_weight"][i]),
+            "temperature": float(batch["temperature"][i]),
+        }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
-        status = list(batch.get("status", [None] * n))
-        error = list(batch.get("error", [None] * n))
-        todo = [i for i in range(n) if status[i] != "error"]
-        requests = [
-            {
-                "prompt": batch["prompt"][i],
-                "seed": int(batch["seed"][i]),
-                "cfg_weight": float(batch["cfg_weight"][i]),
-                "temperature": float(batch["temperature"][i]),
-            }
-            for i in todo
-        ]
-        results = self.generate(requests) if requests else []
-        size = self.engine.image_size
-        images = np.zeros((n, size, size, 3), dtype=np.uint8)
-        tokens = np.zeros((n, 576), dtype=np.int32)
-        seconds = np.zeros(n, dtype=np.float64)
+        todo, results, status, error = self.run_rows(batch)
+        size, q = self.engine.image_size, self.quality
+        out = {
+            "image": np.zeros((n, size, size, 3), dtype=np.uint8),
+            "tokens": np.zeros((n, 576), dtype=np.int32),
+            "seconds": np.zeros(n, dtype=np.float64),
+            "phash": np.zeros(n, dtype=np.int64),
+            "score": np.full(n, np.nan, dtype=np.float32),
+            "candidate": np.full(n, -1, dtype=np.int32),
+            "scores": np.full((n, q.best_of), np.nan, dtype=np.float32),
+            **{f"rating_{name}": np.full(n, np.nan, dtype=np.float32) for name in q.ratings},
+        }
+        embeddings: dict[int, np.ndarray] = {}
         for i, res in zip(todo, results, strict=True):
-            status[i], error[i] = res.status, res.error
-            if res.ok:
-                images[i], tokens[i] = res.image, res.tokens
-                seconds[i] = res.timings.get("total_s", 0.0) / max(res.timings.get("batch_size", 1), 1)
-        out = dict(batch)
-        out.update(
-            status=np.array(status, dtype=object),
-            error=np.array(error, dtype=object),
-            image=images,
-            tokens=tokens,
-            seconds=seconds,
-            model=np.array([self.model_name] * n, dtype=object),
-        )
-        return out
+            if not res.ok:
+                continue
+            out["image"][i], out["tokens"][i] = res.image, res.tokens
+            out["seconds"][i], out["phash"][i] = per_row_seconds(res), phash(res.image)
+            if res.score is not None:
+                out["score"][i] = res.score
+                if self.min_score is not None and res.score < self.min_score:
+                    status[i], error[i] = "filtered", f"score {res.score:.4f} < min_score {self.min_score}"
+            if res.candidate is not None:
+                out["candidate"][i] = res.candidate
+                out["scores"][i, : len(res.scores)] = res.scores
+            for name, value in (res.ratings or {}).items():
+                out[f"rating_{name}"][i] = value
+            if res.embedding is not None:
+                embeddings[i] = res.embedding
+        if q.embeddings:
+            out["embedding"] = np.zeros((n, self.embedding_width), dtype=np.float16)
+            for i, vector in embeddings.items():
+                out["embedding"][i] = vector
+        return {
+            **batch,
+            **out,
+            "status": objects(status),
+            "error": objects(error),
+            "model": objects([self.model_name] * n),
+        }
