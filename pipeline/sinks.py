@@ -38,6 +38,10 @@ from .images import image_size
 from .storage import atomic_write, open_fs
 
 KINDS = ("synthesis", "caption")
+#: row statuses: a result, a failure, or (synthesis) a result below ``quality.min_score``, kept in the
+#: Parquet file with its score but not written to the tar
+STATUSES = ("ok", "error", "filtered")
+STAT_COUNTS = ("count", "ok", "failed", "filtered")  # per shard and in job totals
 SHARD_PREFIX = "shard-"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_ERROR_CHARS = 500  # per-row error messages in stats are grouped by their first characters
@@ -62,6 +66,10 @@ SYNTHESIS_SCHEMA = pa.schema(
         ("member", pa.string()),  # "{key}.png" in "{shard}.tar"; null for failures
         ("model", pa.string()),
         ("seconds", pa.float64()),  # this row's share of its batch's model time
+        ("score", pa.float32()),  # self-verification: does the image show its prompt? (0..1)
+        ("candidate", pa.int32()),  # best-of-k: which candidate was kept (0 = the row's own seed)
+        ("scores", pa.list_(pa.float32())),  # best-of-k: every candidate's score
+        ("phash", pa.int64()),  # 64-bit perceptual hash of the image, for near-duplicate search
     ]
 )
 
@@ -80,10 +88,22 @@ CAPTION_SCHEMA = pa.schema(
         ("shard", pa.string()),
         ("model", pa.string()),
         ("seconds", pa.float64()),
+        ("phash", pa.int64()),  # of the image as read, before resizing
     ]
 )
 
 SCHEMAS = {"synthesis": SYNTHESIS_SCHEMA, "caption": CAPTION_SCHEMA}
+
+
+def output_schema(kind: str, ratings: Iterable[str] = (), embedding_dim: int | None = None) -> pa.Schema:
+    """The kind's schema plus what the job's quality settings add: a ``rating_<name>`` column per rated
+    question and an ``embedding`` column (fixed-size list of float16); the same for every shard."""
+    schema = SCHEMAS[kind]
+    for name in ratings:
+        schema = schema.append(pa.field(f"rating_{name}", pa.float32()))
+    if embedding_dim:
+        schema = schema.append(pa.field("embedding", pa.list_(pa.float16(), embedding_dim)))
+    return schema
 
 
 def shard_name(keys: Iterable[str]) -> str:
@@ -128,18 +148,35 @@ def _png(image: Any) -> tuple[bytes, int, int]:
 
 
 def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
+    """numpy values (rows cut from numpy batches) as plain Python for Arrow and JSON; NaN as null."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
 
-def _sample(row: dict[str, Any], kind: str, shard: str) -> Sample:
+#: columns that only mean something for a row the model answered (ok or filtered)
+_RESULT_ONLY = ("score", "candidate", "scores", "phash", "embedding")
+
+
+def _sample(row: dict[str, Any], schema: pa.Schema, kind: str, shard: str) -> Sample:
     """Normalise one result row; anything unusable turns the row into a failure, never an exception."""
     status = row.get("status") or "ok"
     error = row.get("error") if status != "ok" else None
-    if status != "ok":
+    if status not in STATUSES:
         status, error = "error", error or f"status {row.get('status')!r}"
-    # numpy scalars (rows cut from numpy batches) become plain Python for Arrow and JSON.
-    record = {name: _plain(row.get(name)) for name in SCHEMAS[kind].names}
+    if status == "error" and not error:
+        error = "failed (no reason given)"
+    record = {name: _plain(row.get(name)) for name in schema.names}
     record.update(status=status, error=error, shard=shard)
+    for name in _RESULT_ONLY:
+        if name in record and (status == "error" or (name == "candidate" and record[name] == -1)):
+            record[name] = None
+    if record.get("scores") is not None:
+        record["scores"] = [_plain(v) for v in record["scores"]]
     png = None
     if kind == "synthesis":
         record["member"] = None
@@ -190,23 +227,23 @@ class StatsWriter:
         self._fs, self._path = fs, path
         self.stats: dict[str, Any] = {"shard": shard, "kind": kind, "files": files}
         self._keys: list[str] = []
-        self._ok = 0
+        self._statuses: Counter[str] = Counter()
         self._seconds = 0.0
         self._errors: Counter[str] = Counter()
 
     def write(self, sample: Sample) -> None:
         self._keys.append(sample.record["key"])
         self._seconds += sample.record.get("seconds") or 0.0
-        if sample.ok:
-            self._ok += 1
-        else:
+        self._statuses[sample.record["status"]] += 1
+        if sample.record["status"] == "error":
             self._errors[str(sample.record["error"])[:MAX_ERROR_CHARS]] += 1
 
     def close(self) -> None:
         self.stats.update(
             count=len(self._keys),
-            ok=self._ok,
-            failed=len(self._keys) - self._ok,
+            ok=self._statuses["ok"],
+            failed=self._statuses["error"],
+            filtered=self._statuses["filtered"],
             first_key=min(self._keys, default=None),
             last_key=max(self._keys, default=None),
             seconds=self._seconds,
@@ -244,6 +281,7 @@ def write_shard(
     output_url: str,
     storage_options: dict | None = None,
     kind: str = "synthesis",
+    schema: pa.Schema | None = None,
 ) -> dict[str, Any]:
     """Write one batch of results as one committed shard; returns the shard's stats.
 
@@ -253,9 +291,10 @@ def write_shard(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown shard kind {kind!r}: use one of {KINDS}")
+    schema = schema or SCHEMAS[kind]
     rows = _rows(rows)
     if not rows:
-        return {"shard": None, "kind": kind, "count": 0, "ok": 0, "failed": 0}
+        return {"shard": None, "kind": kind, **dict.fromkeys(STAT_COUNTS, 0)}
     keys = [row.get("key") for row in rows]
     if not all(isinstance(k, str) and k for k in keys):
         raise ValueError("every row needs a non-empty string 'key' (made by pipeline.sources)")
@@ -273,8 +312,8 @@ def write_shard(
     stats = StatsWriter(fs, f"{root}/{names['stats']}", shard, kind, names)
     writers: list[Any] = [TarShardWriter(fs, f"{root}/{names['tar']}")] if "tar" in names else []
     # Commit order: tar, stats, then the Parquet file that makes the shard visible.
-    writers += [stats, ParquetShardWriter(fs, f"{root}/{names['parquet']}", SCHEMAS[kind])]
-    for sample in sorted((_sample(row, kind, shard) for row in rows), key=lambda s: s.record["key"]):
+    writers += [stats, ParquetShardWriter(fs, f"{root}/{names['parquet']}", schema)]
+    for sample in sorted((_sample(row, schema, kind, shard) for row in rows), key=lambda s: s.record["key"]):
         for writer in writers:
             writer.write(sample)
     for writer in writers:
@@ -295,6 +334,7 @@ class ShardDatasink(Datasink[list[dict[str, Any]]]):
         storage_options: dict | None = None,
         kind: str = "synthesis",
         rows_per_shard: int = 1000,
+        schema: pa.Schema | None = None,
     ):
         if kind not in KINDS:
             raise ValueError(f"unknown shard kind {kind!r}: use one of {KINDS}")
@@ -304,6 +344,7 @@ class ShardDatasink(Datasink[list[dict[str, Any]]]):
         self.storage_options = storage_options
         self.kind = kind
         self.rows_per_shard = rows_per_shard
+        self.schema = schema or SCHEMAS[kind]
         self.shards: list[dict[str, Any]] = []
 
     @property
@@ -314,7 +355,7 @@ class ShardDatasink(Datasink[list[dict[str, Any]]]):
         rows = [dict(r) for b in blocks for r in BlockAccessor.for_block(b).iter_rows(public_row_format=True)]
         parts = np.array_split(np.arange(len(rows)), max(1, math.ceil(len(rows) / self.rows_per_shard)))
         return [
-            write_shard([rows[i] for i in part], self.output_url, self.storage_options, self.kind)
+            write_shard([rows[i] for i in part], self.output_url, self.storage_options, self.kind, self.schema)
             for part in parts
             if len(part)
         ]
