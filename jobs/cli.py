@@ -1,4 +1,8 @@
-"""``janus-pipeline``: the one command users run (batch jobs, and the online server)."""
+"""``janus-pipeline``: the one command users run (batch jobs, and the online server).
+
+Exit codes: 0 done, 1 the job ran but did not complete (or storage failed mid-job), 2 nothing ran
+because the command, the configuration or the input URL is wrong (always one line on stderr).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,19 @@ import json
 import logging
 import sys
 
+PROG = "janus-pipeline"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and exit code 2), like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="janus-pipeline", description="Janus-Pro batch jobs and serving on Ray."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog=PROG, description="Janus-Pro batch jobs and serving on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, help_text in (
         ("synthesize", "text prompts -> images (CFG), written as tar + Parquet shards"),
         ("caption", "images -> captions, written as Parquet shards"),
@@ -27,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config value, e.g. --set output.url=s3://bucket/run (repeatable)",
         )
+        p.add_argument("--dry-run", action="store_true", help="validate the config, print it, exit")
         p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("serve", help="the OpenAI-compatible online API on Ray Serve (runs until Ctrl-C)")
     p.add_argument(
@@ -37,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(what: str, exc: BaseException, code: int) -> int:
+    print(f"{PROG}: {what}: {' '.join(str(exc).split())}", file=sys.stderr)
+    return code
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Validate the config with our own checks first, then run it exactly as `serve run` does."""
     from pipeline.serve.config import ServeConfigError, check_serve_config
@@ -44,8 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         apps = check_serve_config(args.config)
     except ServeConfigError as exc:
-        print(f"janus-pipeline: bad serve configuration: {exc}", file=sys.stderr)
-        return 2
+        return _fail("bad serve configuration", exc, 2)
     if args.dry_run:
         print(json.dumps({name: cfg.model_dump() for name, cfg in apps}, indent=2, default=str))
         return 0
@@ -53,6 +69,20 @@ def _serve(args: argparse.Namespace) -> int:
 
     argv = ["run", args.config, *(["--address", args.address] if args.address else [])]
     return serve_cli.main(argv, prog_name="serve", standalone_mode=False) or 0
+
+
+def _storage_cause(exc: BaseException):
+    """The StorageError behind a job failure (Ray wraps task errors), if that is what it was."""
+    from pipeline.storage import StorageError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StorageError):
+            return exc
+        inner = getattr(exc, "cause", None)
+        exc = inner if isinstance(inner, BaseException) else (exc.__cause__ or exc.__context__)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,11 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.job import run_job
 
     try:
-        cfg = load_config(args.config, [f"job={args.command}", *args.overrides])
-    except (ConfigError, OSError) as exc:
-        print(f"janus-pipeline: bad configuration: {exc}", file=sys.stderr)
-        return 2
-    summary = run_job(cfg)
+        cfg = load_config(args.config, args.overrides, job=args.command)
+    except ConfigError as exc:
+        return _fail("bad configuration", exc, 2)
+    if args.dry_run:
+        print(json.dumps(cfg.model_dump(), indent=2, default=str))
+        return 0
+    try:
+        summary = run_job(cfg)
+    except ConfigError as exc:
+        return _fail("bad configuration", exc, 2)
+    except Exception as exc:
+        storage = _storage_cause(exc)
+        if storage is None:
+            raise
+        return _fail("storage failed; rerun the same command to resume", storage, 1)
     print(json.dumps(summary, indent=2, default=str))
     return 0 if summary.get("complete") else 1
 

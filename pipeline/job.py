@@ -8,6 +8,7 @@ Every input row becomes exactly one committed output row; a rerun resumes where 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import time
@@ -17,12 +18,20 @@ import numpy as np
 import ray
 
 from .config import ConfigError, JobConfig
-from .resume import cleanup_uncommitted, drop_committed, duplicate_keys, load_committed, summarize_output
-from .sinks import ShardDatasink
-from .sources import PromptDefaults, image_dataset, prompt_dataset
-from .storage import storage_step
+from .images import ImageDecodeError, model_pixels, phash
+from .output import OutputDir, drop_committed
+from .sinks import STAT_COUNTS, ShardDatasink, output_schema
+from .sources.datasource import image_dataset, prompt_dataset
+from .sources.image_files import list_image_inputs
+from .sources.prompt_files import PromptDefaults, list_prompt_files
+from .storage import Listing, StorageError
 
 logger = logging.getLogger(__name__)
+SKIPPED_EXAMPLES = 5
+
+
+class InputError(ConfigError):
+    """The input URL names nothing the job can read (missing, empty, or of mixed kinds)."""
 
 
 def connect(cfg: JobConfig) -> None:
@@ -92,125 +101,168 @@ def full_batches(ds, batch_size: int):
     return ds.repartition(target_num_rows_per_block=batch_size, strict=True)
 
 
-def _model_kwargs(cfg: JobConfig) -> dict[str, Any]:
-    from .actors.common import resolve_model_ref
-
-    model = cfg.model
-    return {
-        "name": model.path,  # what output rows record (not a machine-local cache path)
-        "path": resolve_model_ref(model.path, model.cache_dir),
-        "dtype": model.dtype,
-        "device": model.device,
-        "storage_options": model.storage_options,
-        "cache_dir": model.cache_dir,
-    }
+def model_kwargs(cfg: JobConfig) -> dict[str, Any]:
+    """The actors' ``model`` argument: the model section; ``name`` is what output rows record."""
+    return {**cfg.model.model_dump(), "name": cfg.model.path}
 
 
-def build_synthesis(cfg: JobConfig, committed: np.ndarray):
+def list_inputs(cfg: JobConfig) -> tuple[str, Listing]:
+    """(format, files) of the job's input; a URL that names nothing readable is an ``InputError``."""
+    i = cfg.input
+    try:
+        if cfg.job == "synthesize":
+            return i.format, list_prompt_files(i.url, i.storage_options, i.format)
+        return list_image_inputs(i.url, i.storage_options, i.format)
+    except (FileNotFoundError, ValueError, StorageError) as exc:
+        raise InputError(f"input.url: {exc}") from None
+
+
+def build_synthesis(cfg: JobConfig, listing: Listing, committed: np.ndarray):
     from .actors import Synthesizer
 
     s = cfg.synthesis
     defaults = PromptDefaults(
         seed=s.seed, cfg_weight=s.cfg_weight, temperature=s.temperature, n_samples=s.n_samples
     )
-    ds = prompt_dataset(cfg.input.url, cfg.input.storage_options, defaults, cfg.input.format)
+    ds = prompt_dataset(cfg.input.url, defaults=defaults, fmt=cfg.input.format, listing=listing)
     ds = full_batches(drop_committed(ds, committed), cfg.compute.batch_size)
     return ds.map_batches(
         model_actor_class(cfg, Synthesizer),
         fn_constructor_kwargs={
-            "model": _model_kwargs(cfg),
-            "engine": vars(cfg.engine),
+            "model": model_kwargs(cfg),
+            "engine": cfg.engine,
             "sampling": {"top_k": s.top_k, "top_p": s.top_p},
+            "quality": cfg.quality.options(),
         },
         **actor_options(cfg),
     )
 
 
-def preprocess_images(
-    batch: dict[str, np.ndarray], image_size: int, max_pixels: int
-) -> dict[str, np.ndarray]:
+def checkpoint_json(cfg: JobConfig, name: str) -> dict[str, Any]:
+    """One of the checkpoint's config files, read alone: the driver needs sizes, not the weights."""
+    from janus.models.hub import read_checkpoint_file
+
+    from .actors.common import resolve_model_ref
+
+    m = cfg.model
+    try:
+        ref = resolve_model_ref(m.path, m.cache_dir)
+        return json.loads(read_checkpoint_file(ref, name, cache_dir=m.cache_dir, storage_options=m.storage_options))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.path: {exc}") from None
+
+
+def output_schema_for(cfg: JobConfig):
+    """The Parquet schema of every shard of this job (quality columns included)."""
+    from janus.models.siglip_vit import tower_width
+
+    kind = "synthesis" if cfg.job == "synthesize" else "caption"
+    q = cfg.quality
+    ratings = list(q.ratings) if kind == "synthesis" else []
+    width = tower_width(checkpoint_json(cfg, "config.json")["vision_config"]["params"]) if q.embeddings else None
+    return output_schema(kind, ratings, width)
+
+
+def preprocess_images(batch: dict[str, np.ndarray], processor: dict, max_pixels: int) -> dict[str, np.ndarray]:
     """CPU stage: bytes -> decoded, resized and padded uint8 [S, S, 3], so GPUs never wait on JPEG."""
     from janus.models.image_processing_vlm import VLMImageProcessor
 
-    from .images import decode_image
-
-    processor = VLMImageProcessor(image_size=image_size)
+    resizer = VLMImageProcessor.from_dict(processor)
+    size = resizer.image_size
     n = len(batch["key"])
-    pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     width = np.zeros(n, dtype=np.int32)
     height = np.zeros(n, dtype=np.int32)
+    hashes = np.zeros(n, dtype=np.int64)
     status = list(batch["status"])
     error = list(batch["error"])
     for i in range(n):
         if status[i] == "error":
             continue
         try:
-            image = decode_image(batch["image_bytes"][i], max_pixels=max_pixels)
-            width[i], height[i] = image.size
-            pixels[i] = np.asarray(processor.resize(image))
-        except Exception as exc:  # any undecodable input becomes that row's error
-            status[i], error[i] = "error", f"{type(exc).__name__}: {exc}"
+            pixels[i], image = model_pixels(batch["image_bytes"][i], resizer, max_pixels)
+            width[i], height[i], hashes[i] = image.width, image.height, phash(image)
+        except ImageDecodeError as exc:
+            status[i], error[i] = "error", str(exc)
     return {
         "key": batch["key"],
         "source": batch["source"],
         "pixels": pixels,
         "width": width,
         "height": height,
+        "phash": hashes,
         "status": np.array(status, dtype=object),
         "error": np.array(error, dtype=object),
     }
 
 
-def build_caption(cfg: JobConfig, committed: np.ndarray):
+def build_caption(cfg: JobConfig, listing: Listing, committed: np.ndarray):
     from .actors import Captioner
 
     i = cfg.input
-    ds = image_dataset(i.url, i.storage_options, i.format, i.image_column, i.key_column)
+    ds = image_dataset(i.url, fmt=i.format, image_column=i.image_column, key_column=i.key_column, listing=listing)
     ds = drop_committed(ds, committed)
     ds = ds.map_batches(
         preprocess_images,
-        fn_kwargs={"image_size": 384, "max_pixels": i.max_pixels},
+        fn_kwargs={"processor": checkpoint_json(cfg, "preprocessor_config.json"), "max_pixels": i.max_pixels},
         batch_size=cfg.compute.batch_size,
         num_cpus=cfg.compute.preprocess_cpus,
     )
     return full_batches(ds, cfg.compute.batch_size).map_batches(
         model_actor_class(cfg, Captioner),
         fn_constructor_kwargs={
-            "model": _model_kwargs(cfg),
-            "engine": vars(cfg.engine),
-            "caption": vars(cfg.caption),
+            "model": model_kwargs(cfg),
+            "engine": cfg.engine,
+            "caption": cfg.caption.model_dump(),
+            "quality": {"embeddings": cfg.quality.embeddings},
         },
         **actor_options(cfg),
     )
 
 
 def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Run (or resume) a job to completion; returns the summary that the CLI prints."""
-    connect(cfg)
-    out = cfg.output
-    t0 = time.perf_counter()
-    with storage_step("read the output", out.url):
-        removed = cleanup_uncommitted(out.url, out.storage_options)
-        if removed:
-            logger.info("removed %d uncommitted leftovers of an earlier run", len(removed))
-        committed = load_committed(out.url, out.storage_options)
-    logger.info("%s: %d rows already committed in %s", cfg.job, committed.size, out.url)
+    """Run (or resume) a job to completion; returns the summary that the CLI prints.
 
-    with storage_step("list the input", cfg.input.url):
-        ds = build_synthesis(cfg, committed) if cfg.job == "synthesize" else build_caption(cfg, committed)
+    What can be wrong with the command (input, output, actor class) is found before Ray starts.
+    """
+    t0 = time.perf_counter()
+    fmt, listing = list_inputs(cfg)
+    model_actor_class(cfg, object)
+    schema = output_schema_for(cfg)
+    try:
+        out = OutputDir(cfg.output.url, cfg.output.storage_options)
+    except StorageError as exc:
+        raise ConfigError(f"output.url: {exc}") from None
+    connect(cfg)
+    removed = out.cleanup()
+    if removed:
+        logger.info("removed %d uncommitted leftovers of an earlier run", len(removed))
+    committed = out.committed_keys()
+    logger.info("%s: %d rows already committed in %s", cfg.job, committed.size, out.url)
+    if listing.skipped:
+        logger.warning(
+            "skipping %d input file(s) that are not %s inputs, e.g. %s",
+            len(listing.skipped),
+            cfg.job,
+            ", ".join(listing.relative(p) for p in listing.skipped[:SKIPPED_EXAMPLES]),
+        )
+    build = build_synthesis if cfg.job == "synthesize" else build_caption
+    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"format": fmt})})  # auto resolved
+    ds = build(cfg, listing, committed)
+    del committed  # the filter tasks read it from the object store
     kind = "synthesis" if cfg.job == "synthesize" else "caption"
-    sink = ShardDatasink(out.url, out.storage_options, kind=kind, rows_per_shard=out.rows_per_shard)
+    sink = ShardDatasink(
+        out.url, out.storage_options, kind, cfg.output.rows_per_shard, schema=schema
+    )
     ds.write_datasink(sink)
     elapsed = time.perf_counter() - t0
 
-    written = {f: sum(s.get(f, 0) for s in sink.shards) for f in ("count", "ok", "failed")}
-    with storage_step("read the output", out.url):
-        # writers killed mid-file (a lost node) may leave temporaries; their shards were rewritten whole
-        leftovers = cleanup_uncommitted(out.url, out.storage_options)
-        if leftovers:
-            logger.info("removed %d leftovers of writers that died mid-file", len(leftovers))
-        totals = summarize_output(out.url, out.storage_options)
-        duplicates = duplicate_keys(out.url, out.storage_options)
+    written = {f: sum(s.get(f, 0) for s in sink.shards) for f in STAT_COUNTS}
+    # writers killed mid-file (a lost node) may leave temporaries; their shards were rewritten whole
+    leftovers = out.refresh().cleanup()
+    if leftovers:
+        logger.info("removed %d leftovers of writers that died mid-file", len(leftovers))
+    duplicates = out.duplicates()
     summary: dict[str, Any] = {
         "job": cfg.job,
         "output": out.url,
@@ -220,20 +272,25 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             "seconds": round(elapsed, 2),
             "rows_per_s": round(written["count"] / elapsed, 3) if elapsed > 0 else None,
         },
-        "total": totals,
+        "total": out.totals(),
+        "skipped_inputs": {
+            "count": len(listing.skipped),
+            "examples": [listing.relative(p) for p in listing.skipped[:SKIPPED_EXAMPLES]],
+        },
         "duplicate_keys": len(duplicates),
         "complete": not duplicates,
     }
-    if cfg.job == "synthesize" and out.contact_sheet:
+    if cfg.job == "synthesize" and cfg.output.contact_sheet:
         from .contact_sheet import write_contact_sheet
 
-        summary["contact_sheet"] = write_contact_sheet(out.url, out.storage_options, out.contact_sheet)
+        summary["contact_sheet"] = write_contact_sheet(out, cfg.output.contact_sheet)
     logger.info(
-        "%s done: %d rows (%d ok, %d failed) in %.1fs -> %s",
+        "%s done: %d rows (%d ok, %d failed, %d filtered) in %.1fs -> %s",
         cfg.job,
         written["count"],
         written["ok"],
         written["failed"],
+        written["filtered"],
         elapsed,
         out.url,
     )

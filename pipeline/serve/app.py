@@ -16,6 +16,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import re
 import secrets
 import time
@@ -34,6 +35,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
+from janus.engine import OUT_OF_MEMORY
 from pipeline.actors import Captioner, Synthesizer
 
 from .config import APISection, ModelSection, ServeArgs, parse_args
@@ -95,9 +97,9 @@ def check_result(result: Any, retry_after_s: int) -> None:
     """An engine row error is the request's fault, except running out of device memory."""
     if result.ok:
         return
-    if result.error.startswith("out of memory") or "free memory" in result.error:
+    if result.code == OUT_OF_MEMORY:
         raise overloaded(f"the model could not fit this request right now: {result.error}", retry_after_s)
-    raise bad_request(result.error, code="invalid_request")
+    raise bad_request(result.error, code=result.code or "invalid_request")
 
 
 def parse(model: type[Body], body: bytes) -> Body:
@@ -148,6 +150,17 @@ async def readiness(backends: dict[str, Backend | None], timeout_s: float) -> di
             except (APIError, TimeoutError):
                 ready[kind] = False
     return ready
+
+
+def _quality(result: Any) -> dict[str, Any]:
+    """Extension fields of one image: its self-verification score; with best_of, every candidate's."""
+    out: dict[str, Any] = {}
+    if result.score is not None:
+        out["score"] = round(result.score, 6)
+    if result.scores is not None and len(result.scores) > 1:
+        out["candidate"] = result.candidate
+        out["candidate_scores"] = [None if math.isnan(v) else round(v, 6) for v in result.scores]
+    return out
 
 
 # Everything the routes use is defined above: serve.ingress snapshots (pickles) the FastAPI app
@@ -210,7 +223,7 @@ class JanusAPI:
             )
         images = await asyncio.gather(
             *(
-                asyncio.to_thread(self._load_image, url, param, info["input_size"])
+                asyncio.to_thread(self._load_image, url, param, info["image_processor"])
                 for param, url in chat.image_urls
             )
         )
@@ -260,9 +273,9 @@ class JanusAPI:
             }
         )
 
-    def _load_image(self, url: str, param: str, size: int) -> np.ndarray:
+    def _load_image(self, url: str, param: str, processor: dict[str, Any]) -> np.ndarray:
         data = self.images.read(url, param)
-        return decode_for_model(data, param, self.settings.max_pixels, size)
+        return decode_for_model(data, param, self.settings.max_pixels, processor)
 
     # -- images ----------------------------------------------------------------------------------
     @api.post("/v1/images/generations")
@@ -271,12 +284,23 @@ class JanusAPI:
         backend = self._backend(self.synthesis, req.model, "image generation")
         if req.n > self.settings.max_n:
             raise bad_request(f"n is {req.n}; at most {self.settings.max_n} images per request", param="n")
+        if req.best_of > self.settings.max_best_of:
+            raise bad_request(
+                f"best_of is {req.best_of}; at most {self.settings.max_best_of} candidates per image",
+                param="best_of",
+            )
         if req.response_format == "url":
             raise bad_request(
                 "response_format 'url' is not supported: images are returned inline as b64_json",
                 param="response_format",
             )
-        side = (await backend.info())["image_size"]
+        info = await backend.info()
+        side = info["image_size"]
+        if req.best_of > 1 and not info["scores"]:
+            raise bad_request(
+                "best_of needs the server's quality.score on (it picks the best candidate by score)",
+                param="best_of",
+            )
         if req.size not in (None, "auto", f"{side}x{side}"):
             raise bad_request(
                 f"size {req.size!r} is not supported: {backend.name} generates {side}x{side} images only",
@@ -293,6 +317,7 @@ class JanusAPI:
                         "seed": s,
                         "cfg_weight": req.cfg_weight,
                         "temperature": req.temperature,
+                        "best_of": req.best_of,
                     }
                 )
                 for s in seeds
@@ -305,7 +330,10 @@ class JanusAPI:
         return JSONResponse(
             {
                 "created": int(time.time()),
-                "data": [{"b64_json": b64, "seed": s} for b64, s in zip(encoded, seeds, strict=True)],
+                "data": [
+                    {"b64_json": b64, "seed": s, **_quality(r)}
+                    for b64, s, r in zip(encoded, seeds, results, strict=True)
+                ],
             }
         )
 
@@ -337,7 +365,14 @@ def build_app(args: Mapping[str, Any] | ServeArgs) -> serve.Application:
         s = cfg.synthesis
         handles["synthesis"] = ModelServer.options(
             name="Synthesizer", **s.deployment_options("synthesis")
-        ).bind(Synthesizer, _model(s.model), s.engine, s.sampling, s.batching.model_dump())
+        ).bind(
+            Synthesizer,
+            _model(s.model),
+            s.engine,
+            s.sampling.model_dump(),
+            s.batching.model_dump(),
+            s.quality.options(),
+        )
         names["synthesis"] = s.model.served_name
     if cfg.caption is not None:
         c = cfg.caption

@@ -8,12 +8,23 @@ against its schema here too, so a bad config fails before any replica starts.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from pipeline.config import (
+    MAX_BEST_OF,
+    CaptionEngineOptions,
+    ModelSection,
+    QualitySection,
+    SamplingSection,
+    Section,
+    SynthesisEngineOptions,
+    one_line,
+)
+from pipeline.images import DEFAULT_MAX_PIXELS
 
 IMPORT_PATH = "pipeline.serve.app:build_app"
 
@@ -22,37 +33,28 @@ class ServeConfigError(ValueError):
     """The serve configuration cannot be used; the message says which key and why."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ServeModelSection(ModelSection):
+    """The batch jobs' model section plus the name clients send."""
 
-
-class ModelSection(_Section):
-    """Where the checkpoint comes from: the batch jobs' ``model`` section plus the served name."""
-
-    path: str = "tiny"
     name: str | None = None  # the ``model`` clients send; default: path
-    dtype: str = "auto"
-    device: str = "auto"
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    cache_dir: str | None = None
 
     @property
     def served_name(self) -> str:
         return self.name or self.path
 
 
-class BatchingSection(_Section):
+class BatchingSection(Section):
     """``@serve.batch``: requests that arrive within the wait share one model call."""
 
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
 
 
-class BackendSection(_Section):
+class BackendSection(Section):
     """One model deployment: an actor class from ``pipeline.actors`` with its batching and scaling."""
 
-    model: ModelSection = Field(default_factory=ModelSection)
-    engine: dict[str, Any] = Field(default_factory=dict)  # the engine's constructor options
+    model: ServeModelSection = Field(default_factory=ServeModelSection)
+    engine: dict[str, Any] = Field(default_factory=dict)  # the engine's constructor options (checked)
     batching: BatchingSection = Field(default_factory=BatchingSection)
     deployment: dict[str, Any] = Field(default_factory=dict)  # Ray Serve deployment options
 
@@ -71,35 +73,45 @@ class BackendSection(_Section):
 
 
 class SynthesisSection(BackendSection):
-    sampling: dict[str, Any] = Field(default_factory=dict)  # top_k / top_p, as the batch job's
+    sampling: SamplingSection = Field(default_factory=SamplingSection)  # top_k / top_p, as the batch job's
+    #: what the model reads back from each image (score by default); requests choose best_of themselves
+    quality: QualitySection = Field(default_factory=QualitySection)
 
-    @model_validator(mode="after")
-    def _engine_options(self) -> SynthesisSection:
-        from janus.engine import SynthesisEngine
+    @field_validator("quality")
+    @classmethod
+    def _online_quality(cls, quality: QualitySection) -> QualitySection:
+        if quality.min_score is not None or quality.best_of > 1:
+            raise ValueError("min_score and best_of are per request online (best_of) or batch-job settings")
+        return quality
 
-        check_engine_options("synthesis", SynthesisEngine, self.engine)
-        unknown = sorted(set(self.sampling) - {"top_k", "top_p"})
-        if unknown:
-            raise ValueError(f"unknown sampling option(s) {unknown}; known: ['top_k', 'top_p']")
-        return self
+    @field_validator("engine")
+    @classmethod
+    def _engine_options(cls, engine: dict[str, Any]) -> dict[str, Any]:
+        return _engine(SynthesisEngineOptions, engine)
 
 
 class CaptionSection(BackendSection):
-    @model_validator(mode="after")
-    def _engine_options(self) -> CaptionSection:
-        from janus.engine import CaptionEngine
-
-        check_engine_options("caption", CaptionEngine, self.engine)
-        return self
+    @field_validator("engine")
+    @classmethod
+    def _engine_options(cls, engine: dict[str, Any]) -> dict[str, Any]:
+        return _engine(CaptionEngineOptions, engine)
 
 
-class APISection(_Section):
+def _engine(options: type, engine: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return options.parse(engine)
+    except ValidationError as exc:
+        raise ValueError(one_line(exc, f"{options.engine} options")) from None
+
+
+class APISection(Section):
     """The HTTP ingress: request limits, where images may come from, its own deployment options."""
 
     max_body_bytes: int = Field(16 * 2**20, ge=1024)  # checked before any JSON is parsed
     max_image_bytes: int = Field(16 * 2**20, ge=1)  # per image read from file:// or s3://
-    max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard for uploaded images
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # decompression-bomb guard for uploaded images
     max_n: int = Field(4, ge=1)  # images per /v1/images/generations request
+    max_best_of: int = Field(4, ge=1, le=MAX_BEST_OF)  # candidates per image a request may ask for
     max_tokens: int = Field(1024, ge=1)  # upper bound for a chat request's max_tokens
     default_max_tokens: int = Field(256, ge=1)
     retry_after_s: int = Field(1, ge=0)  # Retry-After of 503 answers when a model queue is full
@@ -131,7 +143,7 @@ class APISection(_Section):
         return options
 
 
-class ServeArgs(_Section):
+class ServeArgs(Section):
     """Everything the application builder takes; ``null`` for a section leaves that model out."""
 
     api: APISection = Field(default_factory=APISection)
@@ -145,17 +157,6 @@ class ServeArgs(_Section):
         return self
 
 
-def check_engine_options(section: str, engine_cls: type, options: dict[str, Any]) -> None:
-    known = [
-        p
-        for p in inspect.signature(engine_cls.__init__).parameters
-        if p not in ("self", "model", "processor")
-    ]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(f"{section}.engine: unknown option(s) {unknown}; known: {known}")
-
-
 def check_deployment_options(name: str, options: dict[str, Any]) -> None:
     """Ray's own schema, plus the unknown-key check it does not do."""
     from ray.serve.schema import DeploymentSchema
@@ -167,14 +168,14 @@ def check_deployment_options(name: str, options: dict[str, Any]) -> None:
     try:
         DeploymentSchema.model_validate({"name": name, **options})
     except ValidationError as exc:
-        raise ServeConfigError(f"{name}.deployment: {exc}") from None
+        raise ServeConfigError(f"{name}.deployment.{one_line(exc)}") from None
 
 
 def parse_args(args: Any) -> ServeArgs:
     try:
         return ServeArgs.model_validate(args or {})
     except ValidationError as exc:
-        raise ServeConfigError(str(exc)) from None
+        raise ServeConfigError(one_line(exc)) from None
 
 
 def check_serve_config(path: str | Path) -> list[tuple[str, ServeArgs]]:
@@ -185,7 +186,8 @@ def check_serve_config(path: str | Path) -> list[tuple[str, ServeArgs]]:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         config = ServeDeploySchema.model_validate(data)
     except (OSError, yaml.YAMLError, ValidationError) as exc:
-        raise ServeConfigError(f"{path}: {exc}") from None
+        problem = one_line(exc) if isinstance(exc, ValidationError) else " ".join(str(exc).split())
+        raise ServeConfigError(f"{path}: {problem}") from None
     apps = [(app.name, parse_args(app.args)) for app in config.applications if app.import_path == IMPORT_PATH]
     if not apps:
         raise ServeConfigError(f"{path}: no application with import_path {IMPORT_PATH}")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 
-from pipeline.images import ImageDecodeError, decode_image
+from pipeline.images import ImageDecodeError, model_pixels
 
 from .errors import APIError, bad_request
 from .schemas import ChatMessage
@@ -181,12 +181,13 @@ def _data_url(url: str, param: str) -> bytes:
         ) from None
 
 
-def decode_for_model(data: bytes, param: str, max_pixels: int, size: int) -> np.ndarray:
-    """Bytes -> uint8 [size, size, 3], resized and padded as the batch job's CPU stage does."""
+def decode_for_model(data: bytes, param: str, max_pixels: int, processor: dict[str, Any]) -> np.ndarray:
+    """Bytes -> uint8 [S, S, 3], exactly as the caption job's CPU stage does (``model_pixels``);
+    ``processor``: the model's preprocessor config, as its deployment reports it."""
     from janus.models.image_processing_vlm import VLMImageProcessor
 
     try:
-        image = decode_image(data, max_pixels=max_pixels)
+        pixels, _ = model_pixels(data, VLMImageProcessor.from_dict(processor), max_pixels)
     except ImageDecodeError as exc:
         raise bad_request(f"{param}: {exc}", code="invalid_image", param=param) from None
-    return np.asarray(VLMImageProcessor(image_size=size).resize(image))
+    return pixels

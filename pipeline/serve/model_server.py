@@ -22,8 +22,9 @@ class ModelServer:
         engine: dict[str, Any],
         params: dict[str, Any],
         batching: dict[str, Any],
+        quality: dict[str, Any] | None = None,
     ):
-        self.actor = actor_cls(model, engine, params)  # exactly as Ray Data constructs it
+        self.actor = actor_cls(model, engine, params, quality)  # exactly as Ray Data constructs it
         self.run_batch.set_max_batch_size(batching["max_batch_size"])
         self.run_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
         self.requests = 0
@@ -44,11 +45,15 @@ class ModelServer:
         """What the ingress needs to validate requests for this model; answers once it is loaded."""
         engine = self.actor.engine
         if isinstance(engine, SynthesisEngine):
-            return {"model": self.actor.model_name, "image_size": engine.image_size}
+            return {
+                "model": self.actor.model_name,
+                "image_size": engine.image_size,
+                "scores": self.actor.quality.score,
+            }
         return {
             "model": self.actor.model_name,
             "max_images": engine.max_images_per_request,
-            "input_size": engine.processor.image_processor.image_size,
+            "image_processor": engine.processor.image_processor.to_dict(),
             "image_tag": engine.image_tag,
         }
 

@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.sources import SEED_LIMIT  # the batch jobs' seed range: (seed + sample) % SEED_LIMIT
+from janus.engine.prompts import DEFAULT_CFG_WEIGHT, DEFAULT_TEMPERATURE
+from pipeline.sources.keys import SEED_LIMIT  # the batch jobs' seed range: (seed + sample) % SEED_LIMIT
 
 
 class _Body(BaseModel):
@@ -79,5 +80,6 @@ class ImageGenerationRequest(_Body):
     response_format: Literal["b64_json", "url"] | None = None
     # extensions, passed to the engine exactly as the batch job passes them
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # None: a random seed (returned per image)
-    cfg_weight: float = Field(5.0, ge=1)
-    temperature: float = Field(1.0, ge=0)
+    cfg_weight: float = Field(DEFAULT_CFG_WEIGHT, ge=1)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0)
+    best_of: int = Field(1, ge=1)  # candidates per image, the best by self-verification score returned

@@ -1,0 +1,117 @@
+"""One configuration system: every bad value is one clear line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.cli import main as cli_main
+from pipeline.config import (
+    ENGINE_OPTIONS,
+    ConfigError,
+    JobConfig,
+    engine_option_names,
+    load_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_engine_options_are_exactly_the_engine_constructors():
+    """Both jobs' (and Serve's) engine options are checked against the real constructor: none dropped."""
+    for options in ENGINE_OPTIONS.values():
+        assert sorted(options.model_fields) == sorted(engine_option_names(options))
+
+
+def test_only_set_engine_options_are_passed_on():
+    cfg = load_config(overrides=["engine.compile=true"], job="caption")
+    assert cfg.engine == {"compile": True}  # the engine keeps its own defaults for the rest
+    cfg = load_config(overrides=["engine.max_batch_size=3"], job="synthesize")
+    assert cfg.engine == {"max_batch_size": 3}
+
+
+def test_the_shipped_job_configs_are_valid():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        if "applications" in data:  # Serve configs: tests/test_serve.py
+            continue
+        assert isinstance(load_config(path, job=data["job"]), JobConfig)
+
+
+def test_defaults_live_in_one_place():
+    from janus.engine import CaptionRequest, SynthesisRequest
+    from janus.engine.prompts import DEFAULT_CFG_WEIGHT, DEFAULT_QUESTION, DEFAULT_TEMPERATURE
+    from pipeline.images import DEFAULT_MAX_PIXELS
+    from pipeline.serve.config import APISection
+    from pipeline.serve.schemas import ImageGenerationRequest
+    from pipeline.sources.prompt_files import PromptDefaults
+
+    cfg = JobConfig()
+    assert cfg.synthesis.cfg_weight == PromptDefaults().cfg_weight == DEFAULT_CFG_WEIGHT
+    assert SynthesisRequest("x").cfg_weight == ImageGenerationRequest(prompt="x").cfg_weight == DEFAULT_CFG_WEIGHT
+    assert cfg.synthesis.temperature == SynthesisRequest("x").temperature == DEFAULT_TEMPERATURE
+    assert cfg.caption.question == CaptionRequest().question == DEFAULT_QUESTION
+    assert cfg.input.max_pixels == APISection().max_pixels == DEFAULT_MAX_PIXELS
+
+
+BAD = [
+    # (YAML content or None, --set overrides, subcommand, text the one line must hold)
+    (None, ["compute.max_actors=two"], "synthesize", "compute.max_actors: Input should be a valid integer"),
+    (None, ["compute.min_actors=3", "compute.max_actors=2"], "synthesize", "max_actors (2) must be >= min_actors"),
+    (None, ["input.format=xml"], "synthesize", "input.format: synthesize reads auto, txt, jsonl"),
+    (None, ["input.format=txt"], "caption", "input.format: caption reads auto, images"),
+    (None, ["engine.compile=yes please"], "caption", "engine.compile: Input should be a valid boolean"),
+    (None, ["engine.vq_decode_batch_size=4"], "caption", "engine.vq_decode_batch_size: unknown key for CaptionEngine"),
+    (None, ["engine.max_batch_size=0"], "synthesize", "engine.max_batch_size: Input should be greater than or equal to 1"),
+    (None, ["synthesis.cfg_weight=0.5"], "synthesize", "synthesis.cfg_weight: Input should be greater than or equal to 1"),
+    (None, ["synthesis.seed=-1"], "synthesize", "synthesis.seed"),
+    (None, ["model.dtype=fp8"], "synthesize", "model.dtype: Input should be 'auto'"),
+    (None, ["model.device=gpu0"], "synthesize", "model.device: device must be auto, cpu, cuda or cuda:N"),
+    (None, ["outptu.url=x"], "synthesize", "outptu: unknown key"),
+    (None, ["compute.actor_class=not a class"], "synthesize", "compute.actor_class: must look like"),
+    (None, ["compute.actor_class=nosuch.module:Thing"], "synthesize", "compute.actor_class 'nosuch.module:Thing' cannot be imported"),
+    (None, ["output"], "synthesize", "--set expects key=value"),
+    (None, ["output.url.deeper=x"], "synthesize", "url is not a section"),
+    ("job: synthesize\n", [], "caption", "the config says job: 'synthesize' but the command is 'caption'"),
+    ("- a\n- list\n", [], "synthesize", "must hold a mapping of sections"),
+    ("model: {path: [unclosed\n", [], "synthesize", "is not valid YAML"),
+    (None, ["input.url=/nonexistent/prompts"], "synthesize", "input.url: no such file, directory or prefix"),
+    (None, ["input.url={here}"], "caption", "input.url: no input files ending in"),
+]
+
+
+@pytest.mark.parametrize("content, overrides, command, message", BAD)
+def test_bad_configs_are_one_line_and_exit_code_2(tmp_path, capsys, content, overrides, command, message):
+    args = [command, "--set", f"output.url={tmp_path / 'out'}", "--set", "ray.num_cpus=1"]
+    args += [a for o in overrides for a in ("--set", o.replace("{here}", str(tmp_path)))]
+    if content is not None:
+        path = tmp_path / "job.yaml"
+        path.write_text(content)
+        args += ["--config", str(path)]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("janus-pipeline: "), err
+    assert message in err, err
+
+
+def test_a_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml", job="synthesize")
+
+
+def test_cli_usage_mistakes_are_one_line_and_exit_code_2():
+    for argv in (["synthesize", "--no-such-flag"], ["paint"], []):
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *argv], capture_output=True, text=True, cwd=REPO, timeout=120
+        )
+        assert proc.returncode == 2, proc
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_dry_run_prints_the_validated_config(capsys):
+    assert cli_main(["caption", "--config", str(REPO / "configs" / "demo_caption.yaml"), "--dry-run"]) == 0
+    assert '"job": "caption"' in capsys.readouterr().out
