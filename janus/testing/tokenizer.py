@@ -45,7 +45,7 @@ _CORPUS = (
 )
 
 
-def _train_bpe() -> Tokenizer:
+def _train_bpe(corpus: tuple[str, ...] = _CORPUS, vocab_size: int = _BPE_VOCAB_SIZE) -> Tokenizer:
     # DeepSeek's pre-tokenizer splits digits one by one before the byte-level step; do the same so
     # number handling takes the same shape.
     tokenizer = Tokenizer(models.BPE())
@@ -57,18 +57,23 @@ def _train_bpe() -> Tokenizer:
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_BPE_VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte -> any UTF-8 text encodes
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer.train_from_iterator(list(corpus) * 4, trainer=trainer)
     return tokenizer
 
 
-def build_tiny_tokenizer() -> Tokenizer:
-    """Return the raw ``tokenizers.Tokenizer``: byte-level BPE + DeepSeek's special tokens + BOS."""
-    tokenizer = _train_bpe()
+def build_tiny_tokenizer(
+    corpus: tuple[str, ...] = _CORPUS, vocab_size: int = _BPE_VOCAB_SIZE
+) -> Tokenizer:
+    """Return the raw ``tokenizers.Tokenizer``: byte-level BPE + DeepSeek's special tokens + BOS.
+
+    ``corpus`` is what the BPE merges are learnt from (a model trained on a narrow language, like the
+    shapes model, passes its own so that each of its words is one token)."""
+    tokenizer = _train_bpe(corpus, vocab_size)
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in SPECIAL_TOKENS]
     )
@@ -81,7 +86,9 @@ def build_tiny_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def write_tiny_tokenizer(directory: str | os.PathLike) -> int:
+def write_tiny_tokenizer(
+    directory: str | os.PathLike, corpus: tuple[str, ...] = _CORPUS, vocab_size: int = _BPE_VOCAB_SIZE
+) -> int:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``directory``.
 
     Returns the number of token ids (BPE vocabulary plus special tokens): a tiny language model for
@@ -89,7 +96,7 @@ def write_tiny_tokenizer(directory: str | os.PathLike) -> int:
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(corpus, vocab_size)
     tokenizer.save(str(out / "tokenizer.json"))
 
     def added(content: str) -> dict:

@@ -1,0 +1,145 @@
+"""The shapes world: scenes, their one-sentence description, and how they are drawn.
+
+Fixed on purpose, so that code that does not use the model (``judge.py``) can check what the model
+draws and says: one filled shape on a plain background, exact palette colours, five positions.
+Prompt and caption grammar (exactly): ``a {color} {shape} on the {position}, {background} background``,
+and ``a {color} {shape} in the center, {background} background`` for the centre.
+Every purple triangle and every orange circle is held out of training (composition, not memory).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 70, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 140, 20),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+COLORS = tuple(PALETTE)
+BACKGROUNDS = COLORS  # any palette colour other than the shape's
+SHAPES = ("circle", "square", "triangle")
+#: shape centre as fractions of (width, height)
+POSITIONS: dict[str, tuple[float, float]] = {
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+    "center": (0.5, 0.5),
+}
+HELD_OUT = frozenset({("purple", "triangle"), ("orange", "circle")})
+SIZE = 0.35  # shape extent as a fraction of the image side
+JITTER_POSITION = 0.025  # +- fraction of the side
+JITTER_SIZE = 0.03  # +- fraction of the side
+IMAGE_SIZE = 96
+
+
+@dataclass(frozen=True)
+class Scene:
+    color: str
+    shape: str
+    position: str
+    background: str
+
+    def __post_init__(self) -> None:
+        if self.color not in PALETTE or self.background not in PALETTE:
+            raise ValueError(f"colours must be in the palette {COLORS}: {self}")
+        if self.color == self.background:
+            raise ValueError(f"the shape and the background have the same colour: {self}")
+        if self.shape not in SHAPES or self.position not in POSITIONS:
+            raise ValueError(f"unknown shape or position: {self}")
+
+    @property
+    def held_out(self) -> bool:
+        return (self.color, self.shape) in HELD_OUT
+
+    @property
+    def text(self) -> str:
+        return caption(self)
+
+    def attributes(self) -> dict[str, str]:
+        return {"color": self.color, "shape": self.shape, "position": self.position, "background": self.background}
+
+
+def caption(scene: Scene) -> str:
+    """The scene in the fixed grammar (the prompt that asks for it, and the caption that describes it)."""
+    where = "in the center" if scene.position == "center" else f"on the {scene.position}"
+    return f"a {scene.color} {scene.shape} {where}, {scene.background} background"
+
+
+_WORD = r"([a-z]+)"
+_GRAMMAR = re.compile(
+    rf"\ba {_WORD} {_WORD} (?:on the {_WORD}|in the (center)), {_WORD} background\b", re.IGNORECASE
+)
+
+
+def parse_caption(text: str | None) -> Scene | None:
+    """The scene a text in the grammar describes (first match, case-insensitive); None if it does not parse."""
+    if not text:
+        return None
+    m = _GRAMMAR.search(text)
+    if m is None:
+        return None
+    color, shape, side, center, background = (g.lower() if g else g for g in m.groups())
+    try:
+        return Scene(color, shape, side or center, background)
+    except ValueError:
+        return None
+
+
+def all_scenes(held_out: bool | None = False) -> list[Scene]:
+    """Every scene: in-distribution only (False), held-out only (True), or all (None)."""
+    scenes = [
+        Scene(c, s, p, b)
+        for c in COLORS
+        for s in SHAPES
+        for p in POSITIONS
+        for b in BACKGROUNDS
+        if b != c
+    ]
+    return scenes if held_out is None else [s for s in scenes if s.held_out == held_out]
+
+
+def random_scene(rng: np.random.Generator, held_out: bool = False) -> Scene:
+    """A uniformly drawn scene, in-distribution (default) or from the held-out combinations."""
+    while True:
+        color = COLORS[rng.integers(len(COLORS))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        if ((color, shape) in HELD_OUT) != held_out:
+            continue
+        background = COLORS[rng.integers(len(COLORS))]
+        if background == color:
+            continue
+        return Scene(color, shape, tuple(POSITIONS)[rng.integers(len(POSITIONS))], background)
+
+
+def draw(scene: Scene, size: int = IMAGE_SIZE, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The scene as uint8 [size, size, 3], exact palette colours; ``rng`` adds small position/size jitter."""
+    cx, cy = POSITIONS[scene.position]
+    extent = SIZE
+    if rng is not None:
+        cx += rng.uniform(-JITTER_POSITION, JITTER_POSITION)
+        cy += rng.uniform(-JITTER_POSITION, JITTER_POSITION)
+        extent += rng.uniform(-JITTER_SIZE, JITTER_SIZE)
+    image = PIL.Image.new("RGB", (size, size), PALETTE[scene.background])
+    pen = PIL.ImageDraw.Draw(image)
+    half = extent * size / 2
+    x0, y0, x1, y1 = cx * size - half, cy * size - half, cx * size + half, cy * size + half
+    fill = PALETTE[scene.color]
+    if scene.shape == "circle":
+        pen.ellipse((x0, y0, x1, y1), fill=fill)
+    elif scene.shape == "square":
+        pen.rectangle((x0, y0, x1, y1), fill=fill)
+    else:  # upright triangle: apex at the top centre, base at the bottom of the box
+        pen.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    return np.asarray(image).copy()

@@ -1,0 +1,466 @@
+"""Train the shapes Janus from scratch on this machine: ``python -m janus.shapes.train``.
+
+Two stages, both seeded, both resumable (state is saved under ``--work`` every few hundred steps):
+1. the VQ tokenizer (Janus' VQ-16 architecture, shrunk: 96 px images <-> a 24 x 24 code grid) learns to
+   reconstruct drawn scenes;
+2. the whole multimodal model minus the (frozen) VQ learns both directions at once: text -> image codes
+   (Janus' generation path, with 10% of prompts dropped to the pad-token prompt so that classifier-free
+   guidance has an unconditional branch to push away from), and image -> text (captions, and yes/no
+   answers to "does this image show ...?", the self-verification question).
+The result is written in the official on-disk format (config.json, safetensors, tokenizer, processor
+configs) and loaded like any Janus-Pro checkpoint. Held-out combinations (purple triangles, orange
+circles) are never drawn, encoded or mentioned in any training example.
+
+Never imported at run time: only this command and the tests of the shipped checkpoint use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from janus.engine import CaptionEngine, SynthesisEngine
+from janus.engine.prompts import (
+    DEFAULT_QUESTION,
+    RATING_LEVELS,
+    SCORE_ANSWERS,
+    SCORE_QUESTION,
+    chat_prompt,
+    question_turns,
+    t2i_prompt_ids,
+    unconditional_ids,
+)
+from janus.models.processing_vlm import DEFAULT_SYSTEM_PROMPT
+from janus.shapes.data import (
+    COLORS,
+    IMAGE_SIZE,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    all_scenes,
+    caption,
+    draw,
+    parse_caption,
+    random_scene,
+)
+from janus.shapes.judge import correct, judge
+
+logger = logging.getLogger("janus.shapes.train")
+
+#: the model's size: Janus-Pro's architecture, every width and depth shrunk
+LLM = {"hidden": 256, "llm_layers": 4, "llm_heads": 4, "intermediate": 768, "max_position_embeddings": 2048}
+VISION = {"image_size": IMAGE_SIZE, "width": 128, "layers": 2, "heads": 4, "patch_size": 16}
+VQ = {"ch": 32, "ch_mult": [1, 2, 2], "z_channels": 32, "num_res_blocks": 1, "image_token_size": 512}
+NUM_IMAGE_TOKENS = (IMAGE_SIZE // VISION["patch_size"]) ** 2
+BPE_VOCAB = 512
+CAPTION_QUESTIONS = (DEFAULT_QUESTION, "Describe this image.", "What is in this image?")
+CFG_DROPOUT = 0.1
+
+
+def tokenizer_corpus() -> tuple[str, ...]:
+    """What the BPE merges are learnt from: the grammar, the questions, the system prompt."""
+    texts = [caption(s) for s in all_scenes(held_out=False)]
+    texts += list(CAPTION_QUESTIONS) + [DEFAULT_SYSTEM_PROMPT]
+    texts += [SCORE_QUESTION.format(prompt=caption(s)) for s in all_scenes(held_out=False)[::7]]
+    texts += [" ".join(SCORE_ANSWERS), "How would you rate the aesthetics of this image?", " ".join(RATING_LEVELS)]
+    return tuple(texts)
+
+
+def official_shapes_config(vocab_size: int) -> dict:
+    from janus.testing import official_config
+
+    return official_config(
+        vocab_size=vocab_size,
+        hidden=LLM["hidden"],
+        llm_layers=LLM["llm_layers"],
+        llm_heads=LLM["llm_heads"],
+        intermediate=LLM["intermediate"],
+        vision={k: v for k, v in VISION.items()},
+        vq=dict(VQ),
+        dtype="bfloat16",
+        max_position_embeddings=LLM["max_position_embeddings"],
+    )
+
+
+def write_skeleton(out: Path) -> dict:
+    """Tokenizer, processor configs and config.json of the shapes checkpoint (everything but weights)."""
+    from janus.testing import write_processor_configs, write_tiny_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    n_tokens = write_tiny_tokenizer(out, corpus=tokenizer_corpus(), vocab_size=BPE_VOCAB)
+    write_processor_configs(out, image_size=IMAGE_SIZE, num_image_tokens=NUM_IMAGE_TOKENS)
+    cfg = official_shapes_config(-(-n_tokens // 64) * 64)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return cfg
+
+
+def _build_model(cfg: dict):
+    from janus.models.configuration import MultiModalityConfig
+    from janus.models.modeling_vlm import MultiModalityCausalLM
+
+    model = MultiModalityCausalLM(MultiModalityConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+        elif p.dim() == 1:
+            torch.nn.init.ones_(p)
+        else:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.float()
+
+
+def _images(scenes: list[Scene], rng: np.random.Generator) -> np.ndarray:
+    return np.stack([draw(s, IMAGE_SIZE, rng) for s in scenes])
+
+
+def _to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1] (the VQ's pixel range)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# -- stage 1: the VQ tokenizer --------------------------------------------------------------------
+
+
+def _vq_losses(vq, x: torch.Tensor):
+    """LlamaGen's VQ objective with L2-normalised codes: reconstruction + codebook + 0.25 * commitment."""
+    z = F.normalize(vq.quant_conv(vq.encoder(x)), dim=1)
+    codebook = F.normalize(vq.quantize.embedding.weight, dim=1)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    ids = (flat @ codebook.t()).argmax(1)
+    q = codebook[ids].view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+    rec = vq.decode(z + (q - z).detach())
+    losses = {
+        "rec": F.mse_loss(rec, x),
+        "codebook": F.mse_loss(q, z.detach()),
+        "commit": F.mse_loss(z, q.detach()),
+    }
+    return losses, ids, flat
+
+
+def _resume(path: Path, model, opt, stage: str) -> int:
+    """Load a stage's saved state, if any; returns the step to continue from."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    logger.info("%s: resuming at step %d", stage, state["step"])
+    return int(state["step"])
+
+
+def _lr(peak: float, step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    return peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def train_vq(vq, steps: int, batch: int, seed: int, work: Path, minutes: float, crop: int = 0) -> None:
+    state_path = work / "vq_state.pt"
+    opt = torch.optim.AdamW(vq.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    start = _resume(state_path, vq, opt, "VQ")
+    size = vq.quantize.embedding.weight.shape[0]
+    used = torch.zeros(size)
+    t_end = time.time() + minutes * 60
+    vq.train()
+    for step in range(start, steps):
+        rng = np.random.default_rng([seed, 1, step])
+        x = _to_unit(_images([random_scene(rng) for _ in range(batch)], rng))
+        if crop and step < 0.9 * steps:
+            # convolutions learn as well from crops, 4x cheaper; the last 10% of steps see whole images,
+            # so the bottleneck's attention block gets used to the full 24 x 24 grid
+            y0, x0 = (int(v) * 4 for v in rng.integers(0, (IMAGE_SIZE - crop) // 4 + 1, size=2))
+            x = x[:, :, y0 : y0 + crop, x0 : x0 + crop]
+        lr = _lr(1e-3, step, steps, warmup=100)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        losses, ids, flat = _vq_losses(vq, x)
+        loss = losses["rec"] + losses["codebook"] + 0.25 * losses["commit"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        used += torch.bincount(ids, minlength=size).float()
+        if (step + 1) % 100 == 0:
+            # dead codes restart at encoder outputs of this batch, so the codebook keeps being used
+            dead = (used == 0).nonzero().flatten()
+            if len(dead) and step + 1 < steps * 0.8:
+                gen = torch.Generator().manual_seed(seed * 1000 + step)
+                pick = torch.randint(0, flat.shape[0], (len(dead),), generator=gen)
+                with torch.no_grad():
+                    vq.quantize.embedding.weight[dead] = flat.detach()[pick]
+            logger.info(
+                "VQ step %d/%d: rec %.5f commit %.4f, %d codes used (%d restarted)",
+                step + 1, steps, losses["rec"].item(), losses["commit"].item(), int((used > 0).sum()), len(dead),
+            )
+            used.zero_()
+        if (step + 1) % 250 == 0 or step + 1 == steps or time.time() > t_end:
+            torch.save({"model": vq.state_dict(), "opt": opt.state_dict(), "step": step + 1}, state_path)
+            if time.time() > t_end and step + 1 < steps:
+                raise TimeoutError(f"VQ stage stopped at step {step + 1} after {minutes} min; rerun to resume")
+    vq.eval()
+
+
+@torch.no_grad()
+def vq_codes(vq, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch):
+        _, _, (_, _, ids) = vq.encode(_to_unit(images[i : i + batch]))
+        out.append(ids.view(-1, 576))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def vq_roundtrip_accuracy(vq, n: int, seed: int) -> float:
+    """How often the judge reads a drawn scene correctly after encode + decode through the VQ."""
+    rng = np.random.default_rng([seed, 2])
+    scenes = [random_scene(rng) for _ in range(n)]
+    images = _images(scenes, rng)
+    codes = vq_codes(vq, images)
+    pixels = vq.decode_code(codes, shape=[n, vq.config.codebook_embed_dim, 24, 24])
+    arr = np.clip((pixels.permute(0, 2, 3, 1).numpy() + 1) / 2 * 255, 0, 255).astype(np.uint8)
+    return float(np.mean([correct(judge(a), s.attributes())["all"] for a, s in zip(arr, scenes, strict=True)]))
+
+
+# -- stage 2: both directions -----------------------------------------------------------------------
+
+
+class Pool:
+    """Drawn training scenes, their pixels and their VQ codes, made once."""
+
+    def __init__(self, vq, n: int, seed: int):
+        rng = np.random.default_rng([seed, 3])
+        self.scenes = [random_scene(rng) for _ in range(n)]
+        self.images = _images(self.scenes, rng)
+        self.codes = vq_codes(vq, self.images)
+
+
+def _perturbed(scene: Scene, rng: random.Random) -> Scene:
+    """The scene with exactly one attribute changed (never into a held-out combination)."""
+    while True:
+        field = rng.choice(("color", "shape", "position", "background"))
+        values = {"color": COLORS, "shape": SHAPES, "position": tuple(POSITIONS), "background": COLORS}[field]
+        attrs = scene.attributes()
+        attrs[field] = rng.choice([v for v in values if v != attrs[field]])
+        if attrs["color"] == attrs["background"]:
+            continue
+        other = Scene(**attrs)
+        if not other.held_out:
+            return other
+
+
+class Batches:
+    """Training batches in exactly the token layout the engines use at run time."""
+
+    def __init__(self, processor, pool: Pool):
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.pool = pool
+        self.pad = processor.pad_id
+        self.eos = self.tok.eos_token_id
+
+    def generation(self, idx: list[int], rng: random.Random):
+        prompts = []
+        for i in idx:
+            ids = t2i_prompt_ids(self.processor, caption(self.pool.scenes[i]))
+            prompts.append(unconditional_ids(ids, self.pad) if rng.random() < CFG_DROPOUT else ids)
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(idx), length), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), length), dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding, as the engine batches prompts
+            ids[row, length - len(p) :] = torch.tensor(p)
+            mask[row, length - len(p) :] = 1
+        return ids, mask, self.pool.codes[idx]
+
+    def understanding_ids(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        """(prompt ids with the image tokens expanded, answer ids + EOS) for one image and question."""
+        prompt = chat_prompt(self.processor, question_turns(question, 1, self.processor.image_tag))
+        ids = torch.tensor(self.tok.encode(prompt), dtype=torch.long)
+        ids, _ = self.processor.add_image_token((ids == self.processor.image_id).nonzero().flatten(), ids)
+        return ids.tolist(), self.tok.encode(" " + answer, add_special_tokens=False) + [self.eos]
+
+    def understanding(self, idx: list[int], rng: random.Random):
+        rows = []
+        for i in idx:
+            scene = self.pool.scenes[i]
+            if rng.random() < 0.5:
+                question, answer = rng.choice(CAPTION_QUESTIONS), caption(scene)
+            else:
+                asked = scene if rng.random() < 0.5 else _perturbed(scene, rng)
+                question = SCORE_QUESTION.format(prompt=caption(asked))
+                answer = SCORE_ANSWERS[0] if asked == scene else SCORE_ANSWERS[1]
+            rows.append(self.understanding_ids(question, answer))
+        length = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(idx), length), self.pad, dtype=torch.long)
+        labels = torch.full((len(idx), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(idx), length), dtype=torch.long)
+        for row, (p, a) in enumerate(rows):  # right padding: training only
+            ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[row, len(p) : len(p) + len(a)] = torch.tensor(a)
+            mask[row, : len(p) + len(a)] = 1
+        pixels = self.processor.image_processor(list(self.pool.images[idx]), return_tensors="pt").pixel_values
+        return ids, mask, labels, pixels, ids == self.processor.image_id
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def generation_loss(model, ids, mask, codes) -> torch.Tensor:
+    """Teacher-forced next-code prediction: prompt + codes[:-1] in, codes out (through gen_head)."""
+    lm = model.language_model
+    embeds = torch.cat([lm.get_input_embeddings()(ids), model.prepare_gen_img_embeds(codes[:, :-1])], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(codes[:, :-1])], dim=1)
+    hidden = lm.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=_positions(full_mask)).last_hidden_state
+    logits = model.gen_head(hidden[:, ids.shape[1] - 1 :]).float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+
+
+def understanding_loss(model, ids, mask, labels, pixels, image_pos) -> torch.Tensor:
+    lm = model.language_model
+    embeds = lm.get_input_embeddings()(ids)
+    feats = model.aligner(model.vision_model(pixels))  # [B, 36, D]
+    embeds = embeds.clone()
+    embeds[image_pos] = feats.reshape(-1, feats.shape[-1]).to(embeds.dtype)
+    hidden = lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    logits = lm.lm_head(hidden[:, :-1]).float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate(model, processor, n: int, seed: int, cfg_weight: float = 5.0) -> dict[str, float]:
+    """Generate ``n`` in-distribution prompts and caption ``n`` drawn scenes; judge both with numpy."""
+    model.eval()
+    rng = np.random.default_rng([seed, 4])
+    scenes = [random_scene(rng) for _ in range(n)]
+    synth = SynthesisEngine(model, processor, max_batch_size=n)
+    results = synth.generate(
+        [{"prompt": caption(s), "seed": i, "cfg_weight": cfg_weight, "temperature": 1.0} for i, s in enumerate(scenes)]
+    )
+    marks = [correct(judge(r.image), s.attributes()) for r, s in zip(results, scenes, strict=True)]
+    out = {f"gen_{k}": float(np.mean([m[k] for m in marks])) for k in marks[0]}
+    captioner = CaptionEngine(model, processor, max_batch_size=n)
+    images = _images(scenes, rng)
+    texts = captioner.generate([{"image": im, "max_new_tokens": 24} for im in images])
+    parsed = [parse_caption(t.text) for t in texts]
+    out["caption_all"] = float(np.mean([p == s for p, s in zip(parsed, scenes, strict=True)]))
+    model.train()
+    return out
+
+
+def train_llm(model, processor, pool: Pool, args, work: Path) -> None:
+    state_path = work / "llm_state.pt"
+    trainable = [p for n, p in model.named_parameters() if not n.startswith("gen_vision_model.")]
+    for p in model.gen_vision_model.parameters():
+        p.requires_grad_(False)
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    start = _resume(state_path, model, opt, "LLM")
+    batches = Batches(processor, pool)
+    t_end = time.time() + args.minutes * 60
+    steps = args.llm_steps
+    model.train()
+    t0 = time.time()
+    for step in range(start, steps):
+        rng = random.Random(args.seed * 1_000_003 + step)
+        lr = _lr(args.lr, step, steps, warmup=200)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        gen_idx = [rng.randrange(len(pool.scenes)) for _ in range(args.gen_batch)]
+        und_idx = [rng.randrange(len(pool.scenes)) for _ in range(args.und_batch)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_gen = generation_loss(model, *batches.generation(gen_idx, rng))
+            loss_und = understanding_loss(model, *batches.understanding(und_idx, rng))
+        loss = loss_gen + loss_und
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        if (step + 1) % 25 == 0:
+            logger.info(
+                "LLM step %d/%d: gen %.4f und %.4f lr %.2e (%.2f s/step)",
+                step + 1, steps, loss_gen.item(), loss_und.item(), lr, (time.time() - t0) / (step + 1 - start),
+            )
+        last = step + 1 == steps
+        if (step + 1) % 200 == 0 or last or time.time() > t_end:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, state_path)
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
+            logger.info("eval at step %d: %s", step + 1, evaluate(model, processor, args.eval_n, args.seed))
+        if time.time() > t_end and not last:
+            raise TimeoutError(f"LLM stage stopped at step {step + 1} after {args.minutes} min; rerun to resume")
+
+
+def export(model, cfg: dict, skeleton: Path, out: Path) -> None:
+    """The trained weights in the official layout (bf16 safetensors, as Janus-Pro ships bf16)."""
+    from janus.testing import save_state_dict
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(skeleton, tmp)
+    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    state["gen_vision_model.quantize.codebook_used"] = state["gen_vision_model.quantize.codebook_used"].float()
+    save_state_dict(state, tmp, weights_format="safetensors")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m janus.shapes.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="janus/shapes/checkpoint", help="where the checkpoint is written")
+    parser.add_argument("--work", default="out/shapes-train", help="resumable training state")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vq-steps", type=int, default=1500)
+    parser.add_argument("--vq-batch", type=int, default=16)
+    parser.add_argument("--vq-crop", type=int, default=48, help="train the VQ on crops this size (0: whole)")
+    parser.add_argument("--pool", type=int, default=16384, help="drawn scenes the LLM trains on")
+    parser.add_argument("--llm-steps", type=int, default=3000)
+    parser.add_argument("--gen-batch", type=int, default=16)
+    parser.add_argument("--und-batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-n", type=int, default=32)
+    parser.add_argument("--minutes", type=float, default=150, help="stop (resumably) after this long")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = Path(args.work)
+    skeleton = work / "skeleton"
+    cfg = write_skeleton(skeleton)
+    from janus.models import VLChatProcessor
+
+    processor = VLChatProcessor.from_pretrained(skeleton)
+    model = _build_model(cfg)
+    vq = model.gen_vision_model
+    t0 = time.time()
+    train_vq(vq, args.vq_steps, args.vq_batch, args.seed, work, args.minutes, crop=args.vq_crop)
+    logger.info("VQ round trip, judged: %.3f all-correct", vq_roundtrip_accuracy(vq, 256, args.seed))
+    with torch.no_grad():  # image-token embeddings start as the (normalised) codebook
+        model.gen_embed.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=1))
+    pool = Pool(vq, args.pool, args.seed)
+    logger.info("pool of %d scenes encoded in %.0fs", len(pool.scenes), time.time() - t0)
+    args.minutes -= (time.time() - t0) / 60
+    train_llm(model, processor, pool, args, work)
+    export(model, cfg, skeleton, Path(args.out))
+    logger.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
