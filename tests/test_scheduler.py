@@ -1,0 +1,155 @@
+"""Continuous batching: a request's tokens do not depend on who shares the batch or when it joined."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from janus.engine import CaptionEngine, SynthesisEngine
+from janus.engine.common import CANCELLED, INVALID_REQUEST, OUT_OF_MEMORY
+from janus.engine.scheduler import BackgroundScheduler, Scheduler
+
+pytestmark = pytest.mark.timeout(300)
+
+SYNTH = [
+    {"prompt": "a red apple on a table", "seed": 1},
+    {"prompt": "a cat", "seed": 7, "cfg_weight": 3.0},
+    {"prompt": "two dogs in the snow, photo", "seed": 3, "temperature": 0.0},
+    {"prompt": "a blue house", "seed": 11, "top_k": 50},
+]
+
+
+@pytest.fixture(scope="module")
+def synth(tiny_model, tiny_processor):
+    return SynthesisEngine(tiny_model, tiny_processor, max_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model, tiny_processor):
+    return CaptionEngine(tiny_model, tiny_processor, max_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def synth_alone(synth):
+    """Each request run alone through the static engine: the oracle."""
+    return [synth.generate([r])[0].tokens for r in SYNTH]
+
+
+def _run_joining(scheduler: Scheduler, requests: list, join_steps: list[int]):
+    """Submit request i once the scheduler has made ``join_steps[i]`` decode steps; run to the end."""
+    tickets = [None] * len(requests)
+    order = sorted(range(len(requests)), key=lambda i: join_steps[i])
+    for i in order:
+        while scheduler.steps < join_steps[i]:
+            assert not scheduler.idle, "nothing left to run before the join step"
+            scheduler.step()
+        tickets[i] = scheduler.submit(requests[i])
+    scheduler.run_until_idle()
+    return [t.result for t in tickets]
+
+
+def test_images_join_at_the_start_the_middle_and_near_the_end(synth, synth_alone):
+    scheduler = Scheduler(synth, slots=8)
+    # request 0 starts alone; 1 joins at step 0 of it, 2 in the middle, 3 four steps before 0 ends
+    results = _run_joining(scheduler, SYNTH, [0, 0, 288, 571])
+    for res, alone in zip(results, synth_alone, strict=True):
+        assert res.ok and np.array_equal(res.tokens, alone)
+    assert scheduler.free == list(range(scheduler.slots))  # every slot came back
+
+
+def test_a_full_pool_queues_requests_until_slots_free(synth, synth_alone):
+    scheduler = Scheduler(synth, slots=2)  # one synthesis request at a time
+    results = _run_joining(scheduler, SYNTH[:3], [0, 0, 0])
+    for res, alone in zip(results, synth_alone, strict=True):
+        assert np.array_equal(res.tokens, alone)
+
+
+def test_images_are_the_static_engines_images(synth):
+    alone = synth.generate([SYNTH[0]])[0]
+    scheduler = Scheduler(synth, slots=4)
+    ticket = scheduler.submit(SYNTH[0])
+    scheduler.run_until_idle()
+    assert np.array_equal(ticket.result.image, alone.image)
+
+
+def _images(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (40 + 9 * i, 64, 3), dtype=np.uint8) for i in range(n)]
+
+
+def test_captions_join_and_leave_at_every_step(captioner):
+    images = _images(4)
+    requests = [
+        {"image": images[0], "max_new_tokens": 30},
+        {"image": images[1], "max_new_tokens": 5, "temperature": 1.0, "seed": 5},
+        {"image": images[2], "max_new_tokens": 17, "question": "What is in the picture?"},
+        {"image": images[3], "max_new_tokens": 9, "temperature": 0.8, "top_p": 0.9, "seed": 2},
+    ]
+    alone = [captioner.generate([r])[0] for r in requests]
+    # two slots: short answers leave early and free their slot for the next in line
+    results = _run_joining(Scheduler(captioner, slots=2), requests, [0, 1, 3, 20])
+    for res, want in zip(results, alone, strict=True):
+        assert res.ok
+        assert (res.text, res.num_tokens, res.finish_reason) == (want.text, want.num_tokens, want.finish_reason)
+
+
+def test_tokens_stream_as_they_are_made(captioner):
+    streamed: list[int] = []
+    scheduler = Scheduler(captioner, slots=2)
+    ticket = scheduler.submit({"image": _images(1)[0], "max_new_tokens": 12}, on_token=streamed.append)
+    scheduler.step()  # the prefill makes the first token
+    assert len(streamed) == 1
+    scheduler.step()
+    assert len(streamed) == 2
+    scheduler.run_until_idle()
+    assert streamed == ticket.tokens[: ticket.result.num_tokens]
+    assert captioner.tokenizer.decode(streamed, skip_special_tokens=True) == ticket.result.text
+
+
+def test_bad_requests_fail_alone_and_cancelled_ones_free_their_slots(synth, synth_alone):
+    scheduler = Scheduler(synth, slots=4, max_len=600)
+    good = scheduler.submit(SYNTH[0])
+    bad = scheduler.submit({"prompt": ""})
+    too_long = scheduler.submit({"prompt": "word " * 80})  # prompt + 576 codes > 600 positions
+    doomed = scheduler.submit(SYNTH[1])
+    for _ in range(3):
+        scheduler.step()
+    assert bad.result.code == INVALID_REQUEST and too_long.result.code == OUT_OF_MEMORY
+    assert len(scheduler.running) == 2
+    doomed.cancel()
+    scheduler.step()
+    assert doomed.result.code == CANCELLED and len(scheduler.free) == 2
+    scheduler.run_until_idle()
+    assert np.array_equal(good.result.tokens, synth_alone[0])
+
+
+def test_the_background_loop_serves_concurrent_callers(captioner):
+    images = _images(3)
+    alone = [captioner.generate([{"image": im, "max_new_tokens": 8}])[0].text for im in images]
+    loop = BackgroundScheduler(Scheduler(captioner, slots=2))
+    try:
+        results: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            results[i] = loop.submit({"image": images[i], "max_new_tokens": 8}).wait(timeout=120).text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        assert results == dict(enumerate(alone))
+    finally:
+        loop.close()
+
+
+def test_the_cache_is_sized_by_memory(synth, monkeypatch):
+    import janus.engine.scheduler as sched
+
+    per_row = synth.decoder.cache_bytes(1, 1024, synth.dtype)
+    monkeypatch.setattr(sched, "available_memory", lambda device: int(5.5 * per_row / synth.memory_fraction))
+    assert Scheduler(synth, slots=64, max_len=1024).slots == 4  # 5 rows fit; synthesis takes pairs
+    assert torch.is_grad_enabled()
