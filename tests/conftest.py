@@ -74,14 +74,14 @@ def hf_pair(tmp_path_factory):
     """(transformers' JanusForConditionalGeneration, our model loaded from its converted weights, processor).
 
     The HF model is an independent implementation; its random weights are converted into the official
-    on-disk layout (tests/hf_janus.py) and loaded by our loader, so any comparison checks our code
+    on-disk layout (tests/support/hf_janus) and loaded by our loader, so any comparison checks our code
     against theirs, not against our own numbers.
     """
-    from hf_janus import randomize_, tiny_hf_janus_config, write_official_checkpoint_from_hf
     from transformers import JanusForConditionalGeneration
 
     from janus.models import MultiModalityCausalLM, VLChatProcessor
     from janus.testing import write_processor_configs, write_tiny_tokenizer
+    from tests.support.hf_janus import randomize_, tiny_hf_janus_config, write_official_checkpoint_from_hf
 
     path = tmp_path_factory.mktemp("hf") / "janus-from-hf"
     path.mkdir()

@@ -13,12 +13,13 @@ import collections
 import json
 from pathlib import Path
 
-import hf_janus as H
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import JanusForConditionalGeneration, LlamaConfig, LlamaForCausalLM
+
+from tests.support import hf_janus as H
 
 REFERENCE = Path("/work/shared/reference")
 VT = "vision_model.vision_tower"

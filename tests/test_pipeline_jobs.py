@@ -143,7 +143,7 @@ def test_the_model_pool_gets_full_batches_and_a_resume_too(ray_session, model_di
     for name, n in (("a.txt", 13), ("b.txt", 29), ("c.txt", 7)):
         (tmp_path / "in" / name).write_text("\n".join(f"{name} prompt {i}" for i in range(n)) + "\n")
     out = tmp_path / "out"
-    settings = ["compute.actor_class=tests.scale_actors:BatchSizeStandIn", "compute.batch_size=8"]
+    settings = ["compute.actor_class=tests.support.scale_actors:BatchSizeStandIn", "compute.batch_size=8"]
     cfg = job(model_dir, "synthesize", str(tmp_path / "in"), str(out), *settings)
 
     def batch_sizes(rows: list[dict]) -> list[int]:

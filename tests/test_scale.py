@@ -23,8 +23,6 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from faulty_s3 import FaultPlan, FaultyS3Proxy
-from local_cluster import REPO, WORKER_RESOURCE, LocalCluster, actor_pids, cli_summary
 
 from janus.testing import write_tiny_checkpoint
 from pipeline.actors import Synthesizer
@@ -32,6 +30,8 @@ from pipeline.config import ConfigError, load_config
 from pipeline.job import model_actor_class, run_job
 from pipeline.sources import read_prompts
 from pipeline.storage import StorageError
+from tests.support.faulty_s3 import FaultPlan, FaultyS3Proxy
+from tests.support.local_cluster import REPO, WORKER_RESOURCE, LocalCluster, actor_pids, cli_summary
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +149,14 @@ def new_bucket(s3_options: dict) -> str:
 def test_actor_class_hook():
     """``compute.actor_class``: the job's own actor by default; a bad value is a clear config error."""
     assert model_actor_class(load_config(None, []), Synthesizer) is Synthesizer
-    stand_in = load_config(None, ["compute.actor_class=tests.scale_actors:StandInSynthesizer"])
+    stand_in = load_config(None, ["compute.actor_class=tests.support.scale_actors:StandInSynthesizer"])
     assert model_actor_class(stand_in, Synthesizer).__name__ == "StandInSynthesizer"
     with pytest.raises(ConfigError, match="must look like 'package.module:Class'"):
-        load_config(None, ["compute.actor_class=tests.scale_actors.StandInSynthesizer"])
+        load_config(None, ["compute.actor_class=tests.support.scale_actors.StandInSynthesizer"])
     for missing in (
         "tests.no_such_module:X",
-        "tests.scale_actors:NoSuchClass",
-        "tests.scale_actors:IMAGE_TOKENS",
+        "tests.support.scale_actors:NoSuchClass",
+        "tests.support.scale_actors:IMAGE_TOKENS",
     ):
         with pytest.raises(ConfigError, match="compute.actor_class"):
             model_actor_class(load_config(None, [f"compute.actor_class={missing}"]), Synthesizer)
@@ -184,7 +184,7 @@ def test_synthesis_and_caption_on_a_three_node_cluster(cluster, model_dir, s3_op
         images,
         f"input.storage_options={s3}",
         f"output.storage_options={s3}",
-        "compute.actor_class=tests.scale_actors:TracedSynthesizer",
+        "compute.actor_class=tests.support.scale_actors:TracedSynthesizer",
         *pool,
     )
     summary = finish(start_cli("synthesize", synth, cluster.driver_env(), log), log)
@@ -221,7 +221,7 @@ def test_losing_a_worker_node_mid_job(cluster, model_dir, tmp_path):
         model_dir,
         str(tmp_path / "p.txt"),
         str(out),
-        "compute.actor_class=tests.scale_actors:TracedSynthesizer",
+        "compute.actor_class=tests.support.scale_actors:TracedSynthesizer",
         "compute.min_actors=2",
         "compute.max_actors=2",
         f"compute.resources={{{WORKER_RESOURCE}: 1}}",
@@ -251,7 +251,7 @@ def test_a_node_added_mid_job_gets_actors_and_work(cluster, model_dir, tmp_path)
         model_dir,
         str(tmp_path / "p.txt"),
         str(out),
-        "compute.actor_class=tests.scale_actors:TracedSynthesizer",
+        "compute.actor_class=tests.support.scale_actors:TracedSynthesizer",
         "compute.min_actors=1",
         "compute.max_actors=2",
         f"compute.resources={{{WORKER_RESOURCE}: 1}}",
@@ -427,7 +427,7 @@ def test_a_slow_sink_holds_memory_bounded(cluster, s3_endpoint, s3_options, tmp_
             f"output.storage_options={slow}",
             "output.rows_per_shard=50",
             "compute.batch_size=10",
-            "compute.actor_class=tests.scale_actors:StandInSynthesizer",
+            "compute.actor_class=tests.support.scale_actors:StandInSynthesizer",
             "compute.min_actors=2",
             "compute.max_actors=2",
         )
@@ -476,7 +476,7 @@ def test_a_million_row_input_streams_through_a_bounded_driver(ray_session, s3_op
         f"output.storage_options={so}",
         "output.rows_per_shard=50000",
         "compute.batch_size=10000",
-        "compute.actor_class=tests.scale_actors:RejectingStandInSynthesizer",
+        "compute.actor_class=tests.support.scale_actors:RejectingStandInSynthesizer",
         "compute.gpus_per_actor=0",
         "compute.max_actors=2",
     )

@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKER_RESOURCE = "janus_worker"
 # On Linux Ray swaps 127.0.0.1 for the machine's routable address when a driver connects; with this
 # set (in the cluster's processes and in drivers) nodes and drivers all stay on the loopback address.

@@ -1,4 +1,4 @@
-"""Actor classes that tests/test_scale.py runs through ``compute.actor_class``.
+"""Actor classes that the job tests run through ``compute.actor_class``.
 
 Both keep the job's real path (reader -> drop committed -> actor pool -> ShardDatasink) and change
 only what happens inside the pool: ``TracedSynthesizer`` is the real model actor that also says

@@ -1,0 +1,2 @@
+"""What the tests stand on: helpers, stand-in actors, a fault-injecting S3 proxy, a local multi-node
+cluster and transformers' Janus in the official layout. Nothing here is a test."""
