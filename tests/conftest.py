@@ -1,19 +1,24 @@
-"""Fixtures shared by the test files: tiny checkpoints, stores (local and S3 on moto), Ray, and the
-project's shared folder beside the repository."""
+"""Fixtures shared by the test files: tiny checkpoints, stores (local and S3 on moto), Ray, the gate
+that holds a job's batches, and the project's shared folder beside the repository."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.support import REPO
+from tests.support.gate import ENV as GATE_ENV
+from tests.support.gate import Gate
 from tests.support.stores import Store, s3_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# One thread: the test models are tiny, and on a shared 2-core machine an OpenMP barrier that waits
+# for a core another process holds made tests 2-5x slower with 2 threads (Ray's actors run one too).
+torch.set_num_threads(1)
 
 #: another location of the project's shared folder (or one that does not exist, to test without it)
 SHARED_ENV = "JANUS_SHARED_DIR"
@@ -130,7 +135,27 @@ def hf_pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def gate_folder(tmp_path_factory) -> Iterator[Path]:
+    """The gate's folder, put in the environment before any Ray starts, so every Ray worker (of the
+    session's Ray and of local clusters) inherits it."""
+    folder = tmp_path_factory.mktemp("gate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(GATE_ENV, str(folder))
+        yield folder
+
+
+@pytest.fixture()
+def gate(gate_folder) -> Iterator[Gate]:
+    """A fresh gate for one test (``scale_actors.GatedSynthesizer`` enters it); open at the end, so
+    no actor of a failed test waits on."""
+    g = Gate(gate_folder)
+    g.reset()
+    yield g
+    g.open()
+
+
+@pytest.fixture(scope="session")
+def ray_session(gate_folder):
     """One local Ray for the whole session, with two fake GPUs: torch sees no CUDA, so GPU actors
     must schedule on them and still run on the CPU."""
     import ray
