@@ -40,7 +40,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from benchmarks.reference_loop import reference_caption, reference_generate, t2i_prompt
+from janus.engine.common import sync
+from janus.testing.reference import reference_caption, reference_generate, t2i_prompt
 
 IMAGE_TOKENS = 576
 
@@ -142,11 +143,6 @@ class Row:
     cpu_ratio_vs_reference: float | None = None
     cpu_ratio_vs_hf: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def rss_gib() -> float:

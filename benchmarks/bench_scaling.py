@@ -26,7 +26,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from janus.testing import write_tiny_checkpoint
-from tests.local_cluster import REPO, WORKER_RESOURCE, LocalCluster, cli_summary
+from tests.support import REPO
+from tests.support.jobs import cli_summary
+from tests.support.local_cluster import WORKER_RESOURCE, LocalCluster
 
 
 def run_once(cluster: LocalCluster, model: str, prompts: Path, out: Path, actors: int) -> dict:

@@ -2,7 +2,7 @@
 
 The benchmark compares our engine with transformers' own ``generate(generation_mode="image")``. To be
 fair both must run the same weights, so the loaded official-layout model is converted to HF's layout:
-the inverse of ``tests/hf_janus.py::official_state_dict_from_hf`` (whose name mapping
+the inverse of ``tests.support.hf_janus.official_state_dict_from_hf`` (whose name mapping
 ``conversion_plan`` is reused: one official tensor per HF tensor, except SigLIP's fused ``qkv``,
 which is split back into q, k, v, and ``pos_embed`` [1, N, W] -> ``position_embedding`` [N, W]).
 Official tensors with no HF counterpart (the unused ``attn_pool`` head, ``codebook_used``) are dropped.
@@ -10,35 +10,26 @@ Official tensors with no HF counterpart (the unused ``attn_pool`` head, ``codebo
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import GenerationConfig, JanusForConditionalGeneration
 
-_TESTS = Path(__file__).resolve().parents[1] / "tests"
+from janus.engine.common import sync
 
-
-def _hf_janus():
-    """tests/hf_janus.py holds the (tested) official <-> HF name mapping; it is not an installed module."""
-    if str(_TESTS) not in sys.path:
-        sys.path.insert(0, str(_TESTS))
-    import hf_janus
-
-    return hf_janus
+# the (tested) official <-> HF name mapping lives with the tests that check it
+from tests.support.hf_janus import conversion_plan, hf_janus_config, rope_theta
 
 
 def hf_config_for(model, processor):
     """The ``JanusConfig`` that describes ``model`` (a loaded ``MultiModalityCausalLM``)."""
-    H = _hf_janus()
     lc = model.config.language_config
     tower = model.vision_model.vision_tower
     block = tower.blocks[0]
     vq = model.gen_vision_model.config
     tok = processor.tokenizer
-    return H.hf_janus_config(
+    return hf_janus_config(
         vocab_size=lc.vocab_size,
         hidden_size=lc.hidden_size,
         intermediate_size=lc.intermediate_size,
@@ -47,7 +38,7 @@ def hf_config_for(model, processor):
         num_key_value_heads=lc.num_key_value_heads,
         max_position_embeddings=lc.max_position_embeddings,
         rms_norm_eps=lc.rms_norm_eps,
-        rope_theta=H._rope_theta(lc),
+        rope_theta=rope_theta(lc),
         vision_width=tower.embed_dim,
         vision_layers=len(tower.blocks),
         vision_heads=block.attn.num_heads,
@@ -69,7 +60,7 @@ def hf_config_for(model, processor):
 
 def hf_state_dict_from_official(official: dict[str, torch.Tensor], hf_names) -> dict[str, torch.Tensor]:
     """Official tensors -> HF names (``hf_names``: every key of the target HF model's state dict)."""
-    plan = _hf_janus().conversion_plan(hf_names)
+    plan = conversion_plan(hf_names)
     out: dict[str, torch.Tensor] = {}
     for name, sources in plan.items():
         value = official[name]
@@ -129,7 +120,7 @@ def hf_generate_images(
     """
     t0 = time.perf_counter()
     codes = hf.generate(input_ids, attention_mask=attention_mask, generation_mode="image")
-    _sync(codes.device)
+    sync(codes.device)
     t1 = time.perf_counter()
     pixels = hf.decode_image_tokens(codes).float().cpu().numpy()  # [B, H, W, 3] in [-1, 1]
     images = np.clip((pixels + 1) / 2 * 255, 0, 255).astype(np.uint8)
@@ -137,8 +128,3 @@ def hf_generate_images(
         timings["llm_s"] = t1 - t0
         timings["vq_decode_s"] = time.perf_counter() - t1
     return codes, images
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -1,17 +1,37 @@
-"""Session fixtures: one tiny checkpoint in the official format, loaded once through the real loader."""
+"""Fixtures shared by the test files: tiny checkpoints, stores (local and S3 on moto), Ray, the gate
+that holds a job's batches, and the project's shared folder beside the repository."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+from tests.support import REPO
+from tests.support.gate import ENV as GATE_ENV
+from tests.support.gate import Gate
+from tests.support.stores import Store, s3_store
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+# One thread: the test models are tiny, and on a shared 2-core machine an OpenMP barrier that waits
+# for a core another process holds made tests 2-5x slower with 2 threads (Ray's actors run one too).
+torch.set_num_threads(1)
+
+#: another location of the project's shared folder (or one that does not exist, to test without it)
+SHARED_ENV = "JANUS_SHARED_DIR"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The project's ``shared`` folder, beside the repository (``../shared``) unless JANUS_SHARED_DIR
+    names another. A user's clone has none: the tests that need it skip, saying so."""
+    path = Path(os.environ.get(SHARED_ENV) or REPO.parent / "shared")
+    if not path.is_dir():
+        pytest.skip(f"needs the project's shared/ folder, not found at {path} (set {SHARED_ENV} to it)")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +56,12 @@ def tiny_processor(tiny_dir):
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not (SHARED / "reference").is_dir():
-        raise RuntimeError(f"the project's shared/ folder is expected beside the repository at {SHARED}")
-    return SHARED
+def model_dir(tmp_path_factory) -> str:
+    """The jobs' and the server's checkpoint: a 2-level VQ (48 px images) is fast, and neither the
+    pipeline nor the API cares about the image size."""
+    from janus.testing import write_tiny_checkpoint
+
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("jobs") / "tiny", seed=5, vq_ch_mult=(1, 2)))
 
 
 @pytest.fixture(scope="session")
@@ -69,19 +91,32 @@ def s3_options(s3_endpoint) -> dict:
     }
 
 
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> Store:
+    """The same test on a local directory and on a real S3 endpoint."""
+    if request.param == "local":
+        return Store(f"file://{tmp_path}/data", None)
+    return s3_store(request.getfixturevalue("s3_options"))
+
+
+@pytest.fixture(name="s3_store")
+def s3_store_fixture(s3_options) -> Store:
+    return s3_store(s3_options)
+
+
 @pytest.fixture(scope="session")
 def hf_pair(tmp_path_factory):
     """(transformers' JanusForConditionalGeneration, our model loaded from its converted weights, processor).
 
     The HF model is an independent implementation; its random weights are converted into the official
-    on-disk layout (tests/hf_janus.py) and loaded by our loader, so any comparison checks our code
+    on-disk layout (tests/support/hf_janus) and loaded by our loader, so any comparison checks our code
     against theirs, not against our own numbers.
     """
-    from hf_janus import randomize_, tiny_hf_janus_config, write_official_checkpoint_from_hf
     from transformers import JanusForConditionalGeneration
 
     from janus.models import MultiModalityCausalLM, VLChatProcessor
     from janus.testing import write_processor_configs, write_tiny_tokenizer
+    from tests.support.hf_janus import randomize_, tiny_hf_janus_config, write_official_checkpoint_from_hf
 
     path = tmp_path_factory.mktemp("hf") / "janus-from-hf"
     path.mkdir()
@@ -100,7 +135,27 @@ def hf_pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def gate_folder(tmp_path_factory) -> Iterator[Path]:
+    """The gate's folder, put in the environment before any Ray starts, so every Ray worker (of the
+    session's Ray and of local clusters) inherits it."""
+    folder = tmp_path_factory.mktemp("gate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(GATE_ENV, str(folder))
+        yield folder
+
+
+@pytest.fixture()
+def gate(gate_folder) -> Iterator[Gate]:
+    """A fresh gate for one test (``scale_actors.GatedSynthesizer`` enters it); open at the end, so
+    no actor of a failed test waits on."""
+    g = Gate(gate_folder)
+    g.reset()
+    yield g
+    g.open()
+
+
+@pytest.fixture(scope="session")
+def ray_session(gate_folder):
     """One local Ray for the whole session, with two fake GPUs: torch sees no CUDA, so GPU actors
     must schedule on them and still run on the CPU."""
     import ray

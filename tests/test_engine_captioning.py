@@ -6,8 +6,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from benchmarks.reference_loop import reference_caption
 from janus.engine import CaptionEngine
+from janus.testing.reference import reference_caption
 
 
 def image(w: int, h: int, seed: int) -> PIL.Image.Image:

@@ -70,7 +70,7 @@ def test_seed_and_settings_change_the_image(small):
 
 
 def test_greedy_equals_the_reference_loop(small):
-    from benchmarks.reference_loop import reference_generate
+    from janus.testing.reference import reference_generate
 
     model, processor = small
     # NCHW VQ decode, as the reference: then the pixels too must be identical

@@ -1,4 +1,4 @@
-"""Self-checks of tests/hf_janus.py: transformers' Janus -> DeepSeek's official checkpoint layout.
+"""Self-checks of tests/support/hf_janus: transformers' Janus -> DeepSeek's official checkpoint layout.
 
 (a) full-size 1B / 7B HF models (meta device) convert to exactly the official names and shapes;
 (b) on a tiny model every HF tensor is used exactly once and copied unchanged;
@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import collections
 import json
-from pathlib import Path
 
-import hf_janus as H
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import JanusForConditionalGeneration, LlamaConfig, LlamaForCausalLM
 
-REFERENCE = Path("/work/shared/reference")
+from tests.support import hf_janus as H
+from tests.support.data import official_tensors
+
 VT = "vision_model.vision_tower"
-
-
-def _reference_shapes(size: str) -> dict[str, list[int]]:
-    path = REFERENCE / f"janus-pro-{size}-tensors.json"
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    return json.loads(path.read_text())["tensors"]
 
 
 def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -53,7 +46,7 @@ def tiny():
 
 @pytest.mark.parametrize("size", ["1b", "7b"])
 def test_full_size_conversion_matches_official_names_and_shapes(size):
-    reference = _reference_shapes(size)
+    reference = official_tensors(size)
     config = H.full_hf_janus_config(size)
     with torch.device("meta"):
         model = JanusForConditionalGeneration(config)

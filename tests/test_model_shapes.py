@@ -9,6 +9,7 @@ import torch
 
 from janus.models import MultiModalityCausalLM, MultiModalityConfig
 from janus.testing import official_config, save_state_dict
+from tests.support.data import DATA, official_tensors
 
 OFFICIAL = {
     # language_config as the official files hold it: only the keys that differ from LlamaConfig.
@@ -40,17 +41,20 @@ def full_config(size: str) -> dict:
     return cfg
 
 
-def reference(shared_dir, size: str) -> dict[str, list[int]]:
-    return json.loads((shared_dir / "reference" / f"janus-pro-{size}-tensors.json").read_text())["tensors"]
+@pytest.mark.parametrize("size", ["1b", "7b"])
+def test_repository_copy_of_the_manifest_is_the_shared_one(shared_dir, size):
+    """tests/data holds the project's reference manifests unchanged (the tests run without shared/)."""
+    name = f"janus-pro-{size}-tensors.json"
+    assert (DATA / name).read_bytes() == (shared_dir / "reference" / name).read_bytes()
 
 
 @pytest.mark.parametrize("size,count", [("1b", 882), ("7b", 936)])
-def test_full_size_names_and_shapes(shared_dir, size, count):
+def test_full_size_names_and_shapes(size, count):
     cfg = MultiModalityConfig(**{k: v for k, v in full_config(size).items() if k != "model_type"})
     with torch.device("meta"):
         model = MultiModalityCausalLM(cfg)
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    ref = reference(shared_dir, size)
+    ref = official_tensors(size)
     assert len(ref) == count
     assert ours == ref
     # LlamaConfig defaults filled in for the 7B's sparse language_config
@@ -60,10 +64,10 @@ def test_full_size_names_and_shapes(shared_dir, size, count):
 
 
 @pytest.mark.parametrize("size", ["1b", "7b"])
-def test_checkpoint_with_official_keys_loads_strictly(shared_dir, tmp_path, size):
+def test_checkpoint_with_official_keys_loads_strictly(tmp_path, size):
     # Each tensor is a stride-0 view of one element: torch.save keeps the view, so the file holds the
     # official names and shapes in a few KiB, and loading it takes the same strict path as real weights.
-    ref = reference(shared_dir, size)
+    ref = official_tensors(size)
     one = torch.zeros(1, dtype=torch.bfloat16)
     state = {
         name: one.expand(shape) if name.endswith("codebook_used") is False else torch.zeros(shape)

@@ -1,8 +1,11 @@
-"""The Ray Data jobs end to end: local and S3, bad inputs, fake GPUs, driver and actor death."""
+"""The Ray Data jobs end to end: local and S3, bad inputs, fake GPUs, driver and actor death.
+
+The kill tests kill while a batch is held in flight (``tests.support.gate``), so the kill always
+lands mid-job and the retry or resume path always runs, on any machine.
+"""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -10,56 +13,35 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
-import uuid
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import PIL.Image
-import pyarrow.parquet as pq
 import pytest
 
-from janus.testing import write_tiny_checkpoint
 from pipeline.config import load_config
 from pipeline.job import actor_options, run_job
 from pipeline.resume import committed_keys, duplicate_keys
 from pipeline.sources import PromptDefaults, read_images, read_prompts
+from tests.support import REPO
+from tests.support.inputs import encode
+from tests.support.jobs import (
+    committed_shards,
+    job_overrides,
+    output_rows,
+    session_env,
+    start_cli,
+    wait_until,
+    write_prompts,
+)
+from tests.support.stores import new_bucket
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    # 2-level VQ (48 px images): fast; the pipeline does not care about image size
-    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("jobs") / "tiny", seed=5, vq_ch_mult=(1, 2)))
+GATED = "compute.actor_class=tests.support.scale_actors:GatedSynthesizer"
 
 
 def job(model_dir: str, job: str, input_url: str, output_url: str, *extra: str):
-    return load_config(
-        None,
-        [
-            f"job={job}",
-            f"model.path={model_dir}",
-            "model.dtype=float32",
-            f"input.url={input_url}",
-            f"output.url={output_url}",
-            "output.rows_per_shard=4",
-            "compute.batch_size=4",
-            "engine.max_batch_size=4",
-            "caption.max_new_tokens=4",
-            *extra,
-        ],
-    )
-
-
-def output_rows(url: str, storage_options: dict | None = None) -> list[dict]:
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    rows = []
-    for path in sorted(fs.glob(f"{root}/shard-*.parquet")):
-        with fs.open(path, "rb") as f:
-            rows += pq.read_table(f).to_pylist()
-    return rows
+    return load_config(None, [f"job={job}", *job_overrides(model_dir, input_url, output_url, *extra)])
 
 
 def stats(url: str) -> dict[str, int]:
@@ -82,6 +64,8 @@ PROMPT_LINES = [
 ]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_synthesis_job_on_fake_gpus_with_bad_prompts(ray_session, model_dir, tmp_path):
     (tmp_path / "prompts.txt").write_bytes(b"\n".join(PROMPT_LINES) + b"\n")
     out = tmp_path / "out"
@@ -118,6 +102,8 @@ def test_synthesis_job_on_fake_gpus_with_bad_prompts(ray_session, model_dir, tmp
     assert samples[0]["png"].shape == (48, 48, 3)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_rerun_makes_no_duplicates_and_same_seed_same_image(ray_session, model_dir, tmp_path):
     (tmp_path / "p.jsonl").write_text(
         "\n".join(json.dumps({"prompt": f"prompt number {i}", "seed": 100 + i}) for i in range(3)) + "\n"
@@ -135,6 +121,8 @@ def test_rerun_makes_no_duplicates_and_same_seed_same_image(ray_session, model_d
     assert pngs(other) == pngs(out) and len(pngs(out)) == 3
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_the_model_pool_gets_full_batches_and_a_resume_too(ray_session, model_dir, tmp_path):
     """Read blocks of any size (three files, Ray's own block splitting, the resume filter) reach the
     model actors as whole batches: one short batch per run at most, where a ragged block would end
@@ -143,7 +131,7 @@ def test_the_model_pool_gets_full_batches_and_a_resume_too(ray_session, model_di
     for name, n in (("a.txt", 13), ("b.txt", 29), ("c.txt", 7)):
         (tmp_path / "in" / name).write_text("\n".join(f"{name} prompt {i}" for i in range(n)) + "\n")
     out = tmp_path / "out"
-    settings = ["compute.actor_class=tests.scale_actors:BatchSizeStandIn", "compute.batch_size=8"]
+    settings = ["compute.actor_class=tests.support.scale_actors:BatchSizeStandIn", "compute.batch_size=8"]
     cfg = job(model_dir, "synthesize", str(tmp_path / "in"), str(out), *settings)
 
     def batch_sizes(rows: list[dict]) -> list[int]:
@@ -174,12 +162,6 @@ def pngs(directory: Path) -> dict[str, bytes]:
 
 def make_images() -> dict[str, bytes]:
     rng = np.random.default_rng(0)
-
-    def encode(img: PIL.Image.Image, fmt: str, **kw) -> bytes:
-        buf = io.BytesIO()
-        img.save(buf, format=fmt, **kw)
-        return buf.getvalue()
-
     rgb = PIL.Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
     exif = PIL.Image.Exif()
     exif[0x0112] = 6  # rotate 90: the decoded image must come out 60 x 90 -> 90 x 60 transposed
@@ -198,10 +180,11 @@ def make_images() -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_caption_job_from_s3_to_s3(ray_session, model_dir, s3_options):
-    bucket = f"cap-{uuid.uuid4().hex[:8]}"
+    bucket = new_bucket(s3_options, "cap")
     fs = fsspec.filesystem("s3", **s3_options)
-    fs.mkdir(bucket)
     for name, data in make_images().items():
         fs.pipe(f"{bucket}/images/{name}", data)
     so = json.dumps(s3_options)
@@ -229,58 +212,37 @@ def test_caption_job_from_s3_to_s3(ray_session, model_dir, s3_options):
     assert not duplicate_keys(f"s3://{bucket}/captions", s3_options)
 
 
-def many_prompts(path: Path, n: int) -> list[str]:
-    path.write_text("\n".join(f"prompt {i}: a small scene number {i}" for i in range(n)) + "\n")
-    return [r["key"] for r in read_prompts(str(path))]
-
-
-def test_resume_after_the_driver_is_killed(ray_session, model_dir, tmp_path):
-    keys = many_prompts(tmp_path / "p.txt", 40)
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_resume_after_the_driver_is_killed(ray_session, model_dir, gate, tmp_path):
+    keys = write_prompts(tmp_path / "p.txt", 40)
     out = tmp_path / "out"
-    args = [
-        f"--set=model.path={model_dir}",
-        "--set=model.dtype=float32",
-        f"--set=input.url={tmp_path / 'p.txt'}",
-        f"--set=output.url={out}",
-        "--set=output.rows_per_shard=4",
-        "--set=compute.batch_size=4",
-        "--set=compute.gpus_per_actor=0",
-        "--set=output.contact_sheet=0",
+    overrides = [
+        f"model.path={model_dir}",
+        "model.dtype=float32",
+        f"input.url={tmp_path / 'p.txt'}",
+        f"output.url={out}",
+        "output.rows_per_shard=4",
+        "compute.batch_size=4",
+        "compute.gpus_per_actor=0",
+        "output.contact_sheet=0",
+        GATED,
     ]
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-        "PYTHONPATH": str(REPO),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "synthesize", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    env = session_env(ray_session)
+    gate.hold(from_call=2)  # two batches (two shards) get through, the third is in flight when killed
+    cli = start_cli("synthesize", overrides, env, tmp_path / "first.log")
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and len(list(out.glob("*.parquet"))) < 2:
-            assert proc.poll() is None, "the job finished before it could be killed"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        gate.wait_for_entry(lambda e: e.held, cli.ended)
+        cli.wait_for(lambda: committed_shards(str(out)) >= 2, "two committed shards")
+        cli.proc.send_signal(signal.SIGKILL)
+        cli.proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        cli.kill()
+    gate.open()
     committed_before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
     assert 0 < len(committed_before) and len(committed_keys(str(out))) < len(keys)
 
-    subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "synthesize", *args],
-        cwd=REPO,
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=600,
-    )
+    start_cli("synthesize", overrides, env, tmp_path / "rerun.log").finish(lambda: committed_shards(str(out)))
     rows = output_rows(str(out))
     assert sorted(r["key"] for r in rows) == sorted(keys)  # every key exactly once
     assert {
@@ -294,21 +256,10 @@ def test_resume_after_the_driver_is_killed(ray_session, model_dir, tmp_path):
         assert (out / tar.name.replace(".tar", ".parquet")).exists()
 
 
-def actor_pids(name: str) -> list[int]:
-    """Pids of live Ray actor processes whose title names ``name`` (Ray sets ``ray::<actor>``)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if cmdline.startswith("ray::") and name in cmdline:
-            pids.append(int(proc.name))
-    return sorted(pids)
-
-
-def test_killed_actor_is_replaced_and_every_row_lands_once(ray_session, model_dir, tmp_path):
-    keys = many_prompts(tmp_path / "p.txt", 32)
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_killed_actor_is_replaced_and_every_row_lands_once(ray_session, model_dir, gate, tmp_path):
+    keys = write_prompts(tmp_path / "p.txt", 32)
     out = tmp_path / "out"
     cfg = job(
         model_dir,
@@ -317,24 +268,37 @@ def test_killed_actor_is_replaced_and_every_row_lands_once(ray_session, model_di
         str(out),
         "compute.gpus_per_actor=0",
         "output.contact_sheet=0",
+        GATED,
     )
     result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(summary=run_job(cfg)))
+
+    def run() -> None:
+        try:
+            result["summary"] = run_job(cfg)
+        except BaseException as exc:  # shown by the test, not lost in the thread
+            result["error"] = exc
+
+    gate.hold(from_call=1)  # the first batch gets through (a committed shard), the second is held
+    runner = threading.Thread(target=run, daemon=True)
     runner.start()
-    killed = None
-    deadline = time.time() + 240
-    while runner.is_alive() and time.time() < deadline and killed is None:
-        alive = actor_pids("MapBatches(Synthesizer)")
-        if alive and len(list(out.glob("*.parquet"))) >= 1:
-            killed = alive[0]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.2)
-    runner.join(timeout=600)
-    assert killed is not None, "no actor was seen alive mid-job"
+
+    def ended() -> str | None:
+        return None if runner.is_alive() else f"the job ended first: {result}"
+
+    held = gate.wait_for_entry(lambda e: e.held, ended)
+    wait_until(lambda: committed_shards(str(out)) >= 1, "a committed shard", ended)
+    killed = held.pid
+    os.kill(killed, signal.SIGKILL)  # the actor dies with a batch in flight
+    gate.open()
+    runner.join()
+    assert "error" not in result, result
     assert result["summary"]["complete"]
     rows = output_rows(str(out))
     assert sorted(r["key"] for r in rows) == sorted(keys)
     assert all(r["status"] == "ok" for r in rows)
+    # the held batch ran again in the replacement actor: one call more than the 8 batches
+    entries = gate.entries()
+    assert len(entries) > len(keys) // 4 and any(e.pid != killed for e in entries[held.index + 1 :])
 
 
 def test_bad_config_is_a_clear_error(tmp_path):
@@ -350,5 +314,6 @@ def test_bad_config_is_a_clear_error(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert cli.returncode == 2 and "bad configuration" in cli.stderr

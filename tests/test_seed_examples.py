@@ -1,7 +1,8 @@
 """DeepSeek's own example programs, read from the seed document, run unchanged against our package.
 
-The seed write-up shows the two programs users already run (multimodal understanding and
-text-to-image). Each is cut out of the seed file at test time and executed with only these edits:
+The seed write-up (in the project's shared folder beside the repository; without it these tests
+skip) shows the two programs users already run (multimodal understanding and text-to-image). Each
+is cut out of the seed file at test time and executed with only these edits:
 the hub id becomes a tiny local checkpoint, ``.cuda()`` is dropped (CPU CI), and the understanding
 example gets the ``question`` it leaves undefined plus the ``images/equation.png`` it opens.
 Everything else -- ``AutoModelForCausalLM(..., trust_remote_code=True)``, ``.to(torch.bfloat16)``,
@@ -20,27 +21,27 @@ import PIL.Image
 import pytest
 import torch
 
-SEED_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "seed" / "000_460774fca0d825a8.txt"
+SEED_FILE = Path("seed") / "000_460774fca0d825a8.txt"  # in the shared folder
 MODEL_ID = '"deepseek-ai/Janus-Pro-7B"'
 
 UNDERSTANDING = ("多模态理解示例", "文生图示例")
 TEXT_TO_IMAGE = ("文生图示例", "模型代码")
 
 
-def seed_text() -> str:
-    if not SEED_FILE.is_file():
-        raise FileNotFoundError(
-            f"seed document not found at {SEED_FILE}: the project's shared/ folder must sit beside the repository"
-        )
-    return SEED_FILE.read_text(encoding="utf-8")
+@pytest.fixture(scope="module")
+def seed_text(shared_dir) -> str:
+    path = shared_dir / SEED_FILE
+    if not path.is_file():
+        pytest.skip(f"needs the seed document, not found at {path}")
+    return path.read_text(encoding="utf-8")
 
 
-def extract_example(start: str, end: str) -> str:
+def extract_example(seed_text: str, start: str, end: str) -> str:
     """The Python source between the heading line ``start`` and the heading line ``end``.
 
     Lines that are a lone ``-`` are the write-up's section separators, not code.
     """
-    lines = seed_text().splitlines()
+    lines = seed_text.splitlines()
     heads = [i for i, line in enumerate(lines) if line.strip() == start]
     if len(heads) != 1:
         raise AssertionError(f"expected one heading {start!r} in the seed document, found {len(heads)}")
@@ -87,23 +88,23 @@ def run_example(source: str, namespace: dict) -> str:
     return out.getvalue()
 
 
-def test_extraction_finds_both_programs():
-    und = extract_example(*UNDERSTANDING)
-    t2i = extract_example(*TEXT_TO_IMAGE)
+def test_extraction_finds_both_programs(seed_text):
+    und = extract_example(seed_text, *UNDERSTANDING)
+    t2i = extract_example(seed_text, *TEXT_TO_IMAGE)
     for src in (und, t2i):
         compile(src, "<seed example>", "exec")  # valid Python as cut out
     assert "vl_gpt.language_model.generate(" in und
     assert "def generate(" in t2i and "decode_code" in t2i
 
 
-def test_understanding_example_runs_unchanged(seed_checkpoint, tmp_path, monkeypatch):
+def test_understanding_example_runs_unchanged(seed_text, seed_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "images").mkdir()
     rng = np.random.default_rng(0)
     PIL.Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)).save(
         tmp_path / "images" / "equation.png"
     )
-    source = adapt(extract_example(*UNDERSTANDING), seed_checkpoint)
+    source = adapt(extract_example(seed_text, *UNDERSTANDING), seed_checkpoint)
     question = "Convert the formula into latex code."
     ns: dict = {"__name__": "__seed_example__", "question": question}
     printed = run_example(source, ns)
@@ -126,9 +127,9 @@ def test_understanding_example_runs_unchanged(seed_checkpoint, tmp_path, monkeyp
     assert inputs["sft_format"][0] in printed
 
 
-def test_text_to_image_example_runs_unchanged(seed_checkpoint, tmp_path, monkeypatch):
+def test_text_to_image_example_runs_unchanged(seed_text, seed_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    source = adapt(extract_example(*TEXT_TO_IMAGE), seed_checkpoint)
+    source = adapt(extract_example(seed_text, *TEXT_TO_IMAGE), seed_checkpoint)
     ns: dict = {"__name__": "__seed_example__"}
     torch.manual_seed(0)
     run_example(source, ns)

@@ -22,13 +22,12 @@ import PIL.Image
 import pytest
 import yaml
 
-from janus.testing import write_tiny_checkpoint
 from jobs.cli import main as cli_main
 from pipeline.actors import Captioner, Synthesizer
 from pipeline.serve.app import Backend, build_app, readiness
 from pipeline.serve.config import ServeConfigError, check_serve_config, parse_args
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "janus-test"
 SIZE = 48  # vq_ch_mult=(1, 2): 24 * 2 px
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
@@ -64,11 +63,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", seed=5, vq_ch_mult=(1, 2)))
 
 
 @pytest.fixture(scope="module")

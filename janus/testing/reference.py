@@ -1,4 +1,4 @@
-"""DeepSeek's reference generation algorithms, as the baselines our engines are measured against.
+"""DeepSeek's reference generation algorithms: the tests' ground truth and the benchmarks' baselines.
 
 ``reference_generate`` is the text-to-image loop of DeepSeek's example: ONE prompt, ``parallel_size``
 images, cond/uncond rows interleaved, transformers' dynamic KV cache grown one step at a time,
@@ -6,8 +6,8 @@ images, cond/uncond rows interleaved, transformers' dynamic KV cache grown one s
 postprocessing. ``reference_caption`` is the example's per-image understanding path
 (``language_model.generate(inputs_embeds=..., do_sample=False)``).
 
-They are deliberately unoptimised -- that is the point of a baseline -- and are also used by the tests
-as the ground truth that the engines must reproduce. Only janus, torch and numpy are needed.
+They are deliberately unoptimised, and share none of the engines' generation code, so an engine bug
+cannot hide by appearing on both sides. Only janus.models, torch and numpy are needed.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from janus.engine.common import sync
 from janus.models.processing_vlm import VLChatProcessor
 
 __all__ = ["reference_caption", "reference_generate", "t2i_prompt"]
@@ -42,11 +43,6 @@ def _cache_kwarg(language_model) -> str:
 def _returned_cache(outputs):
     cache = getattr(outputs, "cache", None)
     return cache if cache is not None else outputs.past_key_values
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -94,7 +90,7 @@ def reference_generate(
         codes[:, step] = next_token.squeeze(-1)
         pair = torch.cat([next_token, next_token], dim=1).view(-1)  # same code for the cond and uncond row
         inputs_embeds = model.prepare_gen_img_embeds(pair).unsqueeze(1)
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
 
     images = None
@@ -106,7 +102,7 @@ def reference_generate(
         )
         dec = dec.to(torch.float32).cpu().numpy().transpose(0, 2, 3, 1)
         images = np.clip((dec + 1) / 2 * 255, 0, 255).astype(np.uint8)
-    _sync(device)
+    sync(device)
     if timings is not None:
         timings["llm_s"] = t1 - t0
         timings["vq_decode_s"] = time.perf_counter() - t1

@@ -2,8 +2,11 @@
 
 Clusters see object stores throttle (503 SlowDown), fail (500 InternalError), drop connections
 before or after a request took effect, cut downloads short and answer slowly. The proxy does each of
-these for a configurable fraction of requests, so the pipeline's retries and its exactly-once
-commits are tested against real HTTP, not mocks. It listens on 127.0.0.1 only.
+these for a configurable fraction of requests, and for sure on chosen operations (``Trigger``), so
+the pipeline's retries and its exactly-once commits are tested against real HTTP, not mocks. It
+records which operation every fault hit, so a test can check that the faults that matter happened
+(a commit whose reply was lost, a read that was throttled), not only how many there were. It listens
+on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import PurePosixPath
 
 # Each fault by name: what a client sees.
 #   slowdown     503 SlowDown, the request never reaches the store (S3's throttling answer)
@@ -33,30 +37,54 @@ _ERROR_BODY = (
 )
 
 
+def operation(method: str, path: str) -> str:
+    """What a request does, as ``METHOD kind``: kind ``bucket`` for bucket-level requests (listings),
+    else the object's file type (``.parquet``, ``.tar``, ``.json``, ``.txt``, or ``object``), so that
+    a test can name "the PUT of a shard's commit marker" without knowing generated names."""
+    _bucket, _, key = path.lstrip("/").partition("/")
+    if not key:
+        return f"{method} bucket"
+    return f"{method} {PurePosixPath(key).suffix or 'object'}"
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A fault given for sure: ``fault`` on the ``nth`` (0-based) request of ``operation``."""
+
+    fault: str
+    operation: str  # as ``operation()`` names it, e.g. "PUT .parquet"
+    nth: int = 0
+
+
 @dataclass
 class FaultPlan:
-    """What to inject: ``rates`` maps a fault in ``FAULTS`` to the fraction of requests that get it."""
+    """What to inject: ``rates`` maps a fault in ``FAULTS`` to the fraction of requests that get it;
+    ``triggers`` are faults given whatever the draw says."""
 
     rates: dict[str, float] = field(default_factory=dict)
     slow_rate: float = 0.0  # fraction of requests answered ``slow_seconds`` late
     slow_seconds: float = 0.2
     fail_buckets: frozenset[str] = frozenset()  # every request to these buckets gets 503 SlowDown
+    triggers: tuple[Trigger, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.rates) - set(FAULTS)
+        unknown = (set(self.rates) | {t.fault for t in self.triggers}) - set(FAULTS)
         if unknown:
             raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS}")
         if sum(self.rates.values()) > 1:
             raise ValueError("fault rates add up to more than 1")
+        if any(t.fault == "truncate" and not t.operation.startswith("GET ") for t in self.triggers):
+            raise ValueError("only a GET reply can be truncated")
 
 
 class FaultyS3Proxy:
     """``with FaultyS3Proxy(upstream, plan) as proxy:`` point S3 clients at ``proxy.url``.
 
-    ``proxy.injected`` counts the faults given, ``proxy.requests`` lists ``(method, path, fault)``
-    for every request (fault ``None`` when it passed through untouched). ``proxy.plan`` may be
-    replaced while clients run, e.g. to make a bucket fail for good mid-job.
+    ``proxy.injected`` counts the faults given, ``proxy.hits`` counts them by ``(fault, operation)``,
+    ``proxy.requests`` lists ``(method, path, fault)`` for every request (fault ``None`` when it
+    passed through untouched). ``proxy.plan`` may be replaced while clients run, e.g. to make a
+    bucket fail for good mid-job.
     """
 
     def __init__(self, upstream: str, plan: FaultPlan | None = None):
@@ -64,7 +92,9 @@ class FaultyS3Proxy:
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.plan = plan or FaultPlan()
         self.injected: Counter[str] = Counter()
+        self.hits: Counter[tuple[str, str]] = Counter()
         self.requests: list[tuple[str, str, str | None]] = []
+        self._seen: Counter[str] = Counter()  # requests so far per operation, for triggers
         self._lock = threading.Lock()
         self._rng = random.Random(self.plan.seed)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
@@ -94,12 +124,16 @@ class FaultyS3Proxy:
         """(fault or None, slow?) for one request; the draw is reproducible for a given seed."""
         plan = self.plan
         bucket = path.lstrip("/").split("/", 1)[0]
+        op = operation(method, path)
         with self._lock:
+            nth = self._seen[op]
+            self._seen[op] += 1
             if bucket in plan.fail_buckets:
                 fault: str | None = "slowdown"
             else:
-                draw, fault = self._rng.random(), None
-                for name, rate in plan.rates.items():
+                draw = self._rng.random()  # drawn even when a trigger decides: the same seed, the same draws
+                fault = next((t.fault for t in plan.triggers if (t.operation, t.nth) == (op, nth)), None)
+                for name, rate in plan.rates.items() if fault is None else ():
                     if name == "truncate" and method != "GET":
                         continue
                     if draw < rate:
@@ -110,6 +144,7 @@ class FaultyS3Proxy:
             self.requests.append((method, path, fault))
             if fault:
                 self.injected[fault] += 1
+                self.hits[(fault, op)] += 1
             if slow:
                 self.injected["slow"] += 1
         return fault, slow

@@ -1,9 +1,9 @@
-"""Actor classes that tests/test_scale.py runs through ``compute.actor_class``.
+"""Actor classes that the job tests run through ``compute.actor_class``.
 
-Both keep the job's real path (reader -> drop committed -> actor pool -> ShardDatasink) and change
+All keep the job's real path (reader -> drop committed -> actor pool -> ShardDatasink) and change
 only what happens inside the pool: ``TracedSynthesizer`` is the real model actor that also says
-where it ran; the stand-ins replace the model so that thousands of rows (or a million) cross the
-pipeline in seconds on a CPU.
+where it ran, ``GatedSynthesizer`` lets a test hold a batch in flight (``gate``); the stand-ins
+replace the model so that thousands of rows (or a million) cross the pipeline in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import ray
+
+from .gate import Gate
 
 IMAGE_TOKENS = 576
 
@@ -30,6 +32,20 @@ class TracedSynthesizer:
         node = ray.get_runtime_context().get_node_id()
         out["model"] = np.array([f"{name}@{node}" for name in out["model"]], dtype=object)
         return out
+
+
+class GatedSynthesizer(TracedSynthesizer):
+    """TracedSynthesizer that enters the test's gate before each batch, so that a kill can land while
+    a batch is in flight, at a moment the test chooses."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.gate = Gate.from_env()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.gate is not None:
+            self.gate.enter(ray.get_runtime_context().get_node_id())
+        return super().__call__(batch)
 
 
 class StandInSynthesizer:

@@ -1,0 +1,189 @@
+"""Shard sinks and resume: tar + Parquet shards readable by other tools (webdataset, pyarrow, duckdb),
+idempotent rewrites, invisible uncommitted shards, the resume filter and the duplicate check."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import random
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import resume, sinks
+from tests.support.inputs import png_bytes
+from tests.support.stores import Store
+
+
+def _results(n: int, seed: int = 0, fail: tuple[int, ...] = ()) -> list[dict]:
+    """Synthesis results as an actor would return them: prompt rows plus a uint8 image."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        row = {
+            "key": hashlib.sha1(f"{seed}-{i}".encode()).hexdigest()[:20],
+            "prompt": f"prompt {i}",
+            "seed": i,
+            "cfg_weight": 5.0,
+            "temperature": 1.0,
+            "source": "p.txt",
+            "index": np.int64(i),
+            "sample": 0,
+            "status": None,
+            "error": None,
+            "image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+            "model": "tiny",
+            "seconds": 0.25,
+        }
+        if i in fail:
+            row.update(status="error", error="out of memory", image=None)
+        rows.append(row)
+    return rows
+
+
+def _local_copy(store: Store, name: str, tmp_path: Path) -> str:
+    path = tmp_path / name
+    path.write_bytes(store.get(name))
+    return str(path)
+
+
+def test_write_shard_synthesis_readable_by_other_tools(store, tmp_path):
+    import webdataset as wds
+
+    rows = _results(6, fail=(1,))
+    rows[2]["image"] = png_bytes(rows[2]["image"])  # PNG bytes are stored as they are
+    rows[3]["image"] = np.zeros((4, 4), np.float32)  # unusable: a failed row, not an exception
+    rows[5]["image"] = sinks.PNG_MAGIC + b"not really"
+    stats = sinks.write_shard(rows, store.root, store.options)
+    shard = stats["shard"]
+    assert shard == sinks.shard_name(r["key"] for r in rows)
+    assert store.names() == [f"{shard}.parquet", f"{shard}.tar", f"{shard}_stats.json"]
+    assert (stats["count"], stats["ok"], stats["failed"]) == (6, 3, 3)
+    assert stats["seconds"] == pytest.approx(1.5)
+    assert json.loads(store.get(f"{shard}_stats.json")) == stats
+
+    table = pq.read_table(_local_copy(store, f"{shard}.parquet", tmp_path))
+    assert table.schema == sinks.SYNTHESIS_SCHEMA
+    got = table.to_pylist()
+    assert [r["key"] for r in got] == sorted(r["key"] for r in rows)
+    by_key = {r["key"]: r for r in got}
+    assert by_key[rows[1]["key"]]["status"] == "error" and by_key[rows[1]["key"]]["error"] == "out of memory"
+    assert "cannot store image: image must be" in by_key[rows[3]["key"]]["error"]
+    assert "cannot store image: not a readable" in by_key[rows[5]["key"]]["error"]
+    assert by_key[rows[0]["key"]]["member"] == f"{rows[0]['key']}.png"
+    assert by_key[rows[0]["key"]]["model"] == "tiny" and by_key[rows[0]["key"]]["seconds"] == 0.25
+
+    samples = list(wds.WebDataset(_local_copy(store, f"{shard}.tar", tmp_path), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == sorted(rows[i]["key"] for i in (0, 2, 4))
+    for s in samples:
+        src = next(r for r in _results(6) if r["key"] == s["__key__"])
+        assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(s["png"]))), src["image"])
+        meta = json.loads(s["json"])
+        assert meta["prompt"] == src["prompt"] and meta["width"] == meta["height"] == 16
+
+    duckdb = pytest.importorskip("duckdb")
+    ((ok, failed),) = duckdb.sql(
+        "select count(*) filter (status = 'ok'), count(*) filter (status = 'error') "
+        f"from read_parquet('{tmp_path / (shard + '.parquet')}')"
+    ).fetchall()
+    assert (ok, failed) == (3, 3)
+
+
+def test_write_shard_is_idempotent(store):
+    rows = _results(6, fail=(2,))
+    first = sinks.write_shard(rows, store.root, store.options)
+    before = {n: store.get(n) for n in store.names()}
+    shuffled = rows[:]
+    random.Random(0).shuffle(shuffled)
+    assert sinks.write_shard(shuffled, store.root, store.options) == first
+    assert {n: store.get(n) for n in store.names()} == before
+
+
+def test_caption_shard(store, tmp_path):
+    rows = [
+        {"key": "k1", "source": "a.jpg", "caption": "a cat", "question": "Describe.", "num_tokens": 3},
+        {"key": "k/2", "source": "b.jpg", "status": "error", "error": "not a readable image"},
+        {"key": "k3", "source": "c.jpg", "caption": None},
+    ]
+    stats = sinks.write_shard(pa.Table.from_pylist(rows), store.root, store.options, kind="caption")
+    assert "tar" not in stats["files"] and (stats["ok"], stats["failed"]) == (1, 2)
+    assert store.names() == [f"{stats['shard']}.parquet", f"{stats['shard']}_stats.json"]
+    got = pq.read_table(_local_copy(store, f"{stats['shard']}.parquet", tmp_path)).to_pylist()
+    assert [(r["key"], r["status"], r["caption"]) for r in got] == [
+        ("k/2", "error", None),
+        ("k1", "ok", "a cat"),
+        ("k3", "error", None),
+    ]
+    assert got[2]["error"] == "result has no caption text"
+
+
+def test_write_shard_rejects_broken_batches(tmp_path):
+    rows = _results(2)
+    with pytest.raises(ValueError, match="duplicate keys"):
+        sinks.write_shard([rows[0], rows[0]], str(tmp_path))
+    with pytest.raises(ValueError, match="non-empty string 'key'"):
+        sinks.write_shard([{"prompt": "x"}], str(tmp_path))
+    with pytest.raises(ValueError, match="WebDataset member names"):
+        sinks.write_shard([{**rows[0], "key": "a.b"}], str(tmp_path))
+    with pytest.raises(ValueError, match="unknown shard kind"):
+        sinks.write_shard(rows, str(tmp_path), kind="video")
+    assert sinks.write_shard([], str(tmp_path))["count"] == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crash_before_commit_is_invisible_and_cleaned(store, monkeypatch):
+    done = _results(4, seed=1)
+    committed = sinks.write_shard(done, store.root, store.options)
+    batch = _results(3, seed=2)
+
+    def crash(self):
+        raise RuntimeError("worker killed")
+
+    monkeypatch.setattr(sinks.ParquetShardWriter, "close", crash)
+    with pytest.raises(RuntimeError, match="worker killed"):
+        sinks.write_shard(batch, store.root, store.options)
+    monkeypatch.undo()
+    orphan = sinks.shard_name(r["key"] for r in batch)
+    leftover = store.put(f".{orphan}.parquet.0123.tmp", b"half a file")  # a killed local write
+    assert f"{orphan}.tar" in store.names() and f"{orphan}.parquet" not in store.names()
+
+    assert resume.committed_shards(store.root, store.options) == [committed["shard"]]
+    assert resume.committed_keys(store.root, store.options) == {r["key"] for r in done}
+    removed = resume.cleanup_uncommitted(store.root, store.options)
+    assert sorted(posixpath.basename(p) for p in removed) == sorted(
+        [f"{orphan}.tar", f"{orphan}_stats.json", posixpath.basename(leftover)]
+    )
+    assert store.names() == sorted(sinks.shard_files(committed["shard"]).values())
+
+    sinks.write_shard(batch, store.root, store.options)  # the rerun
+    assert resume.committed_keys(store.root, store.options) == {r["key"] for r in done + batch}
+    assert resume.duplicate_keys(store.root, store.options) == {}
+    assert resume.summarize_output(store.root, store.options) == {
+        "shards": 2,
+        "count": 7,
+        "ok": 7,
+        "failed": 0,
+    }
+
+
+def test_resume_filter_and_duplicate_check(store):
+    a, b = _results(5, seed=3), _results(5, seed=4)
+    assert resume.load_committed(store.url("nothing-yet"), store.options).size == 0
+    assert resume.cleanup_uncommitted(store.url("nothing-yet"), store.options) == []
+    sa = sinks.write_shard(a[:3], store.root, store.options)
+    committed = resume.load_committed(store.root, store.options)
+    assert sorted(k.decode() for k in committed) == sorted(r["key"] for r in a[:3])
+    table = pa.table({"key": [r["key"] for r in a + b], "n": list(range(10))})
+    kept = resume.filter_committed(table, committed)
+    assert kept.column("n").to_pylist() == [3, 4, 5, 6, 7, 8, 9]
+
+    sb = sinks.write_shard(a[2:4], store.root, store.options)  # overlaps a[2]: a duplicate
+    assert resume.duplicate_keys(store.root, store.options) == {
+        a[2]["key"]: sorted([sa["shard"], sb["shard"]])
+    }
