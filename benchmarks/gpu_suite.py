@@ -19,7 +19,7 @@ recorded with its traceback and the next section runs:
   serve         `python -m jobs.cli serve` on a GPU replica: one request per route
 
 Sections 1-3 build random weights of the real shapes directly on the device (the loader's own steps
-without the files); sections 4 load a checkpoint written to disk, through the loader. Every section
+without the files); ray_data and serve load a checkpoint written to disk, through the loader. Every section
 rewrites ``<out>/<section>.json`` after each item, so a section that is killed keeps what it measured;
 ``<out>/summary.json`` says what ran, what failed, how long each section took, and checks the goals.
 """
@@ -64,7 +64,7 @@ BUDGET_S = {
 }
 GRACE_S = 10  # after its budget a section's process gets SIGTERM, and SIGKILL this much later
 IMAGE_TOKENS = 576
-#: The compass: per-GPU goals the synthesis and pipeline numbers are read against.
+#: The compass: per-GPU synthesis goals, checked in summary.json.
 GOALS = {"1b_images_per_s": 20.0, "7b_images_per_s": 7.0, "x_reference": 3.0, "x_transformers": 2.0}
 
 
@@ -86,7 +86,7 @@ class Plan:
     serve_compile: bool
     repeats: int
     warmups: bool  # warm-up calls before the timed ones (they matter on a GPU, not for a dry run)
-    budgets: bool  # False: every item runs, whatever the estimates say
+    budgets: bool  # False: no time limits at all, every item runs (a dry run checks the code, not time)
 
 
 #: The 1B items in priority order: batch 16 side by side first, then the compiled engine at its best
@@ -137,11 +137,11 @@ DRY_PLAN = Plan(
     device="cpu",
     dtype="float32",
     shapes={
-        "correctness": "tiny",
-        "synthesis_1b": "tiny",
-        "synthesis_7b": "tiny",
-        "ray_data": "tiny",
-        "serve": "tiny",
+        "correctness": "tiny48",
+        "synthesis_1b": "tiny48",
+        "synthesis_7b": "tiny48",
+        "ray_data": "tiny48",
+        "serve": "tiny48",
     },
     synthesis={  # every contender once; the 7B section's code is the 1B one's
         "synthesis_1b": [(2, c) for c in CONTENDERS],
@@ -161,23 +161,35 @@ DRY_PLAN = Plan(
 
 
 def shape_kwargs(name: str) -> dict[str, Any]:
-    """write_tiny_checkpoint keywords of a shape: bench_engines' 1B / 7B, or the tiny model at 48 px."""
+    """write_tiny_checkpoint keywords of a shape: bench_engines' configs (1b, 7b, tiny at 384 px), or
+    tiny48: the tiny model with a 2-level VQ (48 px), as the engine tests use, which a CPU decodes fast."""
     from benchmarks.bench_engines import CONFIGS
 
-    if name == "tiny":  # a 2-level VQ (48 px images), as the engine tests use: the CPU decodes it fast
+    if name == "tiny48":
         return dict(CONFIGS["tiny"], vq_ch_mult=(1, 2))
     return dict(CONFIGS[name])
 
 
 def caption_shapes(plan: Plan) -> list[str]:
-    return ["1b", "7b"] if plan.device == "cuda" else ["tiny"]
+    return ["1b", "7b"] if plan.device == "cuda" else ["tiny48"]
 
 
 # -- one section's record ---------------------------------------------------------------------
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null, so the files are strict JSON for any reader."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _jsonable(value: Any) -> Any:
     """json.dumps fallback: numpy and torch scalars / arrays, paths, anything else as text."""
     if hasattr(value, "tolist"):
-        return value.tolist()
+        return _finite(value.tolist())
     if isinstance(value, Path):
         return str(value)
     return repr(value)
@@ -186,17 +198,17 @@ def _jsonable(value: Any) -> Any:
 def write_json(path: Path, data: dict) -> None:
     """Atomic: a reader (or a kill) never sees half a file."""
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable, allow_nan=True) + "\n")
+    tmp.write_text(json.dumps(_finite(data), indent=2, default=_jsonable, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
 class Recorder:
     """One section's JSON, rewritten after every item so that a killed section keeps what it measured."""
 
-    def __init__(self, path: Path, section: str, budget_s: float, plan: Plan):
+    def __init__(self, path: Path, section: str, budget_s: float | None, plan: Plan):
         self.path = path
         self.t0 = time.perf_counter()
-        self.deadline = self.t0 + budget_s if plan.budgets else math.inf
+        self.deadline = math.inf if budget_s is None else self.t0 + budget_s
         self.data: dict[str, Any] = {
             "section": section,
             "status": "running",
@@ -693,13 +705,6 @@ def timed_with_memory(fn: Callable[[], dict], device) -> Callable[[], dict]:
     return run
 
 
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def synthesis_table(rows: list, reference: str, floors: dict[tuple[int, str], float]) -> list[dict]:
     """Ratios at the same batch (vs ``reference`` and transformers), and the distance to the floor."""
     from benchmarks.bench_engines import add_ratios
@@ -757,6 +762,7 @@ def synthesis_items(rec: Recorder, plan: Plan, work: Path, section: str) -> None
         PROMPTS,
         param_bytes,
         run_interleaved,
+        sync,
         synthesis_contenders,
         synthesis_row,
     )
@@ -1342,7 +1348,7 @@ RUNNERS: dict[str, Callable[[Recorder, Plan, Path], None]] = {
 }
 
 
-def run_section(name: str, plan: Plan, out: Path, work: Path, budget_s: float) -> None:
+def run_section(name: str, plan: Plan, out: Path, work: Path, budget_s: float | None) -> None:
     """One section in this process; its JSON is final when this returns (or says why it is not)."""
     rec = Recorder(out / f"{name}.json", name, budget_s, plan)
     if plan.device == "cpu":  # a second OpenMP thread on a shared 2-core machine stalls 10x or more
@@ -1361,15 +1367,16 @@ def run_section(name: str, plan: Plan, out: Path, work: Path, budget_s: float) -
     rec.finish()
 
 
-def run_isolated(name: str, out: Path, work: Path, budget_s: float, dry_run: bool) -> None:
+def run_isolated(name: str, out: Path, work: Path, budget_s: float | None, dry_run: bool) -> None:
     """One section in its own process: a hard time limit, and a crash or a poisoned CUDA context
     stays inside it. SIGTERM at the budget (the section records it), SIGKILL ``GRACE_S`` later."""
     cmd = [sys.executable, "-m", "benchmarks.gpu_suite", "--section", name]
-    cmd += ["--out", str(out), "--work", str(work), "--budget-s", str(budget_s)]
+    cmd += ["--out", str(out), "--work", str(work)]
     cmd += ["--dry-run"] if dry_run else []
+    cmd += [] if budget_s is None else ["--budget-s", str(budget_s)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=product_env(), start_new_session=True)
     try:
-        code = proc.wait(budget_s + GRACE_S / 2)
+        code = proc.wait(None if budget_s is None else budget_s + GRACE_S / 2)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -1431,7 +1438,7 @@ def goals(out: Path, sections: list[str]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results/gpu_suite")
+    ap.add_argument("--out", help="default: $OUT, else benchmarks/results/gpu_suite (out/gpu_suite_dry_run)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
     ap.add_argument("--dry-run", action="store_true", help="the whole script on the CPU with the tiny model")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every section's budget")
@@ -1448,7 +1455,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     plan = DRY_PLAN if args.dry_run else GPU_PLAN
-    out = Path(args.out).resolve()
+    default = "out/gpu_suite_dry_run" if args.dry_run else "benchmarks/results/gpu_suite"
+    out = Path(args.out or os.environ.get("OUT") or default).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.section:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a budget's end: record, then stop
@@ -1478,21 +1486,23 @@ def main(argv: list[str] | None = None) -> int:
     slack = 0.0
     try:
         for name in [s for s in SECTIONS if s in selected]:
-            budget = max(BUDGET_S[name] * args.budget_scale + slack, 0.0)
+            budget = max(BUDGET_S[name] * args.budget_scale + slack, 0.0) if plan.budgets else None
             t0 = time.perf_counter()
-            print(f"=== {name} (budget {budget:.0f} s) ===", flush=True)
+            print(
+                f"=== {name} ({'no budget' if budget is None else f'budget {budget:.0f} s'}) ===", flush=True
+            )
             if isolate:
                 run_isolated(name, out, work, budget, args.dry_run)
             else:
                 run_section(name, plan, out, work, budget)
             wall = time.perf_counter() - t0
-            slack = budget - wall
+            slack = 0.0 if budget is None else budget - wall
             data = json.loads((out / f"{name}.json").read_text())
             states = [i["status"] for i in data.get("items", [])]
             summary["sections"][name] = {
                 "status": data.get("status"),
                 "wall_s": round(wall, 1),
-                "budget_s": round(budget, 1),
+                "budget_s": None if budget is None else round(budget, 1),
                 "file": f"{name}.json",
                 **{f"items_{s}": states.count(s) for s in ("ok", "failed", "skipped")},
             }
@@ -1513,7 +1523,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     print(f"\n=== gpu_suite summary ({summary['mode']}, {summary['wall_s']} s) -> {out} ===")
     for name, s in summary["sections"].items():
         print(
-            f"{name:13s} {s['status']:10s} {s['wall_s']:7.1f} s of {s['budget_s']:5.0f}  "
+            f"{name:13s} {s['status']:10s} {s['wall_s']:7.1f} s of {s['budget_s'] or '-':>5}  "
             f"ok {s['items_ok']}  failed {s['items_failed']}  skipped {s['items_skipped']}"
         )
     for section in ("synthesis_1b", "synthesis_7b", "caption"):
