@@ -208,9 +208,13 @@ def run_interleaved(
 
 # -- synthesis contenders ---------------------------------------------------------------------
 def synthesis_contenders(
-    model, processor, prompts: list[str], args
+    model, processor, prompts: list[str], args, hf=None
 ) -> dict[str, Callable[[list[str]], dict]]:
-    """name -> fn(prompts) that produces all images and returns {"llm_s", "steps", "images"}."""
+    """name -> fn(prompts) that produces all images and returns {"llm_s", "steps", "images"}.
+
+    ``hf``: transformers' Janus on the same weights, when the caller already built it (a 7B copy
+    takes long to build, and a GPU run measures several batch sizes on one model).
+    """
     from janus.engine import SynthesisEngine
 
     engine = SynthesisEngine(
@@ -257,7 +261,7 @@ def synthesis_contenders(
     if "hf" in args.contenders:
         from benchmarks.hf_baseline import hf_generate_images, hf_janus_from_model
 
-        hf = hf_janus_from_model(model, processor)
+        hf = hf if hf is not None else hf_janus_from_model(model, processor)
 
         def run_hf(ps):
             rows = [processor.tokenizer.encode(t2i_prompt(processor, p)) for p in ps]
@@ -300,39 +304,45 @@ def bench_synthesis(model, processor, args, common: dict) -> list[Row]:
         args.repeats,
         common["_device"],
     )
-    rows: list[Row] = []
-    for name, (times, infos) in runs.items():
-        best = int(np.argmin(times))
-        info = infos[best]
-        assert len(info["images"]) == len(prompts)
-        assert all(im.dtype == np.uint8 and im.shape[-1] == 3 for im in info["images"])
-        steps_s = info["steps"] / info["llm_s"]
-        rows.append(
-            Row(
-                task="synthesis",
-                contender=name,
-                batch=len(prompts),
-                times_s=times,
-                best_s=times[best],
-                images_per_s=len(prompts) / times[best],
-                llm_s=info["llm_s"],
-                decode_tokens_per_s=len(prompts) * IMAGE_TOKENS / info["llm_s"],
-                steps_per_s=steps_s,
-                bandwidth_gb_s=decode_bytes * steps_s / 1e9,
-                extra={
-                    "vq_decode_s": info["vq_s"],
-                    "decode_bytes": decode_bytes,
-                    "llm_s_all": [i["llm_s"] for i in infos],
-                    "cpu_s_all": [i["cpu_s"] for i in infos],
-                    "vq_decode_s_all": [i["vq_s"] for i in infos],
-                    "image_shape": list(info["images"][0].shape),
-                    **{k: info[k] for k in ("prefill_s", "decode_s") if k in info},
-                },
-                **{k: v for k, v in common.items() if not k.startswith("_")},
-            )
-        )
+    rows = [
+        synthesis_row(name, times, infos, len(prompts), decode_bytes, common)
+        for name, (times, infos) in runs.items()
+    ]
     add_ratios(rows, "ref_per_prompt")
     return rows
+
+
+def synthesis_row(
+    name: str, times: list[float], infos: list[dict], batch: int, decode_bytes: int, common: dict
+) -> Row:
+    """One synthesis contender's Row from its timed runs (the figures are those of the best run)."""
+    best = int(np.argmin(times))
+    info = infos[best]
+    assert len(info["images"]) == batch
+    assert all(im.dtype == np.uint8 and im.shape[-1] == 3 for im in info["images"])
+    steps_s = info["steps"] / info["llm_s"]
+    return Row(
+        task="synthesis",
+        contender=name,
+        batch=batch,
+        times_s=times,
+        best_s=times[best],
+        images_per_s=batch / times[best],
+        llm_s=info["llm_s"],
+        decode_tokens_per_s=batch * IMAGE_TOKENS / info["llm_s"],
+        steps_per_s=steps_s,
+        bandwidth_gb_s=decode_bytes * steps_s / 1e9,
+        extra={
+            "vq_decode_s": info["vq_s"],
+            "decode_bytes": decode_bytes,
+            "llm_s_all": [i["llm_s"] for i in infos],
+            "cpu_s_all": [i["cpu_s"] for i in infos],
+            "vq_decode_s_all": [i["vq_s"] for i in infos],
+            "image_shape": list(info["images"][0].shape),
+            **{k: info[k] for k in ("prefill_s", "decode_s") if k in info},
+        },
+        **{k: v for k, v in common.items() if not k.startswith("_")},
+    )
 
 
 # -- captioning contenders --------------------------------------------------------------------
@@ -345,20 +355,24 @@ def caption_images(n: int) -> list[PIL.Image.Image]:
     ]
 
 
-def bench_caption(model, processor, args, common: dict) -> list[Row]:
+def caption_contenders(
+    model, processor, images: list[PIL.Image.Image], questions: list[str], max_new_tokens: int
+) -> dict[str, Callable[[list[int]], dict]]:
+    """name -> fn(indices of ``images``) that captions those images, greedy, and returns
+    {"llm_s", "steps", "tokens", "texts"}; llm_s is None where generate() is not separable."""
     from janus.engine import CaptionEngine
 
-    images = caption_images(args.batch)
-    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.batch)]
-    engine = CaptionEngine(model, processor, max_batch_size=args.batch)
-    lm = model.language_model
-    decode_bytes = param_bytes(lm.model.layers, lm.model.norm, lm.lm_head)
-    n_new = args.max_new_tokens
+    engine = CaptionEngine(model, processor, max_batch_size=len(images))
 
     def run_engine(idx):
         res = engine.generate(
             [
-                {"image": images[i], "question": questions[i], "max_new_tokens": n_new, "temperature": 0}
+                {
+                    "image": images[i],
+                    "question": questions[i],
+                    "max_new_tokens": max_new_tokens,
+                    "temperature": 0,
+                }
                 for i in idx
             ]
         )
@@ -378,12 +392,20 @@ def bench_caption(model, processor, args, common: dict) -> list[Row]:
     def run_ref(idx):
         texts, tokens = [], 0
         for i in idx:
-            text, ids = reference_caption(model, processor, images[i], questions[i], n_new)
+            text, ids = reference_caption(model, processor, images[i], questions[i], max_new_tokens)
             texts.append(text)
             tokens += len(ids)
         return {"llm_s": None, "steps": tokens, "tokens": tokens, "texts": texts}
 
-    contenders = {"engine": run_engine, "ref_per_image": run_ref}
+    return {"engine": run_engine, "ref_per_image": run_ref}
+
+
+def bench_caption(model, processor, args, common: dict) -> list[Row]:
+    images = caption_images(args.batch)
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.batch)]
+    lm = model.language_model
+    decode_bytes = param_bytes(lm.model.layers, lm.model.norm, lm.lm_head)
+    contenders = caption_contenders(model, processor, images, questions, args.max_new_tokens)
     idx = list(range(args.batch))
     print(f"[caption] B={args.batch}: {', '.join(contenders)}", flush=True)
     if args.profile:
@@ -395,41 +417,52 @@ def bench_caption(model, processor, args, common: dict) -> list[Row]:
         args.repeats,
         common["_device"],
     )
-    rows: list[Row] = []
-    texts: dict[str, list[str]] = {}
-    for name, (times, infos) in runs.items():
-        best = int(np.argmin(times))
-        info = infos[best]
-        texts[name] = info["texts"]
-        llm_s = info["llm_s"] if info["llm_s"] is not None else times[best]  # generate() is all LLM + vision
-        steps_s = info["steps"] / llm_s
-        rows.append(
-            Row(
-                task="caption",
-                contender=name,
-                batch=args.batch,
-                times_s=times,
-                best_s=times[best],
-                images_per_s=args.batch / times[best],
-                llm_s=llm_s,
-                decode_tokens_per_s=info["tokens"] / llm_s,
-                steps_per_s=steps_s,
-                bandwidth_gb_s=decode_bytes * steps_s / 1e9,
-                extra={
-                    "cpu_s_all": [i["cpu_s"] for i in infos],
-                    "max_new_tokens": n_new,
-                    "generated_tokens": info["tokens"],
-                    "decode_bytes": decode_bytes,
-                    **{k: info[k] for k in ("prefill_s", "decode_s") if k in info},
-                },
-                **{k: v for k, v in common.items() if not k.startswith("_")},
-            )
-        )
+    rows = [
+        caption_row(name, times, infos, args.batch, decode_bytes, args.max_new_tokens, common)
+        for name, (times, infos) in runs.items()
+    ]
+    texts = {name: infos[int(np.argmin(times))]["texts"] for name, (times, infos) in runs.items()}
     same = sum(a == b for a, b in zip(texts["engine"], texts["ref_per_image"], strict=True))
     for r in rows:
         r.extra["greedy_texts_equal_reference"] = f"{same}/{args.batch}"
     add_ratios(rows, "ref_per_image")
     return rows
+
+
+def caption_row(
+    name: str,
+    times: list[float],
+    infos: list[dict],
+    batch: int,
+    decode_bytes: int,
+    max_new_tokens: int,
+    common: dict,
+) -> Row:
+    """One captioning contender's Row from its timed runs (the figures are those of the best run)."""
+    best = int(np.argmin(times))
+    info = infos[best]
+    llm_s = info["llm_s"] if info["llm_s"] is not None else times[best]  # generate() is all LLM + vision
+    steps_s = info["steps"] / llm_s
+    return Row(
+        task="caption",
+        contender=name,
+        batch=batch,
+        times_s=times,
+        best_s=times[best],
+        images_per_s=batch / times[best],
+        llm_s=llm_s,
+        decode_tokens_per_s=info["tokens"] / llm_s,
+        steps_per_s=steps_s,
+        bandwidth_gb_s=decode_bytes * steps_s / 1e9,
+        extra={
+            "cpu_s_all": [i["cpu_s"] for i in infos],
+            "max_new_tokens": max_new_tokens,
+            "generated_tokens": info["tokens"],
+            "decode_bytes": decode_bytes,
+            **{k: info[k] for k in ("prefill_s", "decode_s") if k in info},
+        },
+        **{k: v for k, v in common.items() if not k.startswith("_")},
+    )
 
 
 # -- reporting --------------------------------------------------------------------------------

@@ -33,15 +33,31 @@ from janus.models import MultiModalityCausalLM, VLChatProcessor
 from janus.testing import write_tiny_checkpoint
 
 
-def bare_loop(model_dir: Path, requests: list[dict], batch: int) -> float:
-    """Seconds for ``SynthesisEngine.generate`` over ``requests`` in batches, after a warm-up call."""
-    model = MultiModalityCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    engine = SynthesisEngine(model, VLChatProcessor.from_pretrained(model_dir), max_batch_size=batch)
-    engine.generate(requests[:1])
+def bare_loop(
+    model_dir: Path,
+    requests: list[dict],
+    batch: int,
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    timings: dict[str, float] | None = None,
+) -> float:
+    """Seconds for ``SynthesisEngine.generate`` over ``requests`` in batches, after a warm-up call.
+
+    ``device`` None: the loader's default (cuda when there is one). ``timings`` (if given) receives
+    load_s (the loader: files to weights on the device) and warmup_s.
+    """
     t0 = time.perf_counter()
+    model = MultiModalityCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
+    engine = SynthesisEngine(model, VLChatProcessor.from_pretrained(model_dir), max_batch_size=batch)
+    t1 = time.perf_counter()
+    engine.generate(requests[:1])
+    t2 = time.perf_counter()
     for i in range(0, len(requests), batch):
         engine.generate(requests[i : i + batch])
-    return time.perf_counter() - t0
+    if timings is not None:
+        timings.update(load_s=t1 - t0, warmup_s=t2 - t1)
+    return time.perf_counter() - t2
 
 
 def engine_seconds(out: Path) -> float:

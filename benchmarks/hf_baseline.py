@@ -79,7 +79,9 @@ def hf_janus_from_model(model, processor) -> JanusForConditionalGeneration:
     param = next(model.parameters())
     config = hf_config_for(model, processor)
     # Built for real (not on "meta"): its non-persistent buffers (rotary inv_freq) must be computed.
-    hf = JanusForConditionalGeneration(config)
+    # Built on the model's device: a 7B HF Janus initialised on the CPU takes minutes.
+    with torch.device(param.device):
+        hf = JanusForConditionalGeneration(config)
     state = hf_state_dict_from_official(model.state_dict(), hf.state_dict().keys())
     hf.load_state_dict(state, strict=True)  # copies: shares no memory with ``model``
     hf = hf.to(device=param.device, dtype=param.dtype).eval()

@@ -39,7 +39,7 @@ def _png_data_url(side: int = 256) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _request(route: str, model: str, i: int, max_tokens: int) -> tuple[str, dict[str, Any]]:
+def request_body(route: str, model: str, i: int, max_tokens: int) -> tuple[str, dict[str, Any]]:
     if route == "chat":
         image = {"type": "image_url", "image_url": {"url": _png_data_url()}}
         text = {"type": "text", "text": f"Describe this image. ({i})"}
@@ -69,7 +69,7 @@ async def _load(url: str, route: str, model: str, args: argparse.Namespace) -> d
             async with sem:
                 if time.perf_counter() > deadline:
                     return
-                path, body = _request(route, model, i, args.max_tokens)
+                path, body = request_body(route, model, i, args.max_tokens)
                 t0 = time.perf_counter()
                 try:
                     status = (await client.post(path, json=body)).status_code
@@ -103,7 +103,7 @@ async def _warmup(url: str, route: str, model: str, args: argparse.Namespace) ->
     """The first calls pay for lazy initialisation; they are not timed."""
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout) as client:
         for i in range(args.warmup):
-            path, body = _request(route, model, args.requests + i, args.max_tokens)
+            path, body = request_body(route, model, args.requests + i, args.max_tokens)
             (await client.post(path, json=body)).raise_for_status()
 
 
