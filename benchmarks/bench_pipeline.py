@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import load_config
     from pipeline.job import run_job
-    from pipeline.sources import read_prompts
+    from pipeline.sources.prompt_files import read_prompts
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     model_dir = write_tiny_checkpoint(work / "tiny", seed=0)

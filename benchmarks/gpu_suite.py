@@ -470,7 +470,7 @@ def image_logits(model, processor, prompt: str, codes: list[int], cfg_weight: fl
     """CFG logits that predict each image code, the prompt and the codes fed whole (no cache)."""
     import torch
 
-    from benchmarks.reference_loop import t2i_prompt
+    from janus.testing.reference import t2i_prompt
 
     device = next(model.parameters()).device
     lm = model.language_model
@@ -489,7 +489,7 @@ def image_logits(model, processor, prompt: str, codes: list[int], cfg_weight: fl
 def c4_understanding(models: dict[str, Any], processor, max_new_tokens: int = 32) -> dict[str, Any]:
     """Greedy answers of the bf16 and fp32 models (DeepSeek's path) and their logits along the fp32 one."""
     from benchmarks.bench_engines import QUESTIONS, caption_images
-    from benchmarks.reference_loop import reference_caption
+    from janus.testing.reference import reference_caption
 
     image, question = caption_images(1)[0], QUESTIONS[0]
     tokens = {
@@ -506,7 +506,7 @@ def c4_understanding(models: dict[str, Any], processor, max_new_tokens: int = 32
 def c4_image_tokens(models: dict[str, Any], processor, n: int = 64) -> dict[str, Any]:
     """The same for the first ``n`` image tokens of DeepSeek's text-to-image loop (greedy, CFG 5)."""
     from benchmarks.bench_engines import PROMPTS
-    from benchmarks.reference_loop import reference_generate
+    from janus.testing.reference import reference_generate
 
     prompt = PROMPTS[0]
     codes = {
@@ -525,7 +525,7 @@ def twin_synthesis(model, processor) -> dict[str, Any]:
     """tests/test_engine_synthesis.py on the device: a request alone == inside a mixed batch (sampled
     and greedy), and the greedy engine == DeepSeek's loop."""
     from benchmarks.bench_engines import PROMPTS
-    from benchmarks.reference_loop import reference_generate
+    from janus.testing.reference import reference_generate
     from janus.engine import SynthesisEngine
 
     engine = SynthesisEngine(model, processor, max_batch_size=8)
@@ -559,7 +559,7 @@ def twin_caption(model, processor, max_new_tokens: int = 32) -> dict[str, Any]:
     """tests/test_engine_captioning.py on the device: batched greedy text == DeepSeek's per-image path,
     and a request alone == inside the batch."""
     from benchmarks.bench_engines import QUESTIONS, caption_images
-    from benchmarks.reference_loop import reference_caption
+    from janus.testing.reference import reference_caption
     from janus.engine import CaptionEngine
 
     images = caption_images(4)
@@ -767,7 +767,7 @@ def synthesis_items(rec: Recorder, plan: Plan, work: Path, section: str) -> None
         synthesis_row,
     )
     from benchmarks.hf_baseline import hf_janus_from_model
-    from benchmarks.reference_loop import reference_generate, t2i_prompt
+    from janus.testing.reference import reference_generate, t2i_prompt
 
     device = torch.device(plan.device)
     shape = plan.shapes[section]
@@ -1027,6 +1027,7 @@ def run_job_cli(plan: Plan, checkpoint: Path, prompts: Path, out: Path, log: Pat
         "engine.max_batch_size": b,
         "output.rows_per_shard": b,
         "output.contact_sheet": 0,
+        "quality.score": "false",  # like for like with the bare engine loop
         "compute.gpus_per_actor": 1 if cuda else 0,
         "ray.num_gpus": 1 if cuda else 0,
         **({} if cuda else {"ray.num_cpus": 2}),
@@ -1069,7 +1070,7 @@ def section_ray_data(rec: Recorder, plan: Plan, work: Path) -> None:
     import torch
 
     from benchmarks.bench_pipeline import bare_loop
-    from pipeline.sources import read_prompts
+    from pipeline.sources.prompt_files import read_prompts
 
     device = torch.device(plan.device)
     shape = plan.shapes["ray_data"]

@@ -195,14 +195,14 @@ def test_batches_are_split_to_fit_the_memory_budget(small, monkeypatch):
 def test_out_of_memory_mid_batch_splits_instead_of_failing(small, monkeypatch):
     model, processor = small
     engine = SynthesisEngine(model, processor, max_batch_size=4)
-    real = engine._generate_batch
+    real = engine.run_batch
 
     def flaky(batch):
         if len(batch) > 1:
             raise torch.OutOfMemoryError("simulated: batch too large")
         return real(batch)
 
-    monkeypatch.setattr(engine, "_generate_batch", flaky)
+    monkeypatch.setattr(engine, "run_batch", flaky)
     requests = [{"prompt": p, "seed": i} for i, p in enumerate(PROMPTS[:3])]
     results = engine.generate(requests)
     assert all(r.ok for r in results)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sources import read_images
+from pipeline.sources.image_files import list_image_inputs, read_images
 from tests.support.inputs import encode, image, tar_bytes
 
 
@@ -20,13 +20,15 @@ def test_image_files_source(store):
     store.put("imgs/notes.txt", b"ignored")
     rows = list(read_images(store.url("imgs"), store.options))
     assert [(r["source"], r["status"]) for r in rows] == [
-        ("a.png", None),
+        ("a.png", "ok"),
         ("empty.webp", "error"),
-        ("sub/b.jpg", None),
+        ("sub/b.jpg", "ok"),
     ]
     assert rows[0]["image_bytes"] == png and rows[2]["image_bytes"] == jpg
     assert rows[1]["image_bytes"] is None and "0 bytes" in rows[1]["error"]
     assert rows == list(read_images(store.url("imgs"), store.options))
+    _, listing = list_image_inputs(store.url("imgs"), store.options)
+    assert [listing.relative(p) for p in listing.skipped] == ["notes.txt"]  # counted in the job summary
     big = list(read_images(store.url("imgs"), store.options, max_image_bytes=min(len(png), len(jpg)) - 1))
     assert [r["status"] == "error" and "over the limit" in r["error"] for r in big] == [True, False, True]
 
@@ -49,12 +51,12 @@ def test_parquet_image_source(store):
     store.put("in/images.parquet", buf.getvalue())
     rows = list(read_images(store.url("in"), store.options, image_column="img", key_column="id"))
     assert [(r["key"], r["source"], r["status"]) for r in rows][:2] == [
-        ("u1", "images.parquet#0", None),
+        ("u1", "images.parquet#0", "ok"),
         ("u2", "images.parquet#1", "error"),
     ]
     assert rows[2]["key"] not in ("u1", "u2") and rows[2]["image_bytes"] == png  # null key: derived
     hf = list(read_images(store.url("in"), store.options, fmt="parquet", image_column="hf"))
-    assert [r["status"] for r in hf] == [None, None, "error"] and hf[0]["image_bytes"] == png
+    assert [r["status"] for r in hf] == ["ok", "ok", "error"] and hf[0]["image_bytes"] == png
     assert len({r["key"] for r in hf}) == 3
     missing = list(read_images(store.url("in"), store.options, image_column="nope"))
     assert len(missing) == 1 and "no column ['nope']" in missing[0]["error"]
@@ -69,10 +71,10 @@ def test_webdataset_source(store):
     rows = list(read_images(store.url("wds"), store.options))
     summary = [(r["source"], r["status"]) for r in rows]
     assert summary[:4] == [
-        ("shard-0.tar#s/000", None),
-        ("shard-0.tar#s/001", None),
+        ("shard-0.tar#s/000", "ok"),
+        ("shard-0.tar#s/001", "ok"),
         ("shard-0.tar#s/002", "error"),
-        ("shard-1.tar#s/000", None),
+        ("shard-1.tar#s/000", "ok"),
     ]
     assert "no image member" in rows[2]["error"] and rows[0]["image_bytes"] == jpg
     assert rows[0]["key"] != rows[3]["key"]  # same member key in two tars: different keys

@@ -22,8 +22,9 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.job import actor_options, run_job
-from pipeline.resume import committed_keys, duplicate_keys
-from pipeline.sources import PromptDefaults, read_images, read_prompts
+from pipeline.output import OutputDir
+from pipeline.sources.image_files import read_images
+from pipeline.sources.prompt_files import PromptDefaults, read_prompts
 from tests.support import REPO
 from tests.support.inputs import encode
 from tests.support.jobs import (
@@ -209,7 +210,7 @@ def test_caption_job_from_s3_to_s3(ray_session, model_dir, s3_options):
     for name in ("truncated.jpg", "empty.png", "notes.webp"):
         assert by_source[name]["status"] == "error" and by_source[name]["error"]
     assert summary["total"] == {"shards": summary["total"]["shards"], "count": 8, "ok": 5, "failed": 3}
-    assert not duplicate_keys(f"s3://{bucket}/captions", s3_options)
+    assert not OutputDir(f"s3://{bucket}/captions", s3_options).duplicates()
 
 
 @pytest.mark.slow
@@ -240,7 +241,7 @@ def test_resume_after_the_driver_is_killed(ray_session, model_dir, gate, tmp_pat
         cli.kill()
     gate.open()
     committed_before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
-    assert 0 < len(committed_before) and len(committed_keys(str(out))) < len(keys)
+    assert 0 < len(committed_before) and len(OutputDir(str(out)).key_set()) < len(keys)
 
     start_cli("synthesize", overrides, env, tmp_path / "rerun.log").finish(lambda: committed_shards(str(out)))
     rows = output_rows(str(out))

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sources
-from pipeline.sources import PromptDefaults, read_prompts
+from pipeline.sources.keys import KEY_VERSION
+from pipeline.sources.prompt_files import PromptDefaults, read_prompts
 from tests.support.inputs import PROMPTS
 
 
@@ -35,7 +35,7 @@ def test_prompt_formats(store, fmt):
     rows = list(read_prompts(store.url("prompts"), store.options, PromptDefaults(seed=3)))
     assert [r["prompt"] for r in rows] == PROMPTS
     assert [(r["source"], r["index"], r["sample"], r["status"]) for r in rows] == [
-        (f"part.{fmt}", i, 0, None) for i in range(3)
+        (f"part.{fmt}", i, 0, "ok") for i in range(3)
     ]
     assert all(0 <= r["seed"] < 2**63 and r["cfg_weight"] == 5.0 and r["temperature"] == 1.0 for r in rows)
     assert len({r["key"] for r in rows}) == 3
@@ -51,7 +51,7 @@ def test_prompt_formats(store, fmt):
 def test_key_and_seed_scheme_is_the_documented_one(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n")
     (row,) = read_prompts(str(tmp_path), defaults=PromptDefaults(seed=11))
-    material = json.dumps([sources.KEY_VERSION, 11, "p.txt", 0, "a cat", 0], ensure_ascii=False)
+    material = json.dumps([KEY_VERSION, 11, "p.txt", 0, "a cat", 0], ensure_ascii=False)
     digest = hashlib.sha256(material.encode()).digest()
     assert row["key"] == digest.hex()[:20]
     assert row["seed"] == int.from_bytes(digest[16:24], "big") >> 1
@@ -94,7 +94,7 @@ def test_bad_prompt_records_become_error_rows(tmp_path):
 
     rows = list(read_prompts(str(tmp_path)))
     errors = {(r["source"], r["index"]): r["error"] for r in rows if r["status"] == "error"}
-    ok = [(r["source"], r["index"]) for r in rows if r["status"] is None]
+    ok = [(r["source"], r["index"]) for r in rows if r["status"] == "ok"]
     assert errors[("a.txt", 1)].startswith("line is not valid UTF-8 (byte 0xff")
     assert errors[("a.txt", 2)] == errors[("a.txt", 3)] == "empty prompt"
     assert [r["prompt"] for r in rows if r["source"] == "a.txt" and not r["error"]] == ["good one", "last"]

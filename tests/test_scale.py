@@ -20,7 +20,7 @@ import pytest
 from pipeline.actors import Synthesizer
 from pipeline.config import ConfigError, load_config
 from pipeline.job import model_actor_class, run_job
-from pipeline.sources import read_prompts
+from pipeline.sources.prompt_files import read_prompts
 from pipeline.storage import StorageError
 from tests.support.faulty_s3 import FaultPlan, FaultyS3Proxy, Trigger
 from tests.support.jobs import (

@@ -16,7 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import resume, sinks
+from pipeline import sinks
+from pipeline.output import OutputDir, filter_committed
+from pipeline.sources.keys import packed_keys
 from tests.support.inputs import png_bytes
 from tests.support.stores import Store
 
@@ -153,37 +155,38 @@ def test_crash_before_commit_is_invisible_and_cleaned(store, monkeypatch):
     leftover = store.put(f".{orphan}.parquet.0123.tmp", b"half a file")  # a killed local write
     assert f"{orphan}.tar" in store.names() and f"{orphan}.parquet" not in store.names()
 
-    assert resume.committed_shards(store.root, store.options) == [committed["shard"]]
-    assert resume.committed_keys(store.root, store.options) == {r["key"] for r in done}
-    removed = resume.cleanup_uncommitted(store.root, store.options)
+    assert OutputDir(store.root, store.options).committed_shards == [committed["shard"]]
+    assert OutputDir(store.root, store.options).key_set() == {r["key"] for r in done}
+    removed = OutputDir(store.root, store.options).cleanup()
     assert sorted(posixpath.basename(p) for p in removed) == sorted(
         [f"{orphan}.tar", f"{orphan}_stats.json", posixpath.basename(leftover)]
     )
     assert store.names() == sorted(sinks.shard_files(committed["shard"]).values())
 
     sinks.write_shard(batch, store.root, store.options)  # the rerun
-    assert resume.committed_keys(store.root, store.options) == {r["key"] for r in done + batch}
-    assert resume.duplicate_keys(store.root, store.options) == {}
-    assert resume.summarize_output(store.root, store.options) == {
+    assert OutputDir(store.root, store.options).key_set() == {r["key"] for r in done + batch}
+    assert OutputDir(store.root, store.options).duplicates() == {}
+    assert OutputDir(store.root, store.options).totals() == {
         "shards": 2,
         "count": 7,
         "ok": 7,
         "failed": 0,
+        "filtered": 0,
     }
 
 
 def test_resume_filter_and_duplicate_check(store):
     a, b = _results(5, seed=3), _results(5, seed=4)
-    assert resume.load_committed(store.url("nothing-yet"), store.options).size == 0
-    assert resume.cleanup_uncommitted(store.url("nothing-yet"), store.options) == []
+    assert OutputDir(store.url("nothing-yet"), store.options).committed_keys().size == 0
+    assert OutputDir(store.url("nothing-yet"), store.options).cleanup() == []
     sa = sinks.write_shard(a[:3], store.root, store.options)
-    committed = resume.load_committed(store.root, store.options)
-    assert sorted(k.decode() for k in committed) == sorted(r["key"] for r in a[:3])
+    committed = OutputDir(store.root, store.options).committed_keys()
+    assert committed.tolist() == sorted(packed_keys(pa.array([r["key"] for r in a[:3]])).tolist())
     table = pa.table({"key": [r["key"] for r in a + b], "n": list(range(10))})
-    kept = resume.filter_committed(table, committed)
+    kept = filter_committed(table, committed)
     assert kept.column("n").to_pylist() == [3, 4, 5, 6, 7, 8, 9]
 
     sb = sinks.write_shard(a[2:4], store.root, store.options)  # overlaps a[2]: a duplicate
-    assert resume.duplicate_keys(store.root, store.options) == {
+    assert OutputDir(store.root, store.options).duplicates() == {
         a[2]["key"]: sorted([sa["shard"], sb["shard"]])
     }

@@ -19,7 +19,7 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 
-from pipeline.sources import read_prompts
+from pipeline.sources.prompt_files import read_prompts
 
 from . import REPO
 
