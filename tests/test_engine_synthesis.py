@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from janus.engine import SynthesisEngine
-from janus.engine import synthesis as synthesis_module
+from janus.engine import OUT_OF_MEMORY, SynthesisEngine
+from janus.engine import common as engine_common
 from janus.models import MultiModalityCausalLM, VLChatProcessor
 from janus.testing import write_tiny_checkpoint
 
@@ -173,19 +173,20 @@ def test_long_prompts_can_be_truncated_explicitly(small):
 def test_requests_that_cannot_fit_fail_before_allocating(small, monkeypatch):
     model, processor = small
     engine = SynthesisEngine(model, processor)
-    monkeypatch.setattr(synthesis_module, "available_memory", lambda device: 1024)
+    monkeypatch.setattr(engine_common, "available_memory", lambda device: 1024)
     results = engine.generate([{"prompt": "a"}, {"prompt": "b"}])
     assert [r.status for r in results] == ["error", "error"]
+    assert [r.code for r in results] == [OUT_OF_MEMORY, OUT_OF_MEMORY]  # Serve answers 503, not 400
     assert "free memory" in results[0].error
 
 
 def test_batches_are_split_to_fit_the_memory_budget(small, monkeypatch):
     model, processor = small
     engine = SynthesisEngine(model, processor, max_batch_size=8, vq_decode_batch_size=1)
-    need = engine.bytes_per_request(len(engine.prompt_ids(PROMPTS[1])))
-    budget = engine.vq_decode_bytes(1) + 3 * need
+    need = engine.bytes_per_request(engine.prepare(0, PROMPTS[1]))
+    budget = engine.batch_overhead(1) + 3 * need
     monkeypatch.setattr(
-        synthesis_module, "available_memory", lambda device: int(budget / engine.memory_fraction) + 1
+        engine_common, "available_memory", lambda device: int(budget / engine.memory_fraction) + 1
     )
     results = engine.generate([{"prompt": p, "seed": i} for i, p in enumerate(PROMPTS[:6])])
     assert all(r.ok for r in results)

@@ -60,7 +60,7 @@ def test_output_dir_lists_once_and_answers_everything(tmp_path):
     assert out.committed_shards == sorted([first["shard"], second["shard"]])
     assert sorted(p.rsplit("/", 1)[-1] for p in out.cleanup()) == [".shard-x.parquet.0123.tmp", "shard-deadbeef_stats.json"]
     assert "notes.txt" in out.refresh().names
-    assert out.totals() == {"shards": 2, "count": 8, "ok": 5, "failed": 3}
+    assert out.totals() == {"shards": 2, "count": 8, "ok": 5, "failed": 3, "filtered": 0}
     assert out.key_set() == set(_hex_keys(5)) | set(_hex_keys(3, start=100))
     committed = out.committed_keys()
     assert committed.size == 8 and (np.sort(committed) == committed).all()

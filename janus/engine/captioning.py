@@ -89,7 +89,7 @@ class CaptionEngine(BatchEngine):
         if isinstance(raw, (PIL.Image.Image, np.ndarray, torch.Tensor)):
             req = CaptionRequest(image=raw)
         else:
-            req = coerce_request(CaptionRequest, raw)
+            req = coerce_request(CaptionRequest, raw, what="a dict or an image")
         images = list(req.images or []) + ([req.image] if req.image is not None else [])
         if not images:
             raise RequestError("request has no image")

@@ -8,7 +8,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -96,14 +96,17 @@ def chunks(items: list, size: int) -> list[list]:
 # -- request checks ---------------------------------------------------------------------------------
 
 
-def coerce_request(cls: type, req: Any) -> Any:
+def coerce_request(cls: type, req: Any, what: str = "a dict") -> Any:
     """A dict -> the request dataclass ``cls`` (unknown keys and None values ignored)."""
     if isinstance(req, cls):
         return req
     if not isinstance(req, dict):
-        raise RequestError(f"a request must be a dict, got {type(req).__name__}")
-    known = set(cls.__dataclass_fields__)
-    return cls(**{k: v for k, v in req.items() if k in known and v is not None})
+        raise RequestError(f"a request must be {what}, got {type(req).__name__}")
+    fields = {k: v for k, v in req.items() if k in cls.__dataclass_fields__ and v is not None}
+    for name, f in cls.__dataclass_fields__.items():
+        if name not in fields and f.default is MISSING and f.default_factory is MISSING:
+            raise RequestError(f"request has no {name!r}")
+    return cls(**fields)
 
 
 def check_sampling(req: Any) -> None:

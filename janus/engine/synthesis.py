@@ -102,7 +102,10 @@ class SynthesisEngine(BatchEngine):
         return t2i_prompt_ids(self.processor, prompt)
 
     def prepare(self, index: int, raw: Any) -> Prepared:
-        req = SynthesisRequest(prompt=raw) if isinstance(raw, str) else coerce_request(SynthesisRequest, raw)
+        if isinstance(raw, str):
+            req = SynthesisRequest(prompt=raw)
+        else:
+            req = coerce_request(SynthesisRequest, raw, what="a dict or a prompt string")
         if not isinstance(req.prompt, str):
             raise RequestError(f"prompt must be a string, got {type(req.prompt).__name__}")
         if not req.prompt.strip():
