@@ -160,6 +160,12 @@ class CuratedSynthesis:
         return self.synth.device
 
     def generate(self, requests: list[Any]) -> list[SynthesisResult]:
+        candidates, owners = self.expand(requests)
+        return self.complete(candidates, owners, self.synth.generate(candidates))
+
+    def expand(self, requests: list[Any]) -> tuple[list[Any], list[tuple[int, int]]]:
+        """Each request -> its best-of-k candidate requests (candidate 0 keeps the request's seed), and
+        who owns each candidate: (request index, candidate index). Any engine may then run them."""
         expanded: list[Any] = []
         owners: list[tuple[int, int]] = []
         for i, raw in enumerate(requests):
@@ -169,14 +175,17 @@ class CuratedSynthesis:
                 k = int(req["best_of"])
             seed = req.get("seed", 0) if isinstance(req, dict) else 0
             for j in range(max(k, 1)):
-                expanded.append(
-                    {**req, "seed": candidate_seed(int(seed), j)} if isinstance(req, dict) else req
-                )
+                expanded.append({**req, "seed": candidate_seed(int(seed), j)} if isinstance(req, dict) else req)
                 owners.append((i, j))
-        results = self.synth.generate(expanded)
+        return expanded, owners
+
+    def complete(
+        self, candidates: list[Any], owners: list[tuple[int, int]], results: list[SynthesisResult]
+    ) -> list[SynthesisResult]:
+        """Read every successful candidate back (score, ratings, embedding) and keep each request's best."""
         if self.reader is not None:
-            self._read(expanded, results)
-        return self._pick(requests, owners, results)
+            self._read(candidates, results)
+        return self._pick(owners, results)
 
     def _read(self, requests: list[Any], results: list[SynthesisResult]) -> None:
         """Score, rate and embed every successful candidate, a model batch at a time."""
@@ -198,13 +207,13 @@ class CuratedSynthesis:
                 res.timings = {**res.timings, "read_s": seconds}
 
     @staticmethod
-    def _pick(requests: list[Any], owners: list[tuple[int, int]], results: list[SynthesisResult]):
+    def _pick(owners: list[tuple[int, int]], results: list[SynthesisResult]) -> list[SynthesisResult]:
         """Per request: the candidate with the best score (the first on ties); all k scores recorded."""
         grouped: dict[int, list[tuple[int, SynthesisResult]]] = {}
         for (i, j), res in zip(owners, results, strict=True):
             grouped.setdefault(i, []).append((j, res))
         picked = []
-        for i in range(len(requests)):
+        for i in sorted(grouped):
             candidates = grouped[i]
             ok = [(j, r) for j, r in candidates if r.ok]
             if not ok:

@@ -146,6 +146,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._allocated = False
         self.steps = 0
+        self.peak_running = 0  # the most requests that ever shared one step
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, request: Any, on_token: TokenCallback | None = None) -> Ticket:
@@ -169,6 +170,7 @@ class Scheduler:
         self._retire_cancelled()
         self._admit()
         if self.running:
+            self.peak_running = max(self.peak_running, len(self.running))
             self._decode()
         if self.idle and self._allocated:
             self.engine.decoder.release()

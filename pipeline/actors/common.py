@@ -95,6 +95,14 @@ class ModelActor:
         self.calls += 1
         return self.runner.generate([self.with_defaults(r) for r in requests])
 
+    def expand(self, requests: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
+        """The engine requests that answer ``requests`` (e.g. best-of-k candidates), and what ``complete``
+        needs to turn their results back into one result each: lets a scheduler run them instead."""
+        return [self.with_defaults(r) for r in requests], None
+
+    def complete(self, engine_requests: list[Any], plan: Any, results: list[Result]) -> list[Result]:
+        return results
+
     def with_defaults(self, request: dict[str, Any]) -> dict[str, Any]:
         """The actor's configured settings under a request's own (e.g. top_k for synthesis)."""
         return request

@@ -45,6 +45,17 @@ class Synthesizer(ModelActor):
     def with_defaults(self, request: dict[str, Any]) -> dict[str, Any]:
         return {**self.sampling, **request}
 
+    def expand(self, requests: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
+        requests = [self.with_defaults(r) for r in requests]
+        if isinstance(self.runner, CuratedSynthesis):
+            return self.runner.expand(requests)
+        return requests, None
+
+    def complete(self, engine_requests: list[Any], plan: Any, results: list) -> list:
+        if isinstance(self.runner, CuratedSynthesis):
+            return self.runner.complete(engine_requests, plan, results)
+        return results
+
     def request(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         return {
             "prompt": batch["prompt"][i],

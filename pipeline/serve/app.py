@@ -14,6 +14,7 @@ signatures at runtime.
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import math
@@ -36,6 +37,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
 from janus.engine import OUT_OF_MEMORY
+from janus.engine.common import INTERNAL
 from pipeline.actors import Captioner, Synthesizer
 
 from .config import APISection, ModelSection, ServeArgs, parse_args
@@ -69,10 +71,31 @@ class Backend:
     async def generate(self, request: dict[str, Any]) -> Any:
         return await self._remote("generate", request)
 
+    async def stream(self, request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """Start a streamed answer: (its first item, the rest). Waiting for the first item turns a bad
+        request or a full queue into an HTTP error before any byte of the stream is sent."""
+        stream = self.handle.options(stream=True).stream.remote(request)
+        with self._errors():
+            try:
+                return await stream.__anext__(), stream
+            except BaseException:
+                stream.cancel()
+                raise
+
     async def _remote(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
         response = getattr(self.handle, method).remote(*args)
+        with self._errors():
+            try:
+                return await asyncio.wait_for(_awaited(response), timeout_s)
+            except (TimeoutError, asyncio.CancelledError):
+                response.cancel()  # the client went away or waited too long: free the model's slot
+                raise
+
+    @contextlib.contextmanager
+    def _errors(self):
+        """Ray's answers for a model that is full or down -> 503 with Retry-After."""
         try:
-            return await asyncio.wait_for(_awaited(response), timeout_s)
+            yield
         except BackPressureError:
             raise overloaded(
                 f"model {self.name} is at capacity (its queue is full); retry later", self.retry_after_s
@@ -84,9 +107,6 @@ class Backend:
                 code="model_unavailable",
                 headers={"Retry-After": str(self.retry_after_s)},
             ) from None
-        except TimeoutError:
-            response.cancel()
-            raise
 
 
 async def _awaited(response: Any) -> Any:
@@ -99,6 +119,8 @@ def check_result(result: Any, retry_after_s: int) -> None:
         return
     if result.code == OUT_OF_MEMORY:
         raise overloaded(f"the model could not fit this request right now: {result.error}", retry_after_s)
+    if result.code == INTERNAL:
+        raise APIError(500, f"internal error: {result.error}", code="internal_error")
     raise bad_request(result.error, code=result.code or "invalid_request")
 
 
@@ -120,22 +142,64 @@ def text_pieces(text: str) -> list[str]:
     return re.findall(r"\s*\S+|\s+$", text)
 
 
+def _chunk(head: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> str:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+
+def _usage(result: Any) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.num_tokens,
+        "total_tokens": result.prompt_tokens + result.num_tokens,
+    }
+
+
 async def sse_chunks(
     completion_id: str, created: int, model: str, result: Any, usage: dict[str, int] | None
 ) -> AsyncIterator[str]:
-    """OpenAI's chunk sequence: role, content deltas, finish reason, [usage], then ``[DONE]``.
-
-    The answer is complete before the first event (the engine decodes a whole batch at once), so
-    this streams the finished text in word-sized deltas rather than token by token.
-    """
+    """``batch`` mode: the answer is complete before the first event (the whole batch decodes at once),
+    so this sends the finished text in word-sized deltas in OpenAI's chunk sequence."""
     head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    deltas = [{"role": "assistant", "content": ""}] + [{"content": p} for p in text_pieces(result.text)]
-    for i, delta in enumerate([*deltas, {}]):
-        finish = result.finish_reason if i == len(deltas) else None
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+    yield _chunk(head, {"role": "assistant", "content": ""})
+    for piece in text_pieces(result.text):
+        yield _chunk(head, {"content": piece})
+    yield _chunk(head, {}, result.finish_reason)
     if usage is not None:
         yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def sse_tokens(
+    completion_id: str,
+    created: int,
+    model: str,
+    first: dict[str, Any],
+    rest: Any,
+    include_usage: bool,
+    on_done,
+) -> AsyncIterator[str]:
+    """``scheduler`` mode: each text delta as the model decodes it, then the finish reason, [usage] and
+    ``[DONE]``. A client that leaves cancels the stream, which frees the request's slot."""
+    head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    yield _chunk(head, {"role": "assistant", "content": ""})
+    item = first
+    try:
+        while "result" not in item:
+            yield _chunk(head, {"content": item["delta"]})
+            item = await rest.__anext__()
+    finally:
+        if "result" not in item:
+            rest.cancel()
+    result = item["result"]
+    on_done(result)
+    if not result.ok:  # failed mid-stream (the answer had started): say so in the stream
+        error = {"message": result.error, "type": "server_error", "code": result.code}
+        yield f"data: {json.dumps({'error': error})}\n\n"
+        return
+    yield _chunk(head, {}, result.finish_reason)
+    if include_usage:
+        yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(result)})}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -227,28 +291,38 @@ class JanusAPI:
                 for param, url in chat.image_urls
             )
         )
-        result = await backend.generate(
-            {
-                "images": list(images),
-                "conversation": chat.conversation,
-                "system_prompt": chat.system_prompt,
-                "max_new_tokens": max_tokens,
-                "temperature": req.temperature or 0.0,
-                "top_p": req.top_p,
-                "seed": secrets.randbelow(SEED_LIMIT) if req.seed is None else req.seed,
-            }
-        )
-        check_result(result, self.settings.retry_after_s)
-        self.tokens.inc(result.prompt_tokens, tags={"model": backend.name, "kind": "prompt"})
-        self.tokens.inc(result.num_tokens, tags={"model": backend.name, "kind": "completion"})
-        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        usage = {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.num_tokens,
-            "total_tokens": result.prompt_tokens + result.num_tokens,
+        engine_request = {
+            "images": list(images),
+            "conversation": chat.conversation,
+            "system_prompt": chat.system_prompt,
+            "max_new_tokens": max_tokens,
+            "temperature": req.temperature or 0.0,
+            "top_p": req.top_p,
+            "seed": secrets.randbelow(SEED_LIMIT) if req.seed is None else req.seed,
         }
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        if req.stream and info.get("streaming"):
+            first, rest = await backend.stream(engine_request)
+            if "result" in first:  # failed (or finished) before its first token: a plain HTTP answer
+                check_result(first["result"], self.settings.retry_after_s)
+            events = sse_tokens(
+                completion_id,
+                created,
+                backend.name,
+                first,
+                rest,
+                include_usage,
+                lambda r: self._count(backend, r),
+            )
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        result = await backend.generate(engine_request)
+        check_result(result, self.settings.retry_after_s)
+        self._count(backend, result)
+        usage = _usage(result)
         if req.stream:
-            include_usage = req.stream_options is not None and req.stream_options.include_usage
             events = sse_chunks(
                 completion_id, created, backend.name, result, usage if include_usage else None
             )
@@ -272,6 +346,11 @@ class JanusAPI:
                 "usage": usage,
             }
         )
+
+    def _count(self, backend: Backend, result: Any) -> None:
+        if result.ok:
+            self.tokens.inc(result.prompt_tokens, tags={"model": backend.name, "kind": "prompt"})
+            self.tokens.inc(result.num_tokens, tags={"model": backend.name, "kind": "completion"})
 
     def _load_image(self, url: str, param: str, processor: dict[str, Any]) -> np.ndarray:
         data = self.images.read(url, param)

@@ -9,7 +9,7 @@ against its schema here too, so a bad config fails before any replica starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -44,10 +44,14 @@ class ServeModelSection(ModelSection):
 
 
 class BatchingSection(Section):
-    """``@serve.batch``: requests that arrive within the wait share one model call."""
+    """How requests share the model: ``scheduler`` (continuous batching: requests join and leave the
+    running batch at every decode step, tokens stream) or ``batch`` (``@serve.batch``: requests that
+    arrive within the wait share one model call)."""
 
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    mode: Literal["scheduler", "batch"] = "scheduler"
+    max_batch_size: int = Field(8, ge=1)  # requests decoded together
+    batch_wait_timeout_s: float = Field(0.05, ge=0)  # batch mode: how long a batch waits to fill
+    max_len: int | None = Field(None, ge=64)  # scheduler: tokens a cache slot holds (prompt + answer)
 
 
 class BackendSection(Section):

@@ -1,19 +1,58 @@
-"""A model deployment: the batch jobs' own actor class (``Synthesizer`` or ``Captioner``) behind
-``@serve.batch``, so online requests that arrive together share one ``actor.generate`` call."""
+"""A model deployment: the batch jobs' own actor class (``Synthesizer`` or ``Captioner``) behind a
+continuous-batching scheduler (``janus.engine.scheduler``) stepped by a thread inside the replica, so
+requests join the running batch at the next decode step and tokens stream as they are made.
+``mode: batch`` keeps the older ``@serve.batch`` path (requests that arrive together share one
+``actor.generate`` call), for comparison."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
 from janus.engine import SynthesisEngine
+from janus.engine.scheduler import BackgroundScheduler, Scheduler, Ticket
+
+
+class IncrementalText:
+    """Text deltas from tokens as they come: whole characters only (a byte-level BPE token may end in
+    the middle of one), and the deltas concatenate to exactly the final decoded text."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+
+async def _result(ticket: Ticket) -> Any:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+    ticket.add_done_callback(lambda t: loop.call_soon_threadsafe(_settle, done, t.result))
+    try:
+        return await done
+    except asyncio.CancelledError:  # the caller went away: free the request's slots
+        ticket.cancel()
+        raise
+
+
+def _settle(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 @serve.deployment
 class ModelServer:
-    """One replica holds one model; one batch runs at a time (the engines are not thread-safe)."""
+    """One replica holds one model; the engines are not thread-safe, so one thread drives them."""
 
     def __init__(
         self,
@@ -25,14 +64,59 @@ class ModelServer:
         quality: dict[str, Any] | None = None,
     ):
         self.actor = actor_cls(model, engine, params, quality)  # exactly as Ray Data constructs it
-        self.run_batch.set_max_batch_size(batching["max_batch_size"])
-        self.run_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
+        self.mode = batching.get("mode", "scheduler")
+        self.loop: BackgroundScheduler | None = None
+        if self.mode == "scheduler":
+            rows = 2 if isinstance(self.actor.engine, SynthesisEngine) else 1
+            scheduler = Scheduler(
+                self.actor.engine, slots=batching["max_batch_size"] * rows, max_len=batching.get("max_len")
+            )
+            self.loop = BackgroundScheduler(scheduler)
+        else:
+            self.run_batch.set_max_batch_size(batching["max_batch_size"])
+            self.run_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
         self.requests = 0
         self.largest_batch = 0
 
     async def generate(self, request: dict[str, Any]) -> Any:
-        """One engine request -> its SynthesisResult / CaptionResult (batched with its neighbours)."""
-        return await self.run_batch(request)
+        """One request -> its SynthesisResult / CaptionResult (sharing the device with its neighbours)."""
+        if self.loop is None:
+            return await self.run_batch(request)
+        self.requests += 1
+        engine_requests, plan = self.actor.expand([request])
+        tickets = [self.loop.submit(r) for r in engine_requests]
+        try:
+            results = await asyncio.gather(*(_result(t) for t in tickets))
+        finally:
+            for t in tickets:
+                if not t.done:
+                    t.cancel()
+        if plan is None:
+            return results[0]
+        return (await asyncio.to_thread(self.actor.complete, engine_requests, plan, results))[0]
+
+    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """A caption / chat request's text as it is decoded: ``{"delta": str}`` items, then
+        ``{"result": CaptionResult}``. Cancelled (the client left) -> its slot is freed next step."""
+        if self.loop is None:
+            raise RuntimeError("streaming needs batching.mode: scheduler")
+        self.requests += 1
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        ticket = self.loop.submit(
+            self.actor.expand([request])[0][0],
+            on_token=lambda t: loop.call_soon_threadsafe(queue.put_nowait, t),
+        )
+        ticket.add_done_callback(lambda t: loop.call_soon_threadsafe(queue.put_nowait, None))
+        text = IncrementalText(self.actor.engine.tokenizer)
+        try:
+            while (token := await queue.get()) is not None:
+                if delta := text.add(token):
+                    yield {"delta": delta}
+            yield {"result": ticket.result}
+        finally:
+            if not ticket.done:
+                ticket.cancel()
 
     @serve.batch
     async def run_batch(self, requests: list[dict[str, Any]]) -> list[Any]:
@@ -55,12 +139,13 @@ class ModelServer:
             "max_images": engine.max_images_per_request,
             "image_processor": engine.processor.image_processor.to_dict(),
             "image_tag": engine.image_tag,
+            "streaming": self.loop is not None,
         }
 
     def stats(self) -> dict[str, int]:
-        """This replica's counters: requests served and model calls made (their ratio is the batching)."""
+        """This replica's counters: requests served and model calls or steps made."""
         return {
             "requests": self.requests,
-            "model_calls": self.actor.calls,
-            "largest_batch": self.largest_batch,
+            "model_calls": self.actor.calls if self.loop is None else self.loop.scheduler.steps,
+            "largest_batch": self.largest_batch if self.loop is None else self.loop.scheduler.peak_running,
         }
