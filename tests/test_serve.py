@@ -330,6 +330,36 @@ def test_streaming_sends_the_same_text_as_chunks_then_done(client):
     assert chunks[-1]["usage"]["completion_tokens"] > 0
 
 
+def test_streaming_sends_tokens_as_they_are_decoded(client):
+    """The scheduler streams: a delta per decoded token (whole characters), not the finished answer cut
+    into words; the deltas add up to the answer."""
+    body = {"model": MODEL, "messages": [user(image_part(data_url(png(16))), "Describe it.")], "max_tokens": 12}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        deltas = [
+            json.loads(line[len("data: ") :])["choices"][0]["delta"].get("content")
+            for line in r.iter_lines()
+            if line.startswith("data: {")
+        ]
+    content = [d for d in deltas if d]
+    assert "".join(content) == whole["choices"][0]["message"]["content"]
+    tokens = whole["usage"]["completion_tokens"]
+    assert len(content) > tokens // 2, (len(content), tokens)  # about one per token (a few join up)
+
+
+def test_incremental_text_holds_back_half_characters():
+    from pipeline.serve.model_server import IncrementalText
+
+    class Bytes:  # a byte-level tokenizer: each token one byte
+        @staticmethod
+        def decode(tokens, skip_special_tokens=True):
+            return bytes(tokens).decode("utf-8", errors="replace")
+
+    text = IncrementalText(Bytes())
+    deltas = [text.add(b) for b in "né ✓".encode()]
+    assert deltas == ["n", "", "é", " ", "", "", "✓"] and "".join(deltas) == "né ✓"
+
+
 def test_the_official_openai_client(oai, client):
     chat = oai.chat.completions.create(
         model=MODEL,
@@ -410,9 +440,9 @@ def test_64_concurrent_requests_are_all_answered_in_shared_batches(server):
     assert len({r.json()["choices"][0]["message"]["content"] for r in responses}) == 1
     after = stats("Captioner")
     requests = after["requests"] - before["requests"]
-    calls = after["model_calls"] - before["model_calls"]
+    steps = after["model_calls"] - before["model_calls"]
     assert requests == 64
-    assert calls < 64 and after["largest_batch"] > 1  # several requests per model call
+    assert steps < 64 and after["largest_batch"] > 1  # several requests decoded in each step
 
 
 def test_a_full_queue_answers_503_with_retry_after(server):

@@ -234,13 +234,20 @@ def vq_roundtrip_accuracy(vq, n: int, seed: int) -> float:
 
 
 class Pool:
-    """Drawn training scenes, their pixels and their VQ codes, made once."""
+    """Drawn training scenes, their pixels and their VQ codes, made once (the codes cached in ``work``:
+    encoding 16k images takes minutes, drawing them again does not)."""
 
-    def __init__(self, vq, n: int, seed: int):
+    def __init__(self, vq, n: int, seed: int, work: Path | None = None):
         rng = np.random.default_rng([seed, 3])
         self.scenes = [random_scene(rng) for _ in range(n)]
         self.images = _images(self.scenes, rng)
-        self.codes = vq_codes(vq, self.images)
+        cache = work / f"pool_codes_{seed}_{n}.pt" if work is not None else None
+        if cache is not None and cache.exists():
+            self.codes = torch.load(cache, weights_only=True)
+        else:
+            self.codes = vq_codes(vq, self.images)
+            if cache is not None:
+                torch.save(self.codes, cache)
 
 
 def _perturbed(scene: Scene, rng: random.Random) -> Scene:
@@ -453,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("VQ round trip, judged: %.3f all-correct", vq_roundtrip_accuracy(vq, 256, args.seed))
     with torch.no_grad():  # image-token embeddings start as the (normalised) codebook
         model.gen_embed.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=1))
-    pool = Pool(vq, args.pool, args.seed)
+    pool = Pool(vq, args.pool, args.seed, work)
     logger.info("pool of %d scenes encoded in %.0fs", len(pool.scenes), time.time() - t0)
     args.minutes -= (time.time() - t0) / 60
     train_llm(model, processor, pool, args, work)
