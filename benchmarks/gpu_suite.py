@@ -525,8 +525,8 @@ def twin_synthesis(model, processor) -> dict[str, Any]:
     """tests/test_engine_synthesis.py on the device: a request alone == inside a mixed batch (sampled
     and greedy), and the greedy engine == DeepSeek's loop."""
     from benchmarks.bench_engines import PROMPTS
-    from janus.testing.reference import reference_generate
     from janus.engine import SynthesisEngine
+    from janus.testing.reference import reference_generate
 
     engine = SynthesisEngine(model, processor, max_batch_size=8)
     sampled = {"prompt": PROMPTS[1], "seed": 42, "cfg_weight": 4.0, "temperature": 1.0}
@@ -559,8 +559,8 @@ def twin_caption(model, processor, max_new_tokens: int = 32) -> dict[str, Any]:
     """tests/test_engine_captioning.py on the device: batched greedy text == DeepSeek's per-image path,
     and a request alone == inside the batch."""
     from benchmarks.bench_engines import QUESTIONS, caption_images
-    from janus.testing.reference import reference_caption
     from janus.engine import CaptionEngine
+    from janus.testing.reference import reference_caption
 
     images = caption_images(4)
     requests = [

@@ -1,13 +1,20 @@
-"""Load test of the online API: requests/s and latency percentiles under a fixed concurrency.
+"""Load test of the online API: requests/s and latency percentiles.
 
     python -m benchmarks.load_serve [--config configs/serve_tiny.yaml] [--route chat|images]
                                     [--requests 256] [--concurrency 32] [--max-seconds 120]
                                     [--url http://127.0.0.1:8000] [--out benchmarks/results/x.json]
+    python -m benchmarks.load_serve --open-loop --route chat --modes batch scheduler [--loads 0.25 0.5 0.75]
 
-Without ``--url`` it starts its own local Ray and Serve (the config's first application) on a free
-127.0.0.1 port and also reports the models' batching (requests per model call). With ``--url`` it
-loads a server that is already running, on loopback only. The run is bounded twice: at most
-``--requests`` requests, and no new request after ``--max-seconds``.
+Closed loop (default): a fixed concurrency. Without ``--url`` it starts its own local Ray and Serve (the
+config's first application) on a free 127.0.0.1 port and also reports the models' batching. With
+``--url`` it loads a server that is already running, on loopback only. The run is bounded twice: at
+most ``--requests`` requests, and no new request after ``--max-seconds``.
+
+Open loop (``--open-loop``): for each batching mode (``@serve.batch`` and the scheduler; same model,
+replicas and machine, one after the other in one run), first the saturation throughput (closed loop at
+``--concurrency``), then Poisson arrivals at ``--loads`` fractions of it: p50/p95/p99 end-to-end latency,
+throughput, and for chat the time to first token (requests stream). Writes one JSON and a
+latency-vs-load plot (PNG) next to it.
 """
 
 from __future__ import annotations
@@ -126,6 +133,165 @@ def _start_server(config: str) -> tuple[str, str, str]:
     return f"http://127.0.0.1:{port}", name, model
 
 
+async def _open_loop(
+    url: str, route: str, model: str, rate: float, n: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """``n`` requests with Poisson arrivals at ``rate``/s (seeded); chat requests stream (TTFT)."""
+    gaps = np.random.default_rng(int(rate * 1000)).exponential(1 / rate, size=n)
+    arrivals = np.cumsum(gaps) - gaps[0]
+    latencies, ttfts, statuses = [], [], {}
+    limits = httpx.Limits(max_connections=n)
+    async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
+            path, body = request_body(route, model, 10_000 + i, args.max_tokens)
+            t0 = time.perf_counter()
+            first = None
+            try:
+                if route == "chat":
+                    async with client.stream("POST", path, json={**body, "stream": True}) as r:
+                        status = r.status_code
+                        async for line in r.aiter_lines():
+                            if first is None and '"content": "' in line and '"content": ""' not in line:
+                                first = time.perf_counter() - t0
+                else:
+                    status = (await client.post(path, json=body)).status_code
+            except httpx.HTTPError:
+                status = 0
+            statuses[status] = statuses.get(status, 0) + 1
+            if status == 200:
+                latencies.append(time.perf_counter() - t0)
+                if first is not None:
+                    ttfts.append(first)
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - start
+    return {
+        "offered_rate": round(rate, 4),
+        "requests": n,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "throughput": round(len(latencies) / wall, 4),
+        "latency_s": _percentiles(latencies),
+        **({"ttft_s": _percentiles(ttfts)} if ttfts else {}),
+    }
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    v = np.array(values) if values else np.array([float("nan")])
+    return {q: round(float(np.percentile(v, int(q[1:]))), 4) for q in ("p50", "p95", "p99")}
+
+
+def _engine_step_times(config: str, route: str, batch: int) -> dict[str, float]:
+    """Prefill of one request and one decode step of ``batch`` rows, in this process, same model: the
+    yardstick for time to first token (prefill + 2 decode steps)."""
+    import torch
+
+    from janus.engine import CaptionEngine
+    from janus.engine.scheduler import Scheduler
+    from pipeline.actors.common import load_for_actor
+    from pipeline.serve.config import check_serve_config
+
+    [(_, cfg), *_] = check_serve_config(config)
+    section = cfg.caption if route == "chat" else cfg.synthesis
+    model, processor = load_for_actor(section.model.model_dump())
+    engine = CaptionEngine(model, processor)
+    image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    request = {"image": image, "question": "Describe this image.", "max_new_tokens": 64}
+    scheduler = Scheduler(engine, slots=batch)
+    for _ in range(batch):
+        scheduler.submit(request)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        scheduler.step()  # admits (prefills) every request: the first step is all prefill
+        prefill = (time.perf_counter() - t0) / batch
+        t1 = time.perf_counter()
+        for _ in range(5):
+            scheduler.step()
+        step = (time.perf_counter() - t1) / 5
+    for ticket in list(scheduler.waiting):
+        ticket.cancel()
+    for run in list(scheduler.running):
+        run.ticket.cancel()
+    scheduler.step()
+    return {"prefill_one_s": round(prefill, 4), "decode_step_s": round(step, 4), "batch": batch}
+
+
+def _open_loop_main(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+    from ray import serve
+
+    deployment = "Captioner" if args.route == "chat" else "Synthesizer"
+    section = "caption" if args.route == "chat" else "synthesis"
+    base = yaml.safe_load(open(args.config))
+    report: dict[str, Any] = {"route": args.route, "config": args.config, "modes": {}}
+    for mode in args.modes:
+        data = json.loads(json.dumps(base))
+        app_args = data["applications"][0]["args"]
+        app_args[section].setdefault("batching", {})["mode"] = mode
+        other = "synthesis" if section == "caption" else "caption"
+        app_args[other] = None  # one model on the machine at a time: like for like
+        path = f"{args.out or 'load'}.{mode}.yaml"
+        with open(path, "w") as f:
+            yaml.safe_dump(data, f)
+        url, app, model = _start_server(path)
+        os.remove(path)
+        asyncio.run(_warmup(url, args.route, model, args))
+        saturation = asyncio.run(_load(url, args.route, model, args))
+        peak = saturation["requests_per_s"]
+        runs = []
+        for load in args.loads:
+            n = max(8, min(args.requests, int(peak * load * args.max_seconds)))
+            runs.append(
+                {"load": load, **asyncio.run(_open_loop(url, args.route, model, peak * load, n, args))}
+            )
+            print(json.dumps({"mode": mode, **runs[-1]}), file=sys.stderr)
+        report["modes"][mode] = {
+            "saturation": saturation,
+            "open_loop": runs,
+            "batching": _batching(app, deployment),
+        }
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+    if args.route == "chat":
+        size = app_args[section].get("batching", {}).get("max_batch_size", 8)
+        report["engine_step_times"] = _engine_step_times(args.config, args.route, size)
+    report["device"] = _device()
+    return report
+
+
+def _plot(report: dict[str, Any], path: str) -> None:
+    """p50 and p95 latency against offered load, one line pair per mode (PIL only)."""
+    from PIL import ImageDraw
+
+    w, h, m = 640, 400, 60
+    img = PIL.Image.new("RGB", (w, h), "white")
+    pen = ImageDraw.Draw(img)
+    pen.rectangle((m, 20, w - 20, h - m), outline="black")
+    points = [
+        (r["load"], r["latency_s"][q])
+        for mode in report["modes"].values()
+        for r in mode["open_loop"]
+        for q in ("p50", "p95")
+    ]
+    top = max(v for _, v in points) * 1.1 or 1.0
+    colours = {"batch": (220, 30, 30), "scheduler": (30, 70, 220)}
+    for i, (mode, data) in enumerate(report["modes"].items()):
+        for q, width in (("p50", 3), ("p95", 1)):
+            xy = [
+                (m + r["load"] * (w - 20 - m), (h - m) - r["latency_s"][q] / top * (h - m - 20))
+                for r in data["open_loop"]
+            ]
+            pen.line(xy, fill=colours.get(mode, (0, 0, 0)), width=width)
+        pen.text((m + 10, 25 + 14 * i), f"{mode}: p50 (thick), p95 (thin)", fill=colours.get(mode, (0, 0, 0)))
+    pen.text((m, h - m + 8), "offered load, fraction of saturation (0 .. 1)", fill="black")
+    pen.text((4, 4), f"{report['route']} latency, s (0 .. {top:.1f})", fill="black")
+    img.save(path)
+
+
 def _batching(app: str, deployment: str) -> dict[str, int]:
     from ray import serve
 
@@ -155,7 +321,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", help="also write the result JSON here")
+    parser.add_argument(
+        "--open-loop", action="store_true", help="Poisson arrivals at fractions of saturation"
+    )
+    parser.add_argument("--modes", nargs="+", default=["batch", "scheduler"], choices=("batch", "scheduler"))
+    parser.add_argument("--loads", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     args = parser.parse_args(argv)
+    if args.open_loop:
+        report = _open_loop_main(args)
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+            _plot(report, args.out.removesuffix(".json") + ".png")
+        return 0
     if not (1 <= args.requests <= 10_000 and 1 <= args.concurrency <= 1024 and 0 < args.max_seconds <= 3600):
         parser.error("bounds: 1 <= requests <= 10000, 1 <= concurrency <= 1024, 0 < max-seconds <= 3600")
 

@@ -79,8 +79,10 @@ def _log_failed_s3_attempt(
 def _log_s3_retries() -> None:
     """Hook ``_log_failed_s3_attempt`` into every botocore session this process creates from now on
     (at import: Ray workers may get a ready-made S3 filesystem, pickled, without calling ``open_fs``)."""
-    from botocore import handlers
-
+    try:
+        from botocore import handlers
+    except ImportError:  # no S3 support installed: nothing to hook (local and memory URLs still work)
+        return
     spec = ("needs-retry.s3", _log_failed_s3_attempt)
     if spec not in handlers.BUILTIN_HANDLERS:
         handlers.BUILTIN_HANDLERS.append(spec)

@@ -181,6 +181,7 @@ class CaptionEngine(BatchEngine):
         with timed(timings, "prefill_s", dev):
             hidden, positions = self.prefill(inputs, self.model.prepare_inputs_embeds(**inputs), max_new)
         logits = self.decoder.logits(hidden)
+        step_slots = torch.arange(length, length + max_new, device=dev)  # made once, not per step
         steps = 0
         with timed(timings, "decode_s", dev):
             for step in range(max_new):
@@ -191,13 +192,14 @@ class CaptionEngine(BatchEngine):
                 steps = step + 1
                 if step + 1 == max_new or (step % 8 == 7 and bool(finished.all())):
                     break
-                slot = torch.tensor([length + step], device=dev)
+                slot = step_slots[step : step + 1]
                 if self._step is not None:
                     logits = self._step(tok, positions, slot)
                 else:
                     logits = self._decode_one(tok, positions, slot, kv_len=length + step + 1)
                 positions = positions + 1
-        self.decoder.release()
+        if not self.compile:  # compiled steps (CUDA graphs) keep the cache's addresses across batches
+            self.decoder.release()
         timings["total_s"] = time.perf_counter() - t0
         timings["batch_size"] = b
         timings["decode_steps"] = steps

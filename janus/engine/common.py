@@ -62,7 +62,9 @@ def available_memory(device: torch.device) -> int:
     """Bytes the engine may still allocate on ``device``."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        # memory PyTorch holds in its cache but no tensor uses is ours to allocate again
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
     try:
         with open("/proc/meminfo") as f:
             for line in f:

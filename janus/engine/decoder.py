@@ -42,7 +42,9 @@ class KVCacheDecoder:
             self.k_cache = self.v_cache = None  # free the old one before allocating
             self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+            self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        else:  # same buffers, same addresses (what CUDA graphs of a compiled step were recorded on)
+            self.key_valid.zero_()
 
     def release(self) -> None:
         self.k_cache = self.v_cache = self.key_valid = None

@@ -266,12 +266,11 @@ class Scheduler:
 
     def _decode(self) -> None:
         e, dev = self.engine, self.engine.device
-        tokens = torch.zeros(self.slots, dtype=torch.long, device=dev)
-        positions = torch.zeros(self.slots, dtype=torch.long, device=dev)
-        slots = torch.zeros(self.slots, dtype=torch.long, device=dev)
+        rows = torch.zeros(3, self.slots, dtype=torch.long)  # token, position, cache slot; built on the host
         for run in self.running:
             for row in run.rows:
-                tokens[row], positions[row], slots[row] = run.last, run.position, run.length
+                rows[:, row] = torch.tensor((run.last, run.position, run.length))
+        tokens, positions, slots = rows.to(dev, non_blocking=True)  # one copy to the device a step
         if self.synthesis:
             embeds = e.model.prepare_gen_img_embeds(tokens)[:, None]
         else:

@@ -184,9 +184,11 @@ class SynthesisEngine(BatchEngine):
             embeds = model.language_model.get_input_embeddings()(tokens)
             hidden, positions = self.decoder.prefill(embeds, mask)
             codes[:, 0] = self._choose(hidden, params, uniforms[:, 0], cfg)
+        # every step's cache slot made once on the device: no host-to-device copy inside the loop
+        step_slots = torch.arange(length, length + IMAGE_TOKENS, device=dev)
         with timed(timings, "decode_s", dev):
             for step in range(1, IMAGE_TOKENS):
-                slot = torch.tensor([length + step - 1], device=dev)
+                slot = step_slots[step - 1 : step]
                 if self._step is not None:
                     codes[:, step] = self._step(
                         codes[:, step - 1], positions, slot, uniforms[:, step], cfg, params
@@ -202,7 +204,8 @@ class SynthesisEngine(BatchEngine):
                         kv_len=length + step,
                     )
                 positions = positions + 1
-        self.decoder.release()
+        if not self.compile:  # compiled steps (CUDA graphs) keep the cache's addresses across batches
+            self.decoder.release()
         with timed(timings, "vq_decode_s", dev):
             images = self.decode_images(codes)
         timings["total_s"] = time.perf_counter() - t0
