@@ -219,6 +219,7 @@ print(anon_kib() - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,max_copies", [("bfloat16", 0.1), ("float32", 1.1)])
 def test_loading_holds_no_second_copy_of_the_weights(tmp_path, dtype, max_copies):
     # A ~110 MB bf16 checkpoint: in its own dtype the tensors stay memory-mapped (almost no anonymous

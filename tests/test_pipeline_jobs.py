@@ -65,7 +65,6 @@ PROMPT_LINES = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_synthesis_job_on_fake_gpus_with_bad_prompts(ray_session, model_dir, tmp_path):
     (tmp_path / "prompts.txt").write_bytes(b"\n".join(PROMPT_LINES) + b"\n")
@@ -122,7 +121,6 @@ def test_rerun_makes_no_duplicates_and_same_seed_same_image(ray_session, model_d
     assert pngs(other) == pngs(out) and len(pngs(out)) == 3
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_the_model_pool_gets_full_batches_and_a_resume_too(ray_session, model_dir, tmp_path):
     """Read blocks of any size (three files, Ray's own block splitting, the resume filter) reach the
@@ -181,7 +179,6 @@ def make_images() -> dict[str, bytes]:
     }
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_caption_job_from_s3_to_s3(ray_session, model_dir, s3_options):
     bucket = new_bucket(s3_options, "cap")

@@ -127,6 +127,7 @@ def test_understanding_example_runs_unchanged(seed_text, seed_checkpoint, tmp_pa
     assert inputs["sft_format"][0] in printed
 
 
+@pytest.mark.slow
 def test_text_to_image_example_runs_unchanged(seed_text, seed_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     source = adapt(extract_example(seed_text, *TEXT_TO_IMAGE), seed_checkpoint)

@@ -665,7 +665,7 @@ def test_cli_rejects_a_bad_config(tmp_path, capsys):
 def test_metrics_reach_rays_prometheus_endpoint(client, ray_session):
     """Our counters and Serve's batching metrics on the node's Prometheus export port."""
     port = ray_session._private.worker.global_worker.node.metrics_export_port
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 300  # generous: the export runs every few seconds, slower when loaded
     text = ""
     while time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text

@@ -41,7 +41,6 @@ CALL_TIMEOUT_S = 300.0
 @dataclass(frozen=True)
 class WorkerNode:
     node_id: str
-    raylet_pid: int
 
 
 class LocalCluster:
@@ -101,7 +100,7 @@ class LocalCluster:
     def add_worker(self, cpus: int = 2, gpus: int = 1, store_mb: int = 150) -> WorkerNode:
         """A worker node with ``gpus`` fake GPUs (torch sees none: actors run on CPU), one
         ``janus_worker`` per GPU and a ``store_mb`` object store; returns once the node has joined."""
-        return WorkerNode(*self._call("add_worker", cpus, gpus, store_mb))
+        return WorkerNode(self._call("add_worker", cpus, gpus, store_mb))
 
     def remove(self, node: WorkerNode) -> None:
         """Kill the node's raylet and every process on it, as when a machine is lost."""
@@ -168,7 +167,7 @@ def _serve(conn: Connection, env: dict[str, str], head_cpus: int, head_store_mb:
                 )
                 cluster.wait_for_nodes()
                 workers[node.node_id] = node
-                value = (node.node_id, node.all_processes["raylet"][0].process.pid)
+                value = node.node_id
             elif command == "remove":
                 remove(workers.pop(args[0]))
                 value = None
