@@ -16,8 +16,6 @@ Writes benchmarks/results/eval_quality.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import tempfile
 import time
@@ -29,11 +27,11 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from benchmarks.eval_shapes import parser, shapes_model, write_report
 from janus.engine import CaptionEngine, SynthesisEngine, load_model_and_processor
 from janus.engine.quality import CuratedSynthesis, QualityOptions, Reader
 from janus.shapes.data import COLORS, POSITIONS, SHAPES, Scene, caption, random_scene
 from janus.shapes.judge import correct, judge
-from pipeline.actors.common import resolve_model_ref
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 0.95)
@@ -141,17 +139,12 @@ def score_cost(threads: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="shapes")
-    ap.add_argument("--n", type=int, default=128)
+    ap = parser(__doc__, "eval_quality.json")
     ap.add_argument("--best-of", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-cost", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS / "eval_quality.json"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, processor = load_model_and_processor(resolve_model_ref(args.model), dtype="float32", device="cpu")
+    model, processor = shapes_model(args)
     synth = SynthesisEngine(model, processor, max_batch_size=32)
     rng = np.random.default_rng(args.seed)
     wanted = [random_scene(rng) for _ in range(args.n)]
@@ -182,10 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot(report["filtering"], Path(args.out).with_suffix(".png"))
     if not args.skip_cost:
         report["score_cost"] = score_cost(1)
-    Path(args.out).parent.mkdir(exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -80,18 +80,29 @@ def sheet(images: list[np.ndarray], prompts: list[str], path: Path, cols: int = 
     canvas.save(path)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options both shapes evaluations take."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--model", default="shapes", help="checkpoint (default: the packaged shapes model)")
     ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / out))
+    return ap
+
+
+def shapes_model(args: argparse.Namespace):
+    """(model, processor) of ``--model`` in fp32 on the CPU, with ``--threads`` torch threads."""
+    torch.set_num_threads(args.threads)
+    return load_model_and_processor(resolve_model_ref(args.model), dtype="float32", device="cpu")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = parser(__doc__, "eval_shapes.json")
     ap.add_argument("--held-out", type=int, default=64)
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0, 5.0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(RESULTS / "eval_shapes.json"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, processor = load_model_and_processor(resolve_model_ref(args.model), dtype="float32", device="cpu")
+    model, processor = shapes_model(args)
     synth = SynthesisEngine(model, processor, max_batch_size=32)
     t0 = time.perf_counter()
     wanted = scenes(args.n, args.seed)
@@ -105,8 +116,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["held_out"] = {"n": args.held_out, f"cfg{max(args.cfg):g}": judged(generate(synth, held, max(args.cfg), args.seed + 1), held)}
     report["captions"] = {"n": args.n} | caption_accuracy(CaptionEngine(model, processor, max_batch_size=32), args.n, args.seed)
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    Path(args.out).parent.mkdir(exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return write_report(report, args.out)
+
+
+def write_report(report: dict[str, Any], out: str) -> dict[str, Any]:
+    Path(out).parent.mkdir(exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return report
 

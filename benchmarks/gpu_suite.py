@@ -402,6 +402,21 @@ def build_model(shape_name: str, dtype: str, device, work: Path) -> tuple[Any, A
     return model, processor_for(work), facts
 
 
+
+def _model_item(rec, shape: str, plan, device, work):
+    """Build the random-weight model of ``shape`` on the device as one recorded item:
+    (model, processor, facts), or None when the build failed (recorded)."""
+    held: dict[str, Any] = {}
+
+    def build() -> dict[str, Any]:
+        held["model"], held["processor"], facts = build_model(shape, plan.dtype, device, work)
+        return facts
+
+    facts = rec.item(f"{shape} model, random weights on the device", build, 15)
+    if facts is None:
+        return None
+    return held["model"], held["processor"], facts
+
 def write_checkpoint(directory: Path, shape_name: str, dtype: str, device) -> dict[str, Any]:
     """A complete checkpoint in the official layout (safetensors), for the jobs' loader path."""
     from janus.testing import save_state_dict, write_processor_configs, write_tiny_tokenizer
@@ -771,16 +786,10 @@ def synthesis_items(rec: Recorder, plan: Plan, work: Path, section: str) -> None
 
     device = torch.device(plan.device)
     shape = plan.shapes[section]
-    held: dict[str, Any] = {}
-
-    def build() -> dict[str, Any]:
-        held["model"], held["processor"], facts = build_model(shape, plan.dtype, device, work)
-        return facts
-
-    facts = rec.item(f"{shape} model, random weights on the device", build, 15)
-    if facts is None:
+    built = _model_item(rec, shape, plan, device, work)
+    if built is None:
         return
-    model, processor = held["model"], held["processor"]
+    model, processor, facts = built
     lm = model.language_model
     decode_bytes = param_bytes(lm.model.layers, lm.model.norm, model.gen_head, model.gen_aligner)
     common = {
@@ -905,16 +914,10 @@ def caption_shape(rec: Recorder, plan: Plan, work: Path, shape: str, table: list
     )
 
     device = torch.device(plan.device)
-    held: dict[str, Any] = {}
-
-    def build() -> dict[str, Any]:
-        held["model"], held["processor"], facts = build_model(shape, plan.dtype, device, work)
-        return facts
-
-    facts = rec.item(f"{shape} model, random weights on the device", build, 15)
-    if facts is None:
+    built = _model_item(rec, shape, plan, device, work)
+    if built is None:
         return
-    model, processor = held["model"], held["processor"]
+    model, processor, facts = built
     lm = model.language_model
     decode_bytes = param_bytes(lm.model.layers, lm.model.norm, lm.lm_head)
     common = {

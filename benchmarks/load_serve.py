@@ -63,6 +63,27 @@ def request_body(route: str, model: str, i: int, max_tokens: int) -> tuple[str, 
     }
 
 
+async def _send(
+    client: httpx.AsyncClient, route: str, model: str, i: int, max_tokens: int, stream: bool
+) -> tuple[int, float, float | None]:
+    """One request: (HTTP status or 0, seconds to the end, seconds to the first content when streamed)."""
+    path, body = request_body(route, model, i, max_tokens)
+    t0 = time.perf_counter()
+    first = None
+    try:
+        if stream and route == "chat":
+            async with client.stream("POST", path, json={**body, "stream": True}) as r:
+                status = r.status_code
+                async for line in r.aiter_lines():
+                    if first is None and '"content": "' in line and '"content": ""' not in line:
+                        first = time.perf_counter() - t0
+        else:
+            status = (await client.post(path, json=body)).status_code
+    except httpx.HTTPError:
+        status = 0
+    return status, time.perf_counter() - t0, first
+
+
 async def _load(url: str, route: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -76,15 +97,10 @@ async def _load(url: str, route: str, model: str, args: argparse.Namespace) -> d
             async with sem:
                 if time.perf_counter() > deadline:
                     return
-                path, body = request_body(route, model, i, args.max_tokens)
-                t0 = time.perf_counter()
-                try:
-                    status = (await client.post(path, json=body)).status_code
-                except httpx.HTTPError:
-                    status = 0
+                status, latency, _ = await _send(client, route, model, i, args.max_tokens, stream=False)
                 statuses[status] = statuses.get(status, 0) + 1
                 if status == 200:
-                    latencies.append(time.perf_counter() - t0)
+                    latencies.append(latency)
 
         await asyncio.gather(*(one(i) for i in range(args.requests)))
         wall = time.perf_counter() - start
@@ -146,23 +162,10 @@ async def _open_loop(
 
         async def one(i: int) -> None:
             await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
-            path, body = request_body(route, model, 10_000 + i, args.max_tokens)
-            t0 = time.perf_counter()
-            first = None
-            try:
-                if route == "chat":
-                    async with client.stream("POST", path, json={**body, "stream": True}) as r:
-                        status = r.status_code
-                        async for line in r.aiter_lines():
-                            if first is None and '"content": "' in line and '"content": ""' not in line:
-                                first = time.perf_counter() - t0
-                else:
-                    status = (await client.post(path, json=body)).status_code
-            except httpx.HTTPError:
-                status = 0
+            status, latency, first = await _send(client, route, model, 10_000 + i, args.max_tokens, stream=True)
             statuses[status] = statuses.get(status, 0) + 1
             if status == 200:
-                latencies.append(time.perf_counter() - t0)
+                latencies.append(latency)
                 if first is not None:
                     ttfts.append(first)
 

@@ -56,10 +56,12 @@ install_handlers(api)
 class Backend:
     """A model deployment as the ingress sees it: its handle, served name and (cached) limits."""
 
-    def __init__(self, handle: DeploymentHandle, name: str, retry_after_s: int):
+    def __init__(self, handle: DeploymentHandle, name: str, settings: APISection):
         self.handle = handle
         self.name = name
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = settings.retry_after_s
+        self.timeout_s = settings.request_timeout_s
+        self.load_wait_s = settings.load_wait_s
         self._info: dict[str, Any] | None = None
 
     async def info(self, timeout_s: float | None = None) -> dict[str, Any]:
@@ -68,8 +70,18 @@ class Backend:
             self._info = await self._remote("info", timeout_s=timeout_s)
         return self._info
 
+    async def ready_info(self) -> dict[str, Any]:
+        """``info`` for a request: a model still loading is a 503 the client can retry, not a hang."""
+        try:
+            return await self.info(timeout_s=self.load_wait_s)
+        except TimeoutError:
+            raise self._unavailable("model_loading", "is still loading") from None
+
     async def generate(self, request: dict[str, Any]) -> Any:
-        return await self._remote("generate", request)
+        try:
+            return await self._remote("generate", request, timeout_s=self.timeout_s)
+        except TimeoutError:
+            raise self._timeout("answer") from None
 
     async def stream(self, request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """Start a streamed answer: (its first item, the rest). Waiting for the first item turns a bad
@@ -77,7 +89,10 @@ class Backend:
         stream = self.handle.options(stream=True).stream.remote(request)
         with self._errors():
             try:
-                return await stream.__anext__(), stream
+                return await asyncio.wait_for(stream.__anext__(), self.timeout_s), stream
+            except TimeoutError:
+                stream.cancel()
+                raise self._timeout("start answering") from None
             except BaseException:
                 stream.cancel()
                 raise
@@ -91,6 +106,17 @@ class Backend:
                 response.cancel()  # the client went away or waited too long: free the model's slot
                 raise
 
+    def _unavailable(self, code: str, why: str) -> APIError:
+        return APIError(
+            503,
+            f"model {self.name} {why}; retry later",
+            code=code,
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
+
+    def _timeout(self, what: str) -> APIError:
+        return APIError(504, f"model {self.name} did not {what} within {self.timeout_s:g} s", code="timeout")
+
     @contextlib.contextmanager
     def _errors(self):
         """Ray's answers for a model that is full or down -> 503 with Retry-After."""
@@ -101,11 +127,8 @@ class Backend:
                 f"model {self.name} is at capacity (its queue is full); retry later", self.retry_after_s
             ) from None
         except (DeploymentUnavailableError, RayActorError) as exc:
-            raise APIError(
-                503,
-                f"model {self.name} is unavailable right now ({type(exc).__name__}); retry later",
-                code="model_unavailable",
-                headers={"Retry-After": str(self.retry_after_s)},
+            raise self._unavailable(
+                "model_unavailable", f"is unavailable right now ({type(exc).__name__})"
             ) from None
 
 
@@ -242,9 +265,10 @@ class JanusAPI:
         settings: dict[str, Any],
     ):
         self.settings = APISection.model_validate(settings)
-        retry = self.settings.retry_after_s
-        self.synthesis = Backend(synthesis, names["synthesis"], retry) if synthesis is not None else None
-        self.caption = Backend(caption, names["caption"], retry) if caption is not None else None
+        self.synthesis = (
+            Backend(synthesis, names["synthesis"], self.settings) if synthesis is not None else None
+        )
+        self.caption = Backend(caption, names["caption"], self.settings) if caption is not None else None
         self.images = ImageSource(
             tuple(self.settings.image_url_prefixes),
             self.settings.image_storage_options,
@@ -272,7 +296,7 @@ class JanusAPI:
     async def chat_completions(self, request: Request) -> Response:
         req = parse(ChatCompletionRequest, await read_body(request, self.settings.max_body_bytes))
         backend = self._backend(self.caption, req.model, "chat completions")
-        info = await backend.info()
+        info = await backend.ready_info()
         chat = chat_input(req.messages, info["image_tag"])
         if len(chat.image_urls) > info["max_images"]:
             raise bad_request(
@@ -373,7 +397,7 @@ class JanusAPI:
                 "response_format 'url' is not supported: images are returned inline as b64_json",
                 param="response_format",
             )
-        info = await backend.info()
+        info = await backend.ready_info()
         side = info["image_size"]
         if req.best_of > 1 and not info["scores"]:
             raise bad_request(

@@ -119,6 +119,8 @@ class APISection(Section):
     max_tokens: int = Field(1024, ge=1)  # upper bound for a chat request's max_tokens
     default_max_tokens: int = Field(256, ge=1)
     retry_after_s: int = Field(1, ge=0)  # Retry-After of 503 answers when a model queue is full
+    request_timeout_s: float = Field(300.0, gt=0)  # a model answer slower than this: 504, request cancelled
+    load_wait_s: float = Field(5.0, ge=0)  # a model still loading after this long: 503 + Retry-After
     #: file:// and s3:// URL prefixes images may be read from (e.g. s3://bucket/uploads/); none by default
     image_url_prefixes: list[str] = Field(default_factory=list)
     image_storage_options: dict[str, Any] = Field(default_factory=dict)  # fsspec options for s3://

@@ -7,6 +7,7 @@ requests join the running batch at the next decode step and tokens stream as the
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -77,6 +78,7 @@ class ModelServer:
             self.run_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
         self.requests = 0
         self.largest_batch = 0
+        self._reading = threading.Lock()
 
     async def generate(self, request: dict[str, Any]) -> Any:
         """One request -> its SynthesisResult / CaptionResult (sharing the device with its neighbours)."""
@@ -93,7 +95,11 @@ class ModelServer:
                     t.cancel()
         if plan is None:
             return results[0]
-        return (await asyncio.to_thread(self.actor.complete, engine_requests, plan, results))[0]
+        return (await asyncio.to_thread(self._complete, engine_requests, plan, results))[0]
+
+    def _complete(self, engine_requests: list[Any], plan: Any, results: list[Any]) -> list[Any]:
+        with self._reading:  # one reader (its own cache) per replica: requests take turns
+            return self.actor.complete(engine_requests, plan, results)
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """A caption / chat request's text as it is decoded: ``{"delta": str}`` items, then
@@ -142,9 +148,10 @@ class ModelServer:
             "streaming": self.loop is not None,
         }
 
-    def stats(self) -> dict[str, int]:
-        """This replica's counters: requests served and model calls or steps made."""
+    def stats(self) -> dict[str, Any]:
+        """This replica's id and counters: requests served, model calls or steps made."""
         return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "requests": self.requests,
             "model_calls": self.actor.calls if self.loop is None else self.loop.scheduler.steps,
             "largest_batch": self.largest_batch if self.loop is None else self.loop.scheduler.peak_running,

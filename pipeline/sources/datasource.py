@@ -19,7 +19,7 @@ from ray.data import Dataset, Datasource, ReadTask, read_datasource
 from ray.data.block import BlockMetadata
 
 from ..storage import Listing, storage_step
-from .image_files import DEFAULT_MAX_IMAGE_BYTES, IMAGE_SCHEMA, image_file_reader, list_image_inputs
+from .image_files import IMAGE_SCHEMA, image_file_reader, list_image_inputs
 from .prompt_files import PROMPT_SCHEMA, PromptDefaults, list_prompt_files, prompt_file_rows
 
 
@@ -120,19 +120,18 @@ def image_dataset(
     url: str,
     storage_options: dict | None = None,
     fmt: str | None = None,
-    image_column: str = "image",
-    key_column: str | None = None,
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     *,
     rows_per_block: int = 256,
     bytes_per_block: int = 64 * 2**20,
     override_num_blocks: int | None = None,
     listing: Listing | None = None,
+    **columns: Any,
 ) -> Dataset:
     """Streaming Ray Dataset of image rows (``IMAGE_SCHEMA``): raw bytes, decoded later on CPU workers.
-    ``listing``: the files of ``url`` when the caller has listed them already (``fmt`` then concrete)."""
+    ``listing``: the files of ``url`` when the caller has listed them already (``fmt`` then concrete);
+    ``columns``: ``image_column``, ``key_column``, ``max_image_bytes`` as ``read_images`` takes them."""
     if listing is None:
         fmt, listing = list_image_inputs(url, storage_options, fmt)
-    reader = image_file_reader(fmt, image_column, key_column, max_image_bytes)
+    reader = image_file_reader(fmt, **columns)
     source = _FileRowsDatasource("Images", listing, reader, IMAGE_SCHEMA, rows_per_block, bytes_per_block)
     return read_datasource(source, override_num_blocks=override_num_blocks)

@@ -18,21 +18,13 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from ..storage import BAD_FILE_ERRORS, Listing, list_files
-from .keys import image_key
+from .keys import image_key, keyed_schema
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 IMAGE_FORMATS = ("images", "parquet", "webdataset")  # "images": image files
 DEFAULT_MAX_IMAGE_BYTES = 128 * 2**20
 
-IMAGE_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("source", pa.string()),
-        ("image_bytes", pa.binary()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-    ]
-)
+IMAGE_SCHEMA = keyed_schema(("source", pa.string()), ("image_bytes", pa.binary()))
 
 
 def _image_row(key: str, source: str, data: bytes | None, error: str | None = None) -> dict[str, Any]:
@@ -178,26 +170,27 @@ def list_image_inputs(
 
 
 def image_file_reader(
-    fmt: str, image_column: str, key_column: str | None, max_bytes: int
-) -> Callable[[AbstractFileSystem, str, str, int], Iterator[dict[str, Any]]]:
-    if fmt == "parquet":
-        return functools.partial(
-            _parquet_image_rows, max_bytes=max_bytes, image_column=image_column, key_column=key_column
-        )
-    return functools.partial(_image_file_rows if fmt == "images" else _tar_image_rows, max_bytes=max_bytes)
-
-
-def read_images(
-    url: str,
-    storage_options: dict | None = None,
-    fmt: str | None = None,
+    fmt: str,
     image_column: str = "image",
     key_column: str | None = None,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+) -> Callable[[AbstractFileSystem, str, str, int], Iterator[dict[str, Any]]]:
+    """The row reader for one input format: ``(fs, path, source, size) -> rows``."""
+    if fmt == "parquet":
+        return functools.partial(
+            _parquet_image_rows, max_bytes=max_image_bytes, image_column=image_column, key_column=key_column
+        )
+    rows = _image_file_rows if fmt == "images" else _tar_image_rows
+    return functools.partial(rows, max_bytes=max_image_bytes)
+
+
+def read_images(
+    url: str, storage_options: dict | None = None, fmt: str | None = None, **columns: Any
 ) -> Iterator[dict[str, Any]]:
-    """All image rows under ``url`` in file order, in this process (small inputs, tests, tools)."""
+    """All image rows under ``url`` in file order, in this process (small inputs, tests, tools).
+    ``columns``: ``image_column``, ``key_column``, ``max_image_bytes`` (see ``image_file_reader``)."""
     fmt, listing = list_image_inputs(url, storage_options, fmt)
-    reader = image_file_reader(fmt, image_column, key_column, max_image_bytes)
+    reader = image_file_reader(fmt, **columns)
     for path, size in zip(listing.paths, listing.sizes, strict=True):
         yield from reader(listing.fs, path, listing.relative(path), size)
 

@@ -36,6 +36,11 @@ MAX_SAMPLES_PER_PROMPT = 10_000
 PACKED_BYTES = 12
 
 
+def keyed_schema(*columns: tuple[str, pa.DataType]) -> pa.Schema:
+    """An input row's layout: ``key``, the reader's own columns, then ``status`` and ``error``."""
+    return pa.schema([("key", pa.string()), *columns, ("status", pa.string()), ("error", pa.string())])
+
+
 def digest(*parts: Any) -> bytes:
     material = json.dumps([KEY_VERSION, *parts], ensure_ascii=False)
     return hashlib.sha256(material.encode("utf-8", "surrogatepass")).digest()

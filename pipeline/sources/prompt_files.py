@@ -25,26 +25,21 @@ from fsspec.spec import AbstractBufferedFile
 from janus.engine.prompts import DEFAULT_CFG_WEIGHT, DEFAULT_TEMPERATURE
 
 from ..storage import BAD_FILE_ERRORS, Listing, list_files
-from .keys import MAX_SAMPLES_PER_PROMPT, SEED_LIMIT, prompt_key_and_seed
+from .keys import MAX_SAMPLES_PER_PROMPT, SEED_LIMIT, keyed_schema, prompt_key_and_seed
 
 MAX_ERROR_TEXT = 2000  # a failed row keeps at most this much of the offending line
 PROMPT_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 
-PROMPT_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("cfg_weight", pa.float64()),
-        ("temperature", pa.float64()),
-        ("source", pa.string()),
-        ("index", pa.int64()),
-        ("sample", pa.int32()),
-        ("id", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-    ]
+PROMPT_SCHEMA = keyed_schema(
+    ("prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("cfg_weight", pa.float64()),
+    ("temperature", pa.float64()),
+    ("source", pa.string()),
+    ("index", pa.int64()),
+    ("sample", pa.int32()),
+    ("id", pa.string()),
 )
 
 
