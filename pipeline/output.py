@@ -25,7 +25,7 @@ from .sinks import SHARD_PREFIX, STAT_COUNTS, shard_files
 from .sources.keys import PACKED_BYTES, packed_keys
 from .storage import is_temp_name, open_fs, storage_step
 
-READ_THREADS = 8  # overlapping reads hide object-store latency; each holds one file's column
+READ_THREADS = 4  # overlapping reads hide object-store latency; each thread's buffers cost ~4 MB of driver memory
 EMPTY_KEYS = np.array([], dtype=f"S{PACKED_BYTES}")
 
 

@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from pipeline.actors import Captioner, Synthesizer
 from pipeline.serve.app import Backend, build_app, readiness
 from pipeline.serve.config import ServeConfigError, check_serve_config, parse_args
 from tests.support import REPO
+from tests.support.serving import start_serve
 
 MODEL = "janus-test"
 SIZE = 48  # vq_ch_mult=(1, 2): 24 * 2 px
@@ -57,12 +57,6 @@ def image_part(url: str) -> dict:
 
 def decode_png(b64: str) -> np.ndarray:
     return np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(b64))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +123,7 @@ def server(ray_session, model_dir, files, s3_images):
         },
         "caption": None,
     }
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     try:
         serve.run_many(
             [

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import socket
 import time
 
 import httpx
@@ -45,6 +44,7 @@ def api(ray_session):
 
     from pipeline.serve.app import JanusAPI
     from tests.support.fake_model import FakeModel
+    from tests.support.serving import start_serve
 
     small = {"ray_actor_options": {"num_cpus": 0.05}}
     settings = {"retry_after_s": 2, "request_timeout_s": 3.0, "load_wait_s": 1.0, "deployment": small}
@@ -56,10 +56,7 @@ def api(ray_session):
         caption = FakeModel.options(name="FakeCaption", **opts).bind("caption", held)
         return JanusAPI.options(**small).bind(synth, caption, names, settings)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     serve.run_many(
         [
             serve.RunTarget(app(), name="ok", route_prefix="/ok"),
