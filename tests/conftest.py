@@ -16,6 +16,10 @@ from tests.support.gate import Gate
 from tests.support.stores import Store, s3_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+# Serve gives its HTTP proxy 5 s per readiness check (3 checks) before killing it: a busy 2-core machine
+# can take longer to import the proxy; Ray's own processes read these from the environment at start
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 # One thread: the test models are tiny, and on a shared 2-core machine an OpenMP barrier that waits
 # for a core another process holds made tests 2-5x slower with 2 threads (Ray's actors run one too).
 torch.set_num_threads(1)

@@ -39,7 +39,9 @@ def error_of(r: httpx.Response) -> dict:
 
 @pytest.fixture(scope="module")
 def api(ray_session):
-    """Three apps on one Serve: normal fakes, a model held in loading, and one with a tiny queue."""
+    """One app: the real ingress in front of two stand-in models that start held in loading (the first
+    test releases them); the caption model's queue holds one request (a machine this small cannot run
+    a deployment per case)."""
     from ray import serve
 
     from pipeline.serve.app import JanusAPI
@@ -48,81 +50,65 @@ def api(ray_session):
 
     small = {"ray_actor_options": {"num_cpus": 0.05}}
     settings = {"retry_after_s": 2, "request_timeout_s": 3.0, "load_wait_s": 1.0, "deployment": small}
-    names = {"synthesis": "fake", "caption": "fake"}
-
-    def app(held: bool = False, queue: dict | None = None):
-        opts = {**small, **(queue or {})}
-        synth = FakeModel.options(name="FakeSynthesis", **opts).bind("synthesis", held)
-        caption = FakeModel.options(name="FakeCaption", **opts).bind("caption", held)
-        return JanusAPI.options(**small).bind(synth, caption, names, settings)
-
-    port = start_serve()
-    serve.run_many(
-        [
-            serve.RunTarget(app(), name="ok", route_prefix="/ok"),
-            serve.RunTarget(app(held=True), name="loading", route_prefix="/loading"),
-            serve.RunTarget(
-                app(queue={"max_ongoing_requests": 1, "max_queued_requests": 1}), name="full", route_prefix="/full"
-            ),
-        ],
-        wait_for_applications_running=False,
+    synth = FakeModel.options(name="FakeSynthesis", **small).bind("synthesis", True)
+    caption = FakeModel.options(name="FakeCaption", max_ongoing_requests=1, max_queued_requests=1, **small).bind(
+        "caption", True
     )
-    base = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=base, timeout=60) as client:
-        deadline = time.time() + 300
-        while time.time() < deadline:  # every app's ingress up (the loading app's models stay held)
-            if all(client.get(f"/{a}/v1/models").status_code == 200 for a in ("ok", "loading", "full")):
-                break
-            time.sleep(1)
+    app = JanusAPI.options(**small).bind(synth, caption, {"synthesis": "fake", "caption": "fake"}, settings)
+    port = start_serve()
+    serve.run(app, name="fake", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         yield client
     serve.shutdown()
 
 
-def replica(app: str, name: str) -> str:
+def handle(name: str):
     from ray import serve
 
-    return serve.get_deployment_handle(name, app_name=app).stats.remote().result()["replica"]
+    return serve.get_deployment_handle(name, app_name="fake")
+
+
+def replica(name: str) -> str:
+    return handle(name).stats.remote().result()["replica"]
 
 
 def test_while_a_model_loads_health_and_routes_answer_503(api):
-    r = api.get("/loading/health")
+    r = api.get("/health")
     assert r.status_code == 503 and r.json()["status"] == "loading"
     for route, body in (("/v1/chat/completions", chat("hi")), ("/v1/images/generations", image("a cat"))):
-        r = api.post(f"/loading{route}", json=body)
+        r = api.post(route, json=body)
         assert r.status_code == 503 and r.headers["retry-after"] == "2"
         assert error_of(r)["code"] == "model_loading"
-    from ray import serve
-
     for name in ("FakeSynthesis", "FakeCaption"):
-        serve.get_deployment_handle(name, app_name="loading").load.remote().result()
-    assert api.get("/loading/health").status_code == 200
-    assert api.post("/loading/v1/images/generations", json=image("a cat")).status_code == 200
+        handle(name).load.remote().result()
+    assert api.get("/health").status_code == 200
+    assert api.post("/v1/images/generations", json=image("a cat")).status_code == 200
 
 
 def test_out_of_memory_is_503_with_retry_after(api):
     for route, body in (("/v1/chat/completions", chat("oom")), ("/v1/images/generations", image("oom"))):
-        r = api.post(f"/ok{route}", json=body)
+        r = api.post(route, json=body)
         assert r.status_code == 503 and r.headers["retry-after"] == "2"
         err = error_of(r)
         assert err["code"] == "overloaded" and err["type"] == "server_error" and "fake oom" in err["message"]
 
 
 def test_our_bugs_are_500_with_the_same_body_and_the_replica_lives_on(api):
-    before = replica("ok", "FakeCaption")
+    before = replica("FakeCaption")
     for text in ("crash", "internal"):
-        r = api.post("/ok/v1/chat/completions", json=chat(text))
+        r = api.post("/v1/chat/completions", json=chat(text))
         assert r.status_code == 500
         err = error_of(r)
         assert err["code"] == "internal_error" and err["type"] == "server_error"
-    r = api.post("/ok/v1/images/generations", json=image("crash"))
+    r = api.post("/v1/images/generations", json=image("crash"))
     assert r.status_code == 500 and error_of(r)["code"] == "internal_error"
-    assert api.post("/ok/v1/chat/completions", json=chat("fine")).status_code == 200
-    assert replica("ok", "FakeCaption") == before  # the same replica, not a restarted one
+    assert api.post("/v1/chat/completions", json=chat("fine")).status_code == 200
+    assert replica("FakeCaption") == before  # the same replica, not a restarted one
 
 
 def test_a_model_that_does_not_answer_in_time_is_504(api):
     t0 = time.time()
-    r = api.post("/ok/v1/images/generations", json=image("slow"))
+    r = api.post("/v1/images/generations", json=image("slow"))
     assert r.status_code == 504 and error_of(r)["code"] == "timeout"
     assert time.time() - t0 < 20  # the ingress's limit (3 s), not the model's 30 s
 
@@ -130,7 +116,7 @@ def test_a_model_that_does_not_answer_in_time_is_504(api):
 def test_a_full_chat_queue_answers_503(api):
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=str(api.base_url), timeout=60) as c:
-            return await asyncio.gather(*(c.post("/full/v1/chat/completions", json=chat("slow")) for _ in range(6)))
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=chat("slow")) for _ in range(6)))
 
     codes = [r.status_code for r in asyncio.run(run())]
     assert 503 in codes, codes
@@ -139,20 +125,18 @@ def test_a_full_chat_queue_answers_503(api):
 
 
 def test_a_client_leaving_mid_stream_cancels_the_model_request(api):
-    from ray import serve
-
-    handle = serve.get_deployment_handle("FakeCaption", app_name="ok")
-    before = handle.stats.remote().result()["cancelled"]
-    with api.stream("POST", "/ok/v1/chat/completions", json=chat("hello", stream=True)) as r:
+    model = handle("FakeCaption")
+    before = model.stats.remote().result()["cancelled"]
+    with api.stream("POST", "/v1/chat/completions", json=chat("hello", stream=True)) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(line for line in lines if '"content": "a"' in line)  # tokens are flowing
     deadline = time.time() + 30
-    while handle.stats.remote().result()["cancelled"] == before and time.time() < deadline:
+    while model.stats.remote().result()["cancelled"] == before and time.time() < deadline:
         time.sleep(0.5)
-    assert handle.stats.remote().result()["cancelled"] == before + 1
+    assert model.stats.remote().result()["cancelled"] == before + 1
 
 
 def test_a_request_error_before_the_first_token_is_a_plain_4xx(api):
-    r = api.post("/ok/v1/chat/completions", json=chat("invalid", stream=True))
+    r = api.post("/v1/chat/completions", json=chat("invalid", stream=True))
     assert r.status_code == 400 and error_of(r)["code"] == "invalid_request"

@@ -5,13 +5,36 @@ stream slowly. Loading can be held back until ``load()`` is called, to see the A
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-from janus.engine import CaptionResult, SynthesisResult
-from janus.engine.common import INTERNAL, INVALID_REQUEST, OUT_OF_MEMORY
+# the engines' error codes (janus.engine.common), written out: this stand-in must not import torch
+INVALID_REQUEST, OUT_OF_MEMORY, INTERNAL = "invalid_request", "out_of_memory", "internal_error"
+
+
+@dataclass
+class FakeResult:
+    """What the ingress reads of a SynthesisResult / CaptionResult."""
+
+    status: str = "ok"
+    error: str | None = None
+    code: str | None = None
+    image: Any = None
+    score: float | None = None
+    scores: list[float] | None = None
+    candidate: int | None = None
+    text: str | None = None
+    num_tokens: int = 0
+    prompt_tokens: int = 0
+    finish_reason: str | None = None
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
 
 def _text(request: dict[str, Any]) -> str:
@@ -24,7 +47,7 @@ def _text(request: dict[str, Any]) -> str:
 class FakeModel:
     def __init__(self, kind: str, held: bool = False):
         self.kind = kind
-        self.loaded = asyncio.Event()
+        self.loaded = asyncio.Event()  # made inside the replica's event loop
         if not held:
             self.loaded.set()
         self.cancelled = 0
@@ -44,14 +67,13 @@ class FakeModel:
             "streaming": True,
         }
 
-    def _result(self, text: str, ok: dict[str, Any]) -> Any:
-        cls = SynthesisResult if self.kind == "synthesis" else CaptionResult
+    def _result(self, text: str, ok: dict[str, Any]) -> FakeResult:
         for word, code in (("oom", OUT_OF_MEMORY), ("internal", INTERNAL), ("invalid", INVALID_REQUEST)):
             if word in text:
-                return cls.failed(code, f"fake {word}")
+                return FakeResult(status="error", error=f"fake {word}", code=code)
         if "crash" in text:
             raise RuntimeError("the fake model crashed on this request")
-        return cls(**ok)
+        return FakeResult(**ok)
 
     async def generate(self, request: dict[str, Any]) -> Any:
         text = _text(request)

@@ -1,0 +1,164 @@
+"""The shipped shapes checkpoint end to end, judged by numpy: each image stored under a key is the one
+its prompt asked for (this catches rows, keys, prompts or images getting mixed up anywhere), and
+captions of drawn images say what is drawn. Thresholds are the measured accuracies less a margin
+(benchmarks/README.md: "The shapes model"); seeds are fixed, so a run is the same every time."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pyarrow.parquet as pq
+import pytest
+
+from janus.shapes import Scene, caption, draw, judge, parse_caption
+from janus.shapes.data import random_scene
+from janus.shapes.judge import correct
+
+pytestmark = pytest.mark.timeout(900)
+
+#: measured all-correct rates (cfg 5) minus a margin; see benchmarks/results/eval_shapes.json
+MIN_IMAGES_RIGHT = 0.6
+MIN_CAPTIONS_RIGHT = 0.75
+PROMPTS = [
+    Scene("red", "circle", "left", "blue"),
+    Scene("green", "square", "top", "white"),
+    Scene("yellow", "triangle", "bottom", "black"),
+    Scene("blue", "square", "right", "yellow"),
+    Scene("white", "circle", "center", "red"),
+    Scene("black", "triangle", "left", "green"),
+    Scene("orange", "square", "right", "purple"),
+    Scene("purple", "circle", "bottom", "orange"),
+]
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    from janus.engine import load_model_and_processor
+    from pipeline.actors.common import resolve_model_ref
+
+    return load_model_and_processor(resolve_model_ref("shapes"), dtype="float32", device="cpu")
+
+
+def right(images, scenes) -> float:
+    return float(np.mean([correct(judge(im), s.attributes())["all"] for im, s in zip(images, scenes, strict=True)]))
+
+
+def test_the_checkpoint_is_the_official_format_and_small(shapes):
+    from pipeline.actors.common import resolve_model_ref
+
+    root = Path(resolve_model_ref("shapes"))
+    names = {p.name for p in root.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= names
+    assert sum(p.stat().st_size for p in root.iterdir()) < 30 * 2**20
+    model, processor = shapes
+    assert type(model).__name__ == "MultiModalityCausalLM" and processor.image_processor.image_size == 96
+
+
+def test_the_engine_draws_what_prompts_ask_for(shapes):
+    from janus.engine import SynthesisEngine
+
+    engine = SynthesisEngine(*shapes, max_batch_size=8)
+    results = engine.generate([{"prompt": caption(s), "seed": i} for i, s in enumerate(PROMPTS)])
+    assert right([r.image for r in results], PROMPTS) >= MIN_IMAGES_RIGHT
+
+
+def test_captions_say_what_is_drawn(shapes):
+    from janus.engine import CaptionEngine
+
+    rng = np.random.default_rng(3)
+    scenes = [random_scene(rng) for _ in range(8)]
+    texts = [r.text for r in CaptionEngine(*shapes).generate([draw(s, rng=rng) for s in scenes])]
+    assert np.mean([parse_caption(t) == s for t, s in zip(texts, scenes, strict=True)]) >= MIN_CAPTIONS_RIGHT
+
+
+def _stored_images(out: Path) -> dict[str, np.ndarray]:
+    images = {}
+    for tar in out.glob("*.tar"):
+        with tarfile.open(tar) as t:
+            for m in t:
+                if m.name.endswith(".png"):
+                    images[m.name[:-4]] = np.asarray(PIL.Image.open(t.extractfile(m)).convert("RGB"))
+    return images
+
+
+@pytest.mark.slow
+def test_the_job_stores_each_image_under_its_prompts_key_and_resume_keeps_it(ray_session, tmp_path):
+    """Prompts in a jsonl with ids, through the Ray Data job; then shards are deleted and the job resumes.
+    Every stored image is judged against the prompt recorded under its key, which is checked against
+    the input row with that key."""
+    from pipeline.config import load_config
+    from pipeline.job import run_job
+    from pipeline.sources.prompt_files import PromptDefaults, read_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": caption(s), "id": f"p{i}"}) + "\n" for i, s in enumerate(PROMPTS)))
+    out = tmp_path / "out"
+    overrides = [
+        f"input.url={prompts}",
+        f"output.url={out}",
+        "model.path=shapes",
+        "model.dtype=float32",
+        "output.rows_per_shard=4",
+        "compute.batch_size=4",
+        "compute.cpus_per_actor=0.5",
+        "synthesis.seed=11",
+    ]
+    cfg = load_config(overrides=overrides, job="synthesize")
+    first = run_job(cfg)
+    assert first["complete"] and first["total"]["count"] == len(PROMPTS)
+    shard = sorted(out.glob("*.parquet"))[0]
+    for name in (shard.name, shard.name.replace(".parquet", ".tar"), shard.name.replace(".parquet", "_stats.json")):
+        (out / name).unlink()
+    second = run_job(cfg)
+    assert second["this_run"]["count"] == 4 and second["total"]["count"] == len(PROMPTS)
+
+    rows = pq.read_table(out).to_pylist()
+    wanted = {r["key"]: r["prompt"] for r in read_prompts(str(prompts), defaults=PromptDefaults(seed=11))}
+    assert {r["key"]: r["prompt"] for r in rows} == wanted  # every key once, with its own prompt
+    images = _stored_images(out)
+    by_key = {r["key"]: r for r in rows if r["status"] == "ok"}
+    scenes = [parse_caption(by_key[k]["prompt"]) for k in by_key]
+    assert right([images[k] for k in by_key], scenes) >= MIN_IMAGES_RIGHT
+    assert all(r["score"] is not None and 0 <= r["score"] <= 1 for r in by_key.values())
+
+
+@pytest.mark.slow
+def test_serve_draws_and_reads_with_the_shapes_model(ray_session):
+    """The shipped Serve config's app (the shapes model), its two routes, judged."""
+    import httpx
+    import yaml
+    from ray import serve
+
+    from pipeline.serve.app import build_app
+    from tests.support import REPO
+    from tests.support.serving import start_serve
+
+    args = yaml.safe_load((REPO / "configs" / "serve_tiny.yaml").read_text())["applications"][0]["args"]
+    port = start_serve()
+    try:
+        serve.run(build_app(args), name="shapes", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+            wanted = PROMPTS[:4]
+            images = []
+            for i, s in enumerate(wanted):
+                r = client.post("/v1/images/generations", json={"prompt": caption(s), "seed": i})
+                assert r.status_code == 200, r.text
+                item = r.json()["data"][0]
+                assert 0 <= item["score"] <= 1
+                images.append(np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB")))
+            assert right(images, wanted) >= MIN_IMAGES_RIGHT
+            scene = Scene("red", "square", "left", "white")
+            buf = io.BytesIO()
+            PIL.Image.fromarray(draw(scene)).save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe this image in detail."}]
+            r = client.post("/v1/chat/completions", json={"model": args["caption"]["model"]["name"], "messages": [{"role": "user", "content": content}], "max_tokens": 24})
+            assert r.status_code == 200 and parse_caption(r.json()["choices"][0]["message"]["content"]) == scene
+    finally:
+        serve.shutdown()
