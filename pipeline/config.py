@@ -53,7 +53,7 @@ class ModelSection(Section):
 
     #: local dir, hub id (deepseek-ai/Janus-Pro-7B), fsspec URL (s3://...), or an embedded model:
     #: "shapes" (small, trained on drawn shapes) or "tiny" (random weights)
-    path: str = Field("tiny", min_length=1)
+    path: str = Field("shapes", min_length=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = the checkpoint's dtype
     device: str = "auto"  # auto = cuda when the actor has a GPU, else cpu
     storage_options: dict[str, Any] = Field(default_factory=dict)

@@ -28,6 +28,9 @@ from pipeline.serve.config import ServeConfigError, check_serve_config, parse_ar
 from tests.support import REPO
 from tests.support.serving import start_serve
 
+# the server fixture starts two apps and four model replicas: minutes on a busy 2-core machine
+pytestmark = pytest.mark.timeout(1200)
+
 MODEL = "janus-test"
 SIZE = 48  # vq_ch_mult=(1, 2): 24 * 2 px
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}

@@ -267,8 +267,9 @@ def _perturbed(scene: Scene, rng: random.Random) -> Scene:
 class Batches:
     """Training batches in exactly the token layout the engines use at run time."""
 
-    def __init__(self, processor, pool: Pool):
+    def __init__(self, processor, pool: Pool, cfg_dropout: float = CFG_DROPOUT):
         self.processor = processor
+        self.cfg_dropout = cfg_dropout
         self.tok = processor.tokenizer
         self.pool = pool
         self.pad = processor.pad_id
@@ -278,7 +279,7 @@ class Batches:
         prompts = []
         for i in idx:
             ids = t2i_prompt_ids(self.processor, caption(self.pool.scenes[i]))
-            prompts.append(unconditional_ids(ids, self.pad) if rng.random() < CFG_DROPOUT else ids)
+            prompts.append(unconditional_ids(ids, self.pad) if rng.random() < self.cfg_dropout else ids)
         length = max(len(p) for p in prompts)
         ids = torch.full((len(idx), length), self.pad, dtype=torch.long)
         mask = torch.zeros((len(idx), length), dtype=torch.long)
@@ -354,6 +355,10 @@ def evaluate(model, processor, n: int, seed: int, cfg_weight: float = 5.0) -> di
     )
     marks = [correct(judge(r.image), s.attributes()) for r, s in zip(results, scenes, strict=True)]
     out = {f"gen_{k}": float(np.mean([m[k] for m in marks])) for k in marks[0]}
+    plain = synth.generate(
+        [{"prompt": caption(s), "seed": i, "cfg_weight": 1.0, "temperature": 1.0} for i, s in enumerate(scenes)]
+    )
+    out["gen_all_cfg1"] = float(np.mean([correct(judge(r.image), s.attributes())["all"] for r, s in zip(plain, scenes, strict=True)]))
     captioner = CaptionEngine(model, processor, max_batch_size=n)
     images = _images(scenes, rng)
     texts = captioner.generate([{"image": im, "max_new_tokens": 24} for im in images])
@@ -376,7 +381,7 @@ def train_llm(model, processor, pool: Pool, args, work: Path) -> None:
         betas=(0.9, 0.95),
     )
     start = _resume(state_path, model, opt, "LLM")
-    batches = Batches(processor, pool)
+    batches = Batches(processor, pool, args.cfg_dropout)
     t_end = time.time() + args.minutes * 60
     steps = args.llm_steps
     model.train()
@@ -440,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-batch", type=int, default=16)
     parser.add_argument("--und-batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--cfg-dropout", type=float, default=CFG_DROPOUT, help="prompts dropped to the pad prompt")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-n", type=int, default=32)
     parser.add_argument("--minutes", type=float, default=150, help="stop (resumably) after this long")
