@@ -60,15 +60,15 @@ def actor_options(cfg: JobConfig) -> dict[str, Any]:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     from ray.data import ActorPoolStrategy
 
+    # Only named map_batches arguments: **ray_remote_args is deprecated (gone in Ray 2.64). A crashed
+    # actor is still restarted and its batch retried: Ray Data's actor pools default to
+    # max_restarts=-1, max_task_retries=-1, and the sink's writes are idempotent.
     return {
         "compute": ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors),
         "batch_size": c.batch_size,
         "num_gpus": gpus,
         "num_cpus": c.cpus_per_actor,
         "resources": c.resources or None,
-        # a crashed actor is restarted and its batch retried: the sink's writes are idempotent
-        "max_restarts": c.max_restarts,
-        "max_task_retries": -1,
     }
 
 
