@@ -158,11 +158,20 @@ class ComputeSection(Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     batch_size: int = Field(16, ge=1)  # rows per model call
     preprocess_cpus: float = Field(0.5, gt=0)  # caption: CPU decode/preprocess tasks
-    max_restarts: int = Field(3, ge=0)  # actor restarts after a crash; its batch is retried elsewhere
     resources: dict[str, float] = Field(default_factory=dict)  # custom resources, e.g. {"worker": 1}
     #: "package.module:Class" to run instead of the job's model actor (same constructor arguments and
     #: columns as Synthesizer / Captioner): a custom model, or a test's model-free stand-in
     actor_class: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_restarts" in data:
+            raise ValueError(
+                "max_restarts is no longer a setting: Ray Data restarts a crashed actor without limit and "
+                "retries its batch, and a row that crashes the actor again ends as an error row; remove it"
+            )
+        return data
 
     @field_validator("actor_class")
     @classmethod

@@ -75,6 +75,7 @@ BAD = [
     (None, ["compute.actor_class=not a class"], "synthesize", "compute.actor_class: must look like"),
     (None, ["compute.actor_class=nosuch.module:Thing"], "synthesize", "compute.actor_class 'nosuch.module:Thing' cannot be imported"),
     (None, ["output"], "synthesize", "--set expects key=value"),
+    (None, ["compute.max_restarts=3"], "synthesize", "max_restarts is no longer a setting"),
     (None, ["output.url.deeper=x"], "synthesize", "url is not a section"),
     ("job: synthesize\n", [], "caption", "the config says job: 'synthesize' but the command is 'caption'"),
     ("- a\n- list\n", [], "synthesize", "must hold a mapping of sections"),
