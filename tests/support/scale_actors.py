@@ -54,7 +54,13 @@ class StandInSynthesizer:
 
     image_size = 384
 
-    def __init__(self, model: dict[str, Any], engine: dict | None = None, sampling: dict | None = None):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        engine: dict | None = None,
+        sampling: dict | None = None,
+        quality: dict | None = None,
+    ):
         self.model_name = f"stand-in:{model.get('name') or model['path']}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -77,7 +83,13 @@ class RejectingStandInSynthesizer:
     """Model-free: fails every row at once, with a message saying so. A failed row is the cheapest row
     the real sink writes, for inputs of a million rows where only their number matters."""
 
-    def __init__(self, model: dict[str, Any], engine: dict | None = None, sampling: dict | None = None):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        engine: dict | None = None,
+        sampling: dict | None = None,
+        quality: dict | None = None,
+    ):
         self.model_name = f"stand-in:{model.get('name') or model['path']}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
