@@ -8,6 +8,7 @@ replace the model so that thousands of rows (or a million) cross the pipeline in
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import ray
 from .gate import Gate
 
 IMAGE_TOKENS = 576
+POISON = "POISON"
 
 
 class TracedSynthesizer:
@@ -79,6 +81,17 @@ class StandInSynthesizer:
         return out
 
 
+class CrashingStandInSynthesizer(StandInSynthesizer):
+    """Model-free; its process dies (``os._exit``, as a segfault in a kernel ends it) whenever it runs
+    a row whose prompt contains ``POISON``: a row that crashes the model actor every time. Rows that
+    arrive already failed are not run, as in every model actor."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if any(POISON in p and s != "error" for p, s in zip(batch["prompt"], batch["status"], strict=True)):
+            os._exit(1)
+        return super().__call__(batch)
+
+
 class RejectingStandInSynthesizer:
     """Model-free: fails every row at once, with a message saying so. A failed row is the cheapest row
     the real sink writes, for inputs of a million rows where only their number matters."""
@@ -113,3 +126,4 @@ class BatchSizeStandIn(StandInSynthesizer):
         out = super().__call__(batch)
         out["seconds"] = np.full(len(batch["key"]), float(len(batch["key"])))
         return out
+
