@@ -2,8 +2,9 @@
 
 All keep the job's real path (reader -> drop committed -> actor pool -> ShardDatasink) and change
 only what happens inside the pool: ``TracedSynthesizer`` is the real model actor that also says
-where it ran, ``GatedSynthesizer`` lets a test hold a batch in flight (``gate``); the stand-ins
-replace the model so that thousands of rows (or a million) cross the pipeline in seconds on a CPU.
+where it ran, ``GatedSynthesizer`` and ``GatedCaptioner`` let a test hold a batch in flight
+(``gate``); the stand-ins replace the model so that thousands of rows (or a million) cross the
+pipeline in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -127,3 +128,17 @@ class BatchSizeStandIn(StandInSynthesizer):
         out["seconds"] = np.full(len(batch["key"]), float(len(batch["key"])))
         return out
 
+
+class GatedCaptioner:
+    """The real Captioner behind the test's gate (see ``GatedSynthesizer``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        from pipeline.actors import Captioner
+
+        self.captioner = Captioner(*args, **kwargs)
+        self.gate = Gate.from_env()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.gate is not None:
+            self.gate.enter(ray.get_runtime_context().get_node_id())
+        return self.captioner(batch)
