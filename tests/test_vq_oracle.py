@@ -2,8 +2,9 @@
 
 ``VQModel.encode`` finds each position's code with the expanded distance ``|z|^2 + |e|^2 - 2 z.e``
 over L2-normalised vectors, as DeepSeek's (LlamaGen's) quantizer does. The oracle here searches the
-same encoder features (read with a hook) with plain torch in float64: normalise, ``torch.cdist``, argmin. A wrong
-normalisation, a transposed grid or a codebook read without its normalisation gives other ids.
+same encoder features (read with a hook) with plain torch in float64: normalise, ``torch.cdist``,
+argmin. A codebook read without its normalisation or a transposed grid gives other ids (both
+checked); normalising the features alone cannot change the argmin against unit-length codes.
 """
 
 from __future__ import annotations
