@@ -18,6 +18,7 @@ import numpy as np
 import ray
 
 from .config import ConfigError, JobConfig
+from .crash_guard import CrashGuard, start_journal
 from .images import ImageDecodeError, model_pixels, phash
 from .output import OutputDir, drop_committed
 from .sinks import STAT_COUNTS, ShardDatasink, output_schema
@@ -88,6 +89,17 @@ def model_actor_class(cfg: JobConfig, default: type) -> type:
     return cls
 
 
+def model_stage(ds, cfg: JobConfig, default: type, journal: Any, **kwargs: Any):
+    """The GPU actor pool: ``default`` (or ``compute.actor_class``) constructed with ``kwargs``, each
+    actor inside a ``CrashGuard`` that reports to the job's ``journal``, so a row that crashes its
+    actor every time becomes an error row instead of an endless retry."""
+    return ds.map_batches(
+        CrashGuard,
+        fn_constructor_kwargs={"actor_class": model_actor_class(cfg, default), "journal": journal, **kwargs},
+        **actor_options(cfg),
+    )
+
+
 def full_batches(ds, batch_size: int):
     """Re-cut ``ds`` into blocks of exactly one model batch before the actor pool.
 
@@ -117,7 +129,7 @@ def list_inputs(cfg: JobConfig) -> tuple[str, Listing]:
         raise InputError(f"input.url: {exc}") from None
 
 
-def build_synthesis(cfg: JobConfig, listing: Listing, committed: np.ndarray):
+def build_synthesis(cfg: JobConfig, listing: Listing, committed: np.ndarray, journal: Any):
     from .actors import Synthesizer
 
     s = cfg.synthesis
@@ -126,15 +138,15 @@ def build_synthesis(cfg: JobConfig, listing: Listing, committed: np.ndarray):
     )
     ds = prompt_dataset(cfg.input.url, defaults=defaults, fmt=cfg.input.format, listing=listing)
     ds = full_batches(drop_committed(ds, committed), cfg.compute.batch_size)
-    return ds.map_batches(
-        model_actor_class(cfg, Synthesizer),
-        fn_constructor_kwargs={
-            "model": model_kwargs(cfg),
-            "engine": cfg.engine,
-            "sampling": {"top_k": s.top_k, "top_p": s.top_p},
-            "quality": cfg.quality.options(),
-        },
-        **actor_options(cfg),
+    return model_stage(
+        ds,
+        cfg,
+        Synthesizer,
+        journal,
+        model=model_kwargs(cfg),
+        engine=cfg.engine,
+        sampling={"top_k": s.top_k, "top_p": s.top_p},
+        quality=cfg.quality.options(),
     )
 
 
@@ -196,7 +208,7 @@ def preprocess_images(batch: dict[str, np.ndarray], processor: dict, max_pixels:
     }
 
 
-def build_caption(cfg: JobConfig, listing: Listing, committed: np.ndarray):
+def build_caption(cfg: JobConfig, listing: Listing, committed: np.ndarray, journal: Any):
     from .actors import Captioner
 
     i = cfg.input
@@ -208,15 +220,15 @@ def build_caption(cfg: JobConfig, listing: Listing, committed: np.ndarray):
         batch_size=cfg.compute.batch_size,
         num_cpus=cfg.compute.preprocess_cpus,
     )
-    return full_batches(ds, cfg.compute.batch_size).map_batches(
-        model_actor_class(cfg, Captioner),
-        fn_constructor_kwargs={
-            "model": model_kwargs(cfg),
-            "engine": cfg.engine,
-            "caption": cfg.caption.model_dump(),
-            "quality": {"embeddings": cfg.quality.embeddings},
-        },
-        **actor_options(cfg),
+    return model_stage(
+        full_batches(ds, cfg.compute.batch_size),
+        cfg,
+        Captioner,
+        journal,
+        model=model_kwargs(cfg),
+        engine=cfg.engine,
+        caption=cfg.caption.model_dump(),
+        quality={"embeddings": cfg.quality.embeddings},
     )
 
 
@@ -248,13 +260,17 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         )
     build = build_synthesis if cfg.job == "synthesize" else build_caption
     cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"format": fmt})})  # auto resolved
-    ds = build(cfg, listing, committed)
+    journal = start_journal()
+    ds = build(cfg, listing, committed, journal)
     del committed  # the filter tasks read it from the object store
     kind = "synthesis" if cfg.job == "synthesize" else "caption"
     sink = ShardDatasink(
         out.url, out.storage_options, kind, cfg.output.rows_per_shard, schema=schema
     )
-    ds.write_datasink(sink)
+    try:
+        ds.write_datasink(sink)
+    finally:
+        ray.kill(journal)
     elapsed = time.perf_counter() - t0
 
     written = {f: sum(s.get(f, 0) for s in sink.shards) for f in STAT_COUNTS}

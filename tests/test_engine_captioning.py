@@ -164,3 +164,20 @@ def test_bad_requests_fail_alone(tiny_model, tiny_processor):
         strict=True,
     ):
         assert needle in msg, (needle, msg)
+
+
+def test_top_p_sampling_runs_is_reproducible_and_is_really_applied(tiny_model, tiny_processor):
+    """Captioning's top_p: a seed gives its text alone or in a batch; sampling differs from greedy;
+    and a top_p so small that only the most likely token survives gives exactly the greedy text
+    (so top_p reaches the sampler: ignored, that row would sample the whole vocabulary)."""
+    engine = CaptionEngine(tiny_model, tiny_processor)
+    base = {"image": IMAGES[0], "question": QUESTIONS[0], "max_new_tokens": 8}
+    greedy = engine.generate([base])[0]
+    nucleus = [{**base, "temperature": 1.0, "top_p": 0.9, "seed": s} for s in range(4)]
+    alone = [engine.generate([r])[0] for r in nucleus]
+    assert all(r.ok for r in alone), [r.error for r in alone]
+    mixed = engine.generate([nucleus[2], {**base, "image": IMAGES[1]}, nucleus[0]])
+    assert (mixed[0].text, mixed[2].text) == (alone[2].text, alone[0].text)
+    assert len({r.text for r in alone}) > 1 and any(r.text != greedy.text for r in alone)
+    narrow = engine.generate([{**base, "temperature": 1.0, "top_p": 1e-6, "seed": s} for s in range(3)])
+    assert [r.text for r in narrow] == [greedy.text] * 3

@@ -117,6 +117,34 @@ def test_cfg_mixed_before_the_head_matches_the_head_then_mix(small):
 
 
 @pytest.mark.slow
+def test_greedy_batch_of_one_prompt_equals_the_reference_parallel_size_loop(small):
+    """DeepSeek's example makes ``parallel_size`` images of ONE prompt in one batch (cond/uncond rows
+    interleaved, one cfg weight). Greedy, that is comparable row for row with our batch of the same
+    requests (seeds differ but do not matter); sampled it is not: the reference draws every row from
+    one global generator, we from per-row streams (their distribution is tested in
+    test_sampling_oracles.py). Our batch also holds another prompt at another cfg weight, which must
+    equal the reference run for that one."""
+    from janus.testing.reference import reference_generate
+
+    model, processor = small
+    engine = SynthesisEngine(model, processor, max_batch_size=4, vq_channels_last=False)
+    same = [{"prompt": PROMPTS[0], "seed": s, "temperature": 0, "cfg_weight": 5.0} for s in range(3)]
+    other = {"prompt": PROMPTS[2], "seed": 9, "temperature": 0, "cfg_weight": 2.5}
+    results = engine.generate([same[0], other, *same[1:]])
+    ref_codes, ref_images = reference_generate(model, processor, PROMPTS[0], parallel_size=3, temperature=0.0)
+    ref_other, _ = reference_generate(
+        model, processor, PROMPTS[2], parallel_size=2, temperature=0.0, cfg_weight=2.5
+    )
+    ours = tokens_of([results[0], *results[2:]])
+    assert ours == ref_codes.tolist()
+    assert all(ref_codes[0].tolist() == row for row in ref_codes.tolist())  # greedy rows are equal
+    assert tokens_of([results[1]])[0] == ref_other[0].tolist() == ref_other[1].tolist()
+    assert ours[0] != tokens_of([results[1]])[0]
+    for got, expected in zip([results[0], *results[2:]], ref_images, strict=True):
+        assert (got.image == expected).all()
+
+
+@pytest.mark.slow
 def test_greedy_equals_transformers_janus_generate(hf_pair):
     hf, ours, processor = hf_pair
     engine = SynthesisEngine(ours, processor, max_batch_size=2)

@@ -49,11 +49,13 @@ class SamplingParams:
         )
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
-    """Pick one token per row from fp32 ``logits`` [B, V] using ``uniforms`` [B]."""
-    logits = logits.float()
-    if params.all_greedy:
-        return logits.argmax(dim=-1)
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[B, V] float32: what each sampled row draws from, temperature, top-k and top-p applied.
+
+    Not renormalised after top-p (the inverse CDF scales by the kept mass instead); greedy rows are
+    computed at temperature 1 and ignored by ``sample``. Its own function so that tests can compare
+    the distribution with an independent implementation (transformers' logits warpers).
+    """
     greedy = params.temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(params.temperature), params.temperature)[:, None]
     if params.use_top_k:
@@ -67,9 +69,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor)
         before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
         sorted_p = sorted_p.masked_fill(before >= params.top_p[:, None], 0.0)
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
-    cdf = probs.double().cumsum(-1)
+    return probs
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
+    """Pick one token per row from fp32 ``logits`` [B, V] using ``uniforms`` [B]."""
+    logits = logits.float()
+    if params.all_greedy:
+        return logits.argmax(dim=-1)
+    cdf = probabilities(logits, params).double().cumsum(-1)
     target = (uniforms * cdf[:, -1])[:, None]
     picked = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
     if not params.any_greedy:
         return picked
-    return torch.where(greedy, logits.argmax(dim=-1), picked)
+    return torch.where(params.temperature <= 0, logits.argmax(dim=-1), picked)

@@ -2,12 +2,14 @@
 
 All keep the job's real path (reader -> drop committed -> actor pool -> ShardDatasink) and change
 only what happens inside the pool: ``TracedSynthesizer`` is the real model actor that also says
-where it ran, ``GatedSynthesizer`` lets a test hold a batch in flight (``gate``); the stand-ins
-replace the model so that thousands of rows (or a million) cross the pipeline in seconds on a CPU.
+where it ran, ``GatedSynthesizer`` and ``GatedCaptioner`` let a test hold a batch in flight
+(``gate``); the stand-ins replace the model so that thousands of rows (or a million) cross the
+pipeline in seconds on a CPU.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ import ray
 from .gate import Gate
 
 IMAGE_TOKENS = 576
+POISON = "POISON"
 
 
 class TracedSynthesizer:
@@ -54,7 +57,13 @@ class StandInSynthesizer:
 
     image_size = 384
 
-    def __init__(self, model: dict[str, Any], engine: dict | None = None, sampling: dict | None = None):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        engine: dict | None = None,
+        sampling: dict | None = None,
+        quality: dict | None = None,
+    ):
         self.model_name = f"stand-in:{model.get('name') or model['path']}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -73,11 +82,28 @@ class StandInSynthesizer:
         return out
 
 
+class CrashingStandInSynthesizer(StandInSynthesizer):
+    """Model-free; its process dies (``os._exit``, as a segfault in a kernel ends it) whenever it runs
+    a row whose prompt contains ``POISON``: a row that crashes the model actor every time. Rows that
+    arrive already failed are not run, as in every model actor."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if any(POISON in p and s != "error" for p, s in zip(batch["prompt"], batch["status"], strict=True)):
+            os._exit(1)
+        return super().__call__(batch)
+
+
 class RejectingStandInSynthesizer:
     """Model-free: fails every row at once, with a message saying so. A failed row is the cheapest row
     the real sink writes, for inputs of a million rows where only their number matters."""
 
-    def __init__(self, model: dict[str, Any], engine: dict | None = None, sampling: dict | None = None):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        engine: dict | None = None,
+        sampling: dict | None = None,
+        quality: dict | None = None,
+    ):
         self.model_name = f"stand-in:{model.get('name') or model['path']}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -101,3 +127,18 @@ class BatchSizeStandIn(StandInSynthesizer):
         out = super().__call__(batch)
         out["seconds"] = np.full(len(batch["key"]), float(len(batch["key"])))
         return out
+
+
+class GatedCaptioner:
+    """The real Captioner behind the test's gate (see ``GatedSynthesizer``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        from pipeline.actors import Captioner
+
+        self.captioner = Captioner(*args, **kwargs)
+        self.gate = Gate.from_env()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.gate is not None:
+            self.gate.enter(ray.get_runtime_context().get_node_id())
+        return self.captioner(batch)

@@ -1,0 +1,120 @@
+"""Poison rows: a row that kills its model actor every time ends as one error row, not an endless retry.
+
+The model pool runs with ``max_task_retries=-1``: Ray restarts a crashed actor and retries its batch,
+which is right for a lost node or a stray OOM kill, and wrong for a row that itself crashes the
+process (a kernel fault, a segfault in a decoder): that batch would be retried forever. So the pool
+runs every actor class inside ``CrashGuard``, which tells a job-scoped ``CrashJournal`` what it starts
+before running it. An attempt that never reported its end died with its actor. A batch retried after
+such a death runs row by row, each row announced first; a row that was in flight at ``CRASH_LIMIT`` deaths
+(the whole batch's first, then its own) is not run again but handed to the actor as already failed,
+so it becomes one error row through the actor's own columns. Every other row completes.
+
+Cost: one small call to the journal per batch, and row-by-row runs only for a batch whose actor died.
+The Serve path constructs the actor classes directly and never sees this. This module stays cheap to
+import (no torch), so that model-free stand-in actors start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+logger = logging.getLogger(__name__)
+
+#: deaths a row may be in flight for before it is given up: the batch's first, then its own
+CRASH_LIMIT = 2
+
+
+class CrashJournal:
+    """Which rows were in flight when a model actor died; one per job, as a Ray actor."""
+
+    def __init__(self) -> None:
+        self.in_flight: dict[str, list[str]] = {}  # batch id -> keys its latest attempt is running
+        self.deaths: Counter[str] = Counter()  # key -> actor deaths while the row was in flight
+
+    def begin(self, batch: str, keys: list[str]) -> bool:
+        """An attempt of ``batch`` starts with all ``keys`` in flight; True when an earlier one died."""
+        died = self.in_flight.pop(batch, None)
+        for key in died or ():
+            self.deaths[key] += 1
+        self.in_flight[batch] = list(keys)
+        return died is not None
+
+    def start_row(self, batch: str, key: str) -> bool:
+        """Only ``key`` of ``batch`` is in flight from now: True to run it, False when it was in
+        flight at ``CRASH_LIMIT`` deaths already."""
+        if self.deaths[key] >= CRASH_LIMIT:
+            self.in_flight[batch] = []
+            return False
+        self.in_flight[batch] = [key]
+        return True
+
+    def end(self, batch: str) -> None:
+        self.in_flight.pop(batch, None)
+
+
+def start_journal() -> Any:
+    """The job's journal on the driver's node (a lost worker node must not take it along); the
+    driver kills it at the end (``ray.kill``), and Ray does when the driver dies."""
+    return (
+        ray.remote(CrashJournal)
+        .options(
+            name=f"janus-crash-journal-{uuid.uuid4().hex[:12]}",
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False
+            ),
+        )
+        .remote()
+    )
+
+
+def batch_id(keys: list[str]) -> str:
+    """A batch's identity across retries: Ray retries the very same rows."""
+    return hashlib.sha1("\n".join(keys).encode()).hexdigest()
+
+
+class CrashGuard:
+    """The model pool's callable class: ``actor_class(**kwargs)`` (any model actor: ours, a custom
+    one, a test's stand-in) with poison rows kept from retrying forever."""
+
+    def __init__(self, actor_class: type, journal: Any, **kwargs: Any):
+        self.actor = actor_class(**kwargs)
+        self.journal = journal
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = [str(k) for k in batch["key"]]
+        bid = batch_id(keys)
+        try:
+            if not ray.get(self.journal.begin.remote(bid, keys)):
+                return self.actor(batch)
+            logger.warning(
+                "the actor running %d rows (first key %s) died; running them one at a time",
+                len(keys),
+                keys[0],
+            )
+            return self._row_by_row(bid, batch, keys)
+        finally:  # an attempt that raised did not die; in order after begin (one caller, one actor)
+            self.journal.end.remote(bid)
+
+    def _row_by_row(self, bid: str, batch: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
+        parts = []
+        for i, key in enumerate(keys):
+            row = {name: column[i : i + 1] for name, column in batch.items()}
+            if not ray.get(self.journal.start_row.remote(bid, key)):
+                message = (
+                    f"this row crashed the model actor repeatedly ({CRASH_LIMIT} times, the process died "
+                    "while running it); it is not run again so that the job can finish"
+                )
+                logger.error("row %s: %s", key, message)
+                row["status"] = np.array(["error"], dtype=object)
+                row["error"] = np.array([message], dtype=object)
+            parts.append(self.actor(row))
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
