@@ -304,7 +304,7 @@ def test_bad_config_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(None, ["engine.max_batchsize=3"])
-    with pytest.raises(ConfigError, match="job must be"):
+    with pytest.raises(ConfigError, match="job: Input should be 'synthesize' or 'caption' \\(got 'train'\\)"):
         load_config(None, ["job=train"])
     cli = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "synthesize", "--set", "compute.min_actors=0"],
