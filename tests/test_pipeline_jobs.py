@@ -206,7 +206,7 @@ def test_caption_job_from_s3_to_s3(ray_session, model_dir, s3_options):
     assert (by_source["rotated.jpg"]["width"], by_source["rotated.jpg"]["height"]) == (60, 90)
     for name in ("truncated.jpg", "empty.png", "notes.webp"):
         assert by_source[name]["status"] == "error" and by_source[name]["error"]
-    assert summary["total"] == {"shards": summary["total"]["shards"], "count": 8, "ok": 5, "failed": 3}
+    assert summary["total"] == {"shards": summary["total"]["shards"], "count": 8, "ok": 5, "failed": 3, "filtered": 0}
     assert not OutputDir(f"s3://{bucket}/captions", s3_options).duplicates()
 
 
