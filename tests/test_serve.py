@@ -24,7 +24,7 @@ import yaml
 from jobs.cli import main as cli_main
 from pipeline.actors import Captioner, Synthesizer
 from pipeline.serve.app import Backend, build_app, readiness
-from pipeline.serve.config import ServeConfigError, check_serve_config, parse_args
+from pipeline.serve.config import APISection, ServeConfigError, check_serve_config, parse_args
 from tests.support import REPO
 from tests.support.serving import start_serve
 
@@ -121,7 +121,8 @@ def server(ray_session, model_dir, files, s3_images):
         "api": {"retry_after_s": 3, "deployment": SMALL},
         "synthesis": {
             "model": model,
-            "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0},
+            # the static batch mode (serve.batch), so that it is served over HTTP too
+            "batching": {"mode": "batch", "max_batch_size": 1, "batch_wait_timeout_s": 0},
             "deployment": {"max_ongoing_requests": 1, "max_queued_requests": 1, **SMALL},
         },
         "caption": None,
@@ -211,7 +212,10 @@ def test_readiness_is_false_until_a_replica_answers():
 
     async def check():
         return await readiness(
-            {"synthesis": Backend(Handle(Pending()), "m", 1), "caption": Backend(Handle(loaded()), "m", 1)},
+            {
+                "synthesis": Backend(Handle(Pending()), "m", APISection()),
+                "caption": Backend(Handle(loaded()), "m", APISection()),
+            },
             timeout_s=0.1,
         )
 
@@ -658,8 +662,11 @@ def test_cli_rejects_a_bad_config(tmp_path, capsys):
     assert "max_n" in capsys.readouterr().err
 
 
-def test_metrics_reach_rays_prometheus_endpoint(client, ray_session):
-    """Our counters and Serve's batching metrics on the node's Prometheus export port."""
+def test_metrics_reach_rays_prometheus_endpoint(server, client, ray_session):
+    """Our counters and Serve's batching metrics (from the batch-mode app) on the node's Prometheus
+    export port."""
+    r = httpx.post(f"{server}/overload/v1/images/generations", json={"prompt": "a boat", "seed": 2}, timeout=300)
+    assert r.status_code == 200, r.text
     port = ray_session._private.worker.global_worker.node.metrics_export_port
     deadline = time.monotonic() + 300  # generous: the export runs every few seconds, slower when loaded
     text = ""
