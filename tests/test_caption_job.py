@@ -4,7 +4,6 @@ driver resumes with every image exactly once."""
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,14 @@ from pipeline.job import run_job
 from pipeline.output import OutputDir
 from pipeline.sources.image_files import read_images
 from tests.support.inputs import encode
-from tests.support.jobs import committed_shards, job_overrides, output_rows, session_env, start_cli
+from tests.support.jobs import (
+    committed_shards,
+    job_overrides,
+    kill_driver_mid_job,
+    output_rows,
+    session_env,
+    start_cli,
+)
 
 QUESTION = "What is in this picture?"
 MAX_NEW_TOKENS = 8
@@ -96,16 +102,7 @@ def test_caption_resume_after_the_driver_is_killed(ray_session, model_dir, gate,
         "compute.actor_class=tests.support.scale_actors:GatedCaptioner",
     ]
     env = session_env(ray_session)
-    gate.hold(from_call=2)  # two batches (two shards) get through, the third is in flight when killed
-    cli = start_cli("caption", overrides, env, tmp_path / "first.log")
-    try:
-        gate.wait_for_entry(lambda e: e.held, cli.ended)
-        cli.wait_for(lambda: committed_shards(str(out)) >= 2, "two committed shards")
-        cli.proc.send_signal(signal.SIGKILL)
-        cli.proc.wait(timeout=60)
-    finally:
-        cli.kill()
-    gate.open()
+    kill_driver_mid_job("caption", overrides, env, tmp_path / "first.log", gate, str(out))
     committed_before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
     rows_before = len(OutputDir(str(out)).key_set())
     assert 2 <= len(committed_before) and rows_before < len(keys)

@@ -30,6 +30,7 @@ from tests.support.inputs import encode
 from tests.support.jobs import (
     committed_shards,
     job_overrides,
+    kill_driver_mid_job,
     output_rows,
     session_env,
     start_cli,
@@ -227,16 +228,7 @@ def test_resume_after_the_driver_is_killed(ray_session, model_dir, gate, tmp_pat
         GATED,
     ]
     env = session_env(ray_session)
-    gate.hold(from_call=2)  # two batches (two shards) get through, the third is in flight when killed
-    cli = start_cli("synthesize", overrides, env, tmp_path / "first.log")
-    try:
-        gate.wait_for_entry(lambda e: e.held, cli.ended)
-        cli.wait_for(lambda: committed_shards(str(out)) >= 2, "two committed shards")
-        cli.proc.send_signal(signal.SIGKILL)
-        cli.proc.wait(timeout=60)
-    finally:
-        cli.kill()
-    gate.open()
+    kill_driver_mid_job("synthesize", overrides, env, tmp_path / "first.log", gate, str(out))
     committed_before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
     assert 0 < len(committed_before) and len(OutputDir(str(out)).key_set()) < len(keys)
 

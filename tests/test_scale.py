@@ -115,14 +115,13 @@ def test_synthesis_and_caption_on_a_three_node_cluster(cluster, model_dir, s3_op
     images, captions = f"s3://{bucket}/images", f"s3://{bucket}/captions"
 
     log = tmp_path / "synthesize.log"
-    synth = settings(
-        model_dir,
-        f"s3://{bucket}/prompts",
-        images,
-        f"input.storage_options={s3}",
-        f"output.storage_options={s3}",
-        "compute.actor_class=tests.support.scale_actors:TracedSynthesizer",
-        *pool,
+
+    def on_s3(input_url: str, output_url: str, *extra: str) -> list[str]:
+        both = (f"input.storage_options={s3}", f"output.storage_options={s3}")
+        return settings(model_dir, input_url, output_url, *both, *extra, *pool)
+
+    synth = on_s3(
+        f"s3://{bucket}/prompts", images, "compute.actor_class=tests.support.scale_actors:TracedSynthesizer"
     )
     summary = start_cli("synthesize", synth, cluster.driver_env(), log).finish(
         lambda: committed_shards(images, s3_options)
@@ -134,15 +133,7 @@ def test_synthesis_and_caption_on_a_three_node_cluster(cluster, model_dir, s3_op
     assert {node_of(r) for r in rows} == {w.node_id for w in workers}
 
     log = tmp_path / "caption.log"
-    cap = settings(
-        model_dir,
-        images,
-        captions,
-        f"input.storage_options={s3}",
-        f"output.storage_options={s3}",
-        "input.format=webdataset",
-        *pool,
-    )
+    cap = on_s3(images, captions, "input.format=webdataset")
     summary = start_cli("caption", cap, cluster.driver_env(), log).finish(
         lambda: committed_shards(captions, s3_options)
     )

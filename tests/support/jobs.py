@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pyarrow.parquet as pq
@@ -186,3 +188,21 @@ def start_cli(job: str, overrides: list[str], env: dict[str, str], log: Path) ->
             [sys.executable, "-m", "jobs.cli", job, *args], cwd=REPO, env=env, stdout=out, stderr=err
         )
     return CliJob(proc, log)
+
+
+def kill_driver_mid_job(
+    job: str, overrides: list[str], env: dict[str, str], log: Path, gate: Any, out: str
+) -> None:
+    """Run ``job`` with a gated stand-in actor and SIGKILL its driver once two shards are committed
+    and the third batch is held in the actor: the kill always lands mid-job. The gate is open again
+    when this returns."""
+    gate.hold(from_call=2)  # two batches (two shards) get through, the third is in flight when killed
+    cli = start_cli(job, overrides, env, log)
+    try:
+        gate.wait_for_entry(lambda e: e.held, cli.ended)
+        cli.wait_for(lambda: committed_shards(out) >= 2, "two committed shards")
+        cli.proc.send_signal(signal.SIGKILL)
+        cli.proc.wait(timeout=60)
+    finally:
+        cli.kill()
+        gate.open()

@@ -51,11 +51,8 @@ class GatedSynthesizer(TracedSynthesizer):
         return super().__call__(batch)
 
 
-class StandInSynthesizer:
-    """Model-free: answers every good prompt row at once with a 384 x 384 image (Janus-Pro's real
-    output size, so blocks weigh what production blocks weigh) and the Synthesizer's columns."""
-
-    image_size = 384
+class _StandIn:
+    """A model-free actor with the Synthesizer's constructor arguments (the ones jobs pass)."""
 
     def __init__(
         self,
@@ -65,6 +62,13 @@ class StandInSynthesizer:
         quality: dict | None = None,
     ):
         self.model_name = f"stand-in:{model.get('name') or model['path']}"
+
+
+class StandInSynthesizer(_StandIn):
+    """Model-free: answers every good prompt row at once with a 384 x 384 image (Janus-Pro's real
+    output size, so blocks weigh what production blocks weigh) and the Synthesizer's columns."""
+
+    image_size = 384
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, size = len(batch["key"]), self.image_size
@@ -93,18 +97,9 @@ class CrashingStandInSynthesizer(StandInSynthesizer):
         return super().__call__(batch)
 
 
-class RejectingStandInSynthesizer:
+class RejectingStandInSynthesizer(_StandIn):
     """Model-free: fails every row at once, with a message saying so. A failed row is the cheapest row
     the real sink writes, for inputs of a million rows where only their number matters."""
-
-    def __init__(
-        self,
-        model: dict[str, Any],
-        engine: dict | None = None,
-        sampling: dict | None = None,
-        quality: dict | None = None,
-    ):
-        self.model_name = f"stand-in:{model.get('name') or model['path']}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
