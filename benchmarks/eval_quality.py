@@ -4,7 +4,7 @@ judged by numpy (``janus.shapes.judge``), plus what the score costs on the CPU b
     python -m benchmarks.eval_quality [--n 128] [--skip-cost]
 
 1. ranking: AUROC of score(image, its own prompt) against score(image, the prompt with one attribute
-   changed), per attribute, over ``--n`` images generated at cfg 5;
+   changed), per attribute, over ``--n`` images generated at ``--cfg`` (default 5);
 2. best-of: the judge's all-correct rate with best_of 4 against best_of 1 (candidate 0 is the row's own
    seed, so best_of 1 is exactly the plain image);
 3. filtering: kept fraction and all-correct rate of what is kept, for several min_score thresholds
@@ -143,12 +143,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--best-of", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--cfg", type=float, default=5.0, help="cfg weight of the generated images")
     args = ap.parse_args(argv)
     model, processor = shapes_model(args)
     synth = SynthesisEngine(model, processor, max_batch_size=32)
     rng = np.random.default_rng(args.seed)
     wanted = [random_scene(rng) for _ in range(args.n)]
-    requests = [{"prompt": caption(s), "seed": 1000 + i, "cfg_weight": 5.0} for i, s in enumerate(wanted)]
+    requests = [{"prompt": caption(s), "seed": 1000 + i, "cfg_weight": args.cfg} for i, s in enumerate(wanted)]
     t0 = time.perf_counter()
     curated = CuratedSynthesis(synth, QualityOptions(score=True, best_of=args.best_of))
     best = curated.generate(requests)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "model": args.model,
         "n": args.n,
-        "cfg_weight": 5.0,
+        "cfg_weight": args.cfg,
         "ranking_auroc": ranking(curated.reader, [r.image for r in single], wanted, args.seed),
         "best_of": {
             "k": args.best_of,

@@ -1,10 +1,10 @@
 """A mini-GenEval on the shapes checkpoint: prompts from the grammar, judged by numpy, not by the model.
 
-    python -m benchmarks.eval_shapes [--model shapes] [--n 128] [--held-out 64] [--cfg 1 3 5]
+    python -m benchmarks.eval_shapes [--model shapes] [--n 128] [--held-out 64] [--cfg 1 2 3 5]
 
 Synthesis: ``--n`` in-distribution prompts (fixed seed) generated at each cfg weight (temperature 1,
 a fixed seed per prompt), every image judged (``janus.shapes.judge``): accuracy per attribute and
-all-correct; the same at cfg 5 on held-out combinations (purple triangles, orange circles), which the
+all-correct; the same at each cfg on held-out combinations (purple triangles, orange circles), which the
 model never saw. Captioning: ``--n`` drawn scenes captioned (greedy, the default question), each
 caption parsed back into attributes. Writes benchmarks/results/eval_shapes.json and a sheet of the
 first generated images with their prompts (eval_shapes.png).
@@ -99,7 +99,7 @@ def shapes_model(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = parser(__doc__, "eval_shapes.json")
     ap.add_argument("--held-out", type=int, default=64)
-    ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0, 5.0])
+    ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     model, processor = shapes_model(args)
@@ -107,14 +107,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     wanted = scenes(args.n, args.seed)
     report: dict[str, Any] = {"model": args.model, "n": args.n, "synthesis": {}}
+    held = scenes(args.held_out, args.seed, held_out=True)
+    report["held_out"] = {"n": args.held_out}
+    sheets = {}
     for cfg in args.cfg:
         images = generate(synth, wanted, cfg, args.seed)
         report["synthesis"][f"cfg{cfg:g}"] = judged(images, wanted)
-        if cfg == max(args.cfg):
-            sheet(images[:32], [caption(s) for s in wanted[:32]], Path(args.out).with_suffix(".png"))
-    held = scenes(args.held_out, args.seed, held_out=True)
-    report["held_out"] = {"n": args.held_out, f"cfg{max(args.cfg):g}": judged(generate(synth, held, max(args.cfg), args.seed + 1), held)}
-    report["captions"] = {"n": args.n} | caption_accuracy(CaptionEngine(model, processor, max_batch_size=32), args.n, args.seed)
+        sheets[cfg] = images[:32]
+        report["held_out"][f"cfg{cfg:g}"] = judged(generate(synth, held, cfg, args.seed + 1), held)
+        print(
+            f"cfg {cfg:g}:",
+            report["synthesis"][f"cfg{cfg:g}"],
+            "held out:",
+            report["held_out"][f"cfg{cfg:g}"],
+            flush=True,
+        )
+    best = max(
+        args.cfg,
+        key=lambda c: (report["synthesis"][f"cfg{c:g}"]["all"], report["synthesis"][f"cfg{c:g}"]["color"]),
+    )
+    report["best_cfg"] = best
+    sheet(sheets[best], [caption(s) for s in wanted[:32]], Path(args.out).with_suffix(".png"))
+    report["captions"] = {"n": args.n} | caption_accuracy(
+        CaptionEngine(model, processor, max_batch_size=32), args.n, args.seed
+    )
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return write_report(report, args.out)
 

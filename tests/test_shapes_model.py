@@ -22,9 +22,15 @@ from janus.shapes.judge import correct
 
 pytestmark = pytest.mark.timeout(900)
 
-#: measured all-correct rates (cfg 5) minus a margin; see benchmarks/results/eval_shapes.json
-MIN_IMAGES_RIGHT = 0.6
-MIN_CAPTIONS_RIGHT = 0.75
+#: the guidance weight the end-to-end checks draw at: the shipped model's best (benchmarks/README.md,
+#: "The shapes model"; its unconditional branch is too weak for DeepSeek's default of 5)
+CFG = 1.5
+#: per-attribute accuracy measured on 128 prompts at CFG (benchmarks/results/eval_shapes.json) less a
+#: margin, as fractions of the 8 PROMPTS. Their backgrounds are 8 different colours, so an image stored
+#: under another prompt's key fails "background" (the attribute the model gets right most often).
+MIN_IMAGE = {"background": 0.625, "color": 0.375, "shape": 0.125, "position": 0.125}  # measured .89 .69 .44 .41
+#: the same for captions of 8 drawn scenes (measured on 128)
+MIN_CAPTION = {"background": 0.875, "color": 0.875, "position": 0.875, "shape": 0.5}  # measured 1 1 1 .79
 PROMPTS = [
     Scene("red", "circle", "left", "blue"),
     Scene("green", "square", "top", "white"),
@@ -45,8 +51,14 @@ def shapes():
     return load_model_and_processor(resolve_model_ref("shapes"), dtype="float32", device="cpu")
 
 
-def right(images, scenes) -> float:
-    return float(np.mean([correct(judge(im), s.attributes())["all"] for im, s in zip(images, scenes, strict=True)]))
+def accuracy(marks: list[dict[str, bool]]) -> dict[str, float]:
+    return {a: float(np.mean([m[a] for m in marks])) for a in marks[0]}
+
+
+def assert_right(images, scenes) -> None:
+    """Each image judged against the scene its prompt asked for; every attribute at its bound."""
+    got = accuracy([correct(judge(im), s.attributes()) for im, s in zip(images, scenes, strict=True)])
+    assert all(got[a] >= bound for a, bound in MIN_IMAGE.items()), (got, MIN_IMAGE)
 
 
 def test_the_checkpoint_is_the_official_format_and_small(shapes):
@@ -64,8 +76,8 @@ def test_the_engine_draws_what_prompts_ask_for(shapes):
     from janus.engine import SynthesisEngine
 
     engine = SynthesisEngine(*shapes, max_batch_size=8)
-    results = engine.generate([{"prompt": caption(s), "seed": i} for i, s in enumerate(PROMPTS)])
-    assert right([r.image for r in results], PROMPTS) >= MIN_IMAGES_RIGHT
+    results = engine.generate([{"prompt": caption(s), "seed": i, "cfg_weight": CFG} for i, s in enumerate(PROMPTS)])
+    assert_right([r.image for r in results], PROMPTS)
 
 
 def test_captions_say_what_is_drawn(shapes):
@@ -74,7 +86,9 @@ def test_captions_say_what_is_drawn(shapes):
     rng = np.random.default_rng(3)
     scenes = [random_scene(rng) for _ in range(8)]
     texts = [r.text for r in CaptionEngine(*shapes).generate([draw(s, rng=rng) for s in scenes])]
-    assert np.mean([parse_caption(t) == s for t, s in zip(texts, scenes, strict=True)]) >= MIN_CAPTIONS_RIGHT
+    read = [parse_caption(t) for t in texts]
+    got = accuracy([correct(r.attributes() if r else {}, s.attributes()) for r, s in zip(read, scenes, strict=True)])
+    assert all(got[a] >= bound for a, bound in MIN_CAPTION.items()), (texts, got, MIN_CAPTION)
 
 
 def _stored_images(out: Path) -> dict[str, np.ndarray]:
@@ -108,6 +122,7 @@ def test_the_job_stores_each_image_under_its_prompts_key_and_resume_keeps_it(ray
         "compute.batch_size=4",
         "compute.cpus_per_actor=0.5",
         "synthesis.seed=11",
+        f"synthesis.cfg_weight={CFG}",
     ]
     cfg = load_config(overrides=overrides, job="synthesize")
     first = run_job(cfg)
@@ -124,7 +139,7 @@ def test_the_job_stores_each_image_under_its_prompts_key_and_resume_keeps_it(ray
     images = _stored_images(out)
     by_key = {r["key"]: r for r in rows if r["status"] == "ok"}
     scenes = [parse_caption(by_key[k]["prompt"]) for k in by_key]
-    assert right([images[k] for k in by_key], scenes) >= MIN_IMAGES_RIGHT
+    assert_right([images[k] for k in by_key], scenes)
     assert all(r["score"] is not None and 0 <= r["score"] <= 1 for r in by_key.values())
 
 
@@ -147,12 +162,12 @@ def test_serve_draws_and_reads_with_the_shapes_model(ray_session):
             wanted = PROMPTS[:4]
             images = []
             for i, s in enumerate(wanted):
-                r = client.post("/v1/images/generations", json={"prompt": caption(s), "seed": i})
+                r = client.post("/v1/images/generations", json={"prompt": caption(s), "seed": i, "cfg_weight": CFG})
                 assert r.status_code == 200, r.text
                 item = r.json()["data"][0]
                 assert 0 <= item["score"] <= 1
                 images.append(np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB")))
-            assert right(images, wanted) >= MIN_IMAGES_RIGHT
+            assert_right(images, wanted)
             scene = Scene("red", "square", "left", "white")
             buf = io.BytesIO()
             PIL.Image.fromarray(draw(scene)).save(buf, format="PNG")
