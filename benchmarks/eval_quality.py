@@ -72,7 +72,8 @@ def ranking(reader: Reader, images: list[np.ndarray], wanted: list[Scene], seed:
 
 
 def plot(points: list[dict[str, float]], path: Path) -> None:
-    """Kept fraction (x) against all-correct of what is kept (y), one point per threshold."""
+    """Kept fraction (x) against all-correct of what is kept (y), one point per threshold that keeps any."""
+    points = [p for p in points if p["kept"] > 0]
     w, h, m = 520, 360, 50
     img = PIL.Image.new("RGB", (w, h), "white")
     pen = PIL.ImageDraw.Draw(img)
@@ -102,7 +103,7 @@ def filtering(scores: np.ndarray, ok: list[bool]) -> list[dict[str, float]]:
             {
                 "threshold": t,
                 "kept": round(float(kept.mean()), 4),
-                "all_correct": round(float(np.mean(np.asarray(ok)[kept])), 4) if kept.any() else float("nan"),
+                "all_correct": round(float(np.mean(np.asarray(ok)[kept])), 4) if kept.any() else None,
             }
         )
     return rows
