@@ -41,6 +41,7 @@ def section(out: Path, name: str) -> dict:
     return data
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(DRY_RUN_LIMIT_S + 60)
 def test_the_dry_run_writes_every_section(tmp_path):
     run_suite(tmp_path, limit_s=DRY_RUN_LIMIT_S)

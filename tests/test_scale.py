@@ -21,7 +21,6 @@ from pipeline.actors import Synthesizer
 from pipeline.config import ConfigError, load_config
 from pipeline.job import model_actor_class, run_job
 from pipeline.sources.prompt_files import read_prompts
-from pipeline.storage import StorageError
 from tests.support.faulty_s3 import FaultPlan, FaultyS3Proxy, Trigger
 from tests.support.jobs import (
     committed_shards,
@@ -291,7 +290,8 @@ def test_a_bucket_that_keeps_failing_ends_the_job_with_a_clear_error(
                 model_dir, str(tmp_path / "p.txt"), out, f"output.storage_options={json.dumps(failing)}"
             ),
         )
-        with pytest.raises(StorageError, match=f"cannot read the output {out}: .*reduce your request rate"):
+        # found before Ray starts, like every bad output URL: one line, exit code 2 from the CLI
+        with pytest.raises(ConfigError, match=f"output.url: cannot read the output {out}: .*reduce your request rate"):
             run_job(cfg)
         # 2 attempts x s3fs's 5 tries of a throttled request, then it gives up: bounded by requests,
         # whatever the machine's speed

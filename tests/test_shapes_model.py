@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import pyarrow.parquet as pq
 import pytest
 
 from janus.shapes import Scene, caption, draw, judge, parse_caption
 from janus.shapes.data import random_scene
 from janus.shapes.judge import correct
+from tests.support.jobs import output_rows
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -133,7 +133,7 @@ def test_the_job_stores_each_image_under_its_prompts_key_and_resume_keeps_it(ray
     second = run_job(cfg)
     assert second["this_run"]["count"] == 4 and second["total"]["count"] == len(PROMPTS)
 
-    rows = pq.read_table(out).to_pylist()
+    rows = output_rows(str(out))
     wanted = {r["key"]: r["prompt"] for r in read_prompts(str(prompts), defaults=PromptDefaults(seed=11))}
     assert {r["key"]: r["prompt"] for r in rows} == wanted  # every key once, with its own prompt
     images = _stored_images(out)
