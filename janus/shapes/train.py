@@ -6,7 +6,10 @@ Two stages, both seeded, both resumable (state is saved under ``--work`` every f
 2. the whole multimodal model minus the (frozen) VQ learns both directions at once: text -> image codes
    (Janus' generation path, with 10% of prompts dropped to the pad-token prompt so that classifier-free
    guidance has an unconditional branch to push away from), and image -> text (captions, and yes/no
-   answers to "does this image show ...?", the self-verification question).
+   answers to "does this image show ...?", the self-verification question). The shipped model ends with
+   a phase in which most understanding examples are that question, asked in pairs about one image (its
+   own scene: yes; another scene or one attribute changed: no; ``--yes-no``, ``--easy-negatives``):
+   asked singly, half the time each, the 4-layer LLM learnt captions and answered the question 50/50.
 The result is written in the official on-disk format (config.json, safetensors, tokenizer, processor
 configs) and loaded like any Janus-Pro checkpoint. Held-out combinations (purple triangles, orange
 circles) are never drawn, encoded or mentioned in any training example.
@@ -41,6 +44,7 @@ from janus.engine.prompts import (
     t2i_prompt_ids,
     unconditional_ids,
 )
+from janus.engine.quality import Reader
 from janus.models.processing_vlm import DEFAULT_SYSTEM_PROMPT
 from janus.shapes.data import (
     COLORS,
@@ -267,9 +271,18 @@ def _perturbed(scene: Scene, rng: random.Random) -> Scene:
 class Batches:
     """Training batches in exactly the token layout the engines use at run time."""
 
-    def __init__(self, processor, pool: Pool, cfg_dropout: float = CFG_DROPOUT):
+    def __init__(
+        self,
+        processor,
+        pool: Pool,
+        cfg_dropout: float = CFG_DROPOUT,
+        yes_no: float | None = None,
+        easy: float = 0.0,
+    ):
         self.processor = processor
+        self.easy = easy
         self.cfg_dropout = cfg_dropout
+        self.yes_no = yes_no
         self.tok = processor.tokenizer
         self.pool = pool
         self.pad = processor.pad_id
@@ -296,16 +309,35 @@ class Batches:
         return ids.tolist(), self.tok.encode(" " + answer, add_special_tokens=False) + [self.eos]
 
     def understanding(self, idx: list[int], rng: random.Random):
-        rows = []
+        """Captions, and yes/no questions in pairs: the same image asked about its own scene and about
+        the scene with one attribute changed, so the only thing that tells the two answers apart is the
+        question (without pairing, a small model settles at answering 50/50)."""
+        rows, images = [], []
         for i in idx:
             scene = self.pool.scenes[i]
-            if rng.random() < 0.5:
-                question, answer = rng.choice(CAPTION_QUESTIONS), caption(scene)
-            else:
-                asked = scene if rng.random() < 0.5 else _perturbed(scene, rng)
-                question = SCORE_QUESTION.format(prompt=caption(asked))
-                answer = SCORE_ANSWERS[0] if asked == scene else SCORE_ANSWERS[1]
-            rows.append(self.understanding_ids(question, answer))
+            if self.yes_no is None:  # phases 1 and 2 of the shipped model: half captions, single questions
+                if rng.random() < 0.5:
+                    question, answer = rng.choice(CAPTION_QUESTIONS), caption(scene)
+                else:
+                    asked = scene if rng.random() < 0.5 else _perturbed(scene, rng)
+                    question = SCORE_QUESTION.format(prompt=caption(asked))
+                    answer = SCORE_ANSWERS[0] if asked == scene else SCORE_ANSWERS[1]
+                rows.append(self.understanding_ids(question, answer))
+                images.append(i)
+                continue
+            if rng.random() >= self.yes_no:
+                rows.append(self.understanding_ids(rng.choice(CAPTION_QUESTIONS), caption(scene)))
+                images.append(i)
+                continue
+            if rng.random() < self.easy:  # another scene: it differs in most attributes, easy to tell
+                other = self.pool.scenes[rng.randrange(len(self.pool.scenes))]
+                other = other if other != scene else _perturbed(scene, rng)
+            else:  # exactly one attribute changed: what the score must rank
+                other = _perturbed(scene, rng)
+            for asked, answer in ((scene, SCORE_ANSWERS[0]), (other, SCORE_ANSWERS[1])):
+                rows.append(self.understanding_ids(SCORE_QUESTION.format(prompt=caption(asked)), answer))
+                images.append(i)
+        idx = images
         length = max(len(p) + len(a) for p, a in rows)
         ids = torch.full((len(idx), length), self.pad, dtype=torch.long)
         labels = torch.full((len(idx), length), -100, dtype=torch.long)
@@ -343,6 +375,16 @@ def understanding_loss(model, ids, mask, labels, pixels, image_pos) -> torch.Ten
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+def yes_no_auroc(reader: Reader, images: np.ndarray, scenes: list[Scene], rng: random.Random) -> float:
+    """How well the self-verification score tells each image's own scene from that scene with one
+    attribute changed: P(a right pair outscores a wrong one)."""
+    features = reader.features(list(images))
+    own = reader.scores(features, [caption(s) for s in scenes])
+    other = reader.scores(features, [caption(_perturbed(s, rng)) for s in scenes])
+    wins = (own[:, None] > other[None, :]).sum() + 0.5 * (own[:, None] == other[None, :]).sum()
+    return float(wins / (len(own) * len(other)))
+
+
 @torch.no_grad()
 def evaluate(model, processor, n: int, seed: int, cfg_weight: float = 5.0) -> dict[str, float]:
     """Generate ``n`` in-distribution prompts and caption ``n`` drawn scenes; judge both with numpy."""
@@ -364,6 +406,7 @@ def evaluate(model, processor, n: int, seed: int, cfg_weight: float = 5.0) -> di
     texts = captioner.generate([{"image": im, "max_new_tokens": 24} for im in images])
     parsed = [parse_caption(t.text) for t in texts]
     out["caption_all"] = float(np.mean([p == s for p, s in zip(parsed, scenes, strict=True)]))
+    out["yes_no_auroc"] = yes_no_auroc(Reader(captioner), images, scenes, random.Random(seed))
     model.train()
     return out
 
@@ -381,12 +424,13 @@ def train_llm(model, processor, pool: Pool, args, work: Path) -> None:
         betas=(0.9, 0.95),
     )
     start = _resume(state_path, model, opt, "LLM")
-    batches = Batches(processor, pool, args.cfg_dropout)
+    batches = Batches(processor, pool, args.cfg_dropout, args.yes_no, args.easy_negatives)
     t_end = time.time() + args.minutes * 60
     steps = args.llm_steps
     model.train()
     t0 = time.time()
-    for step in range(start, steps):
+    stop = min(steps, args.stop_at or steps)  # the schedule is over ``steps``; training may end before
+    for step in range(start, stop):
         rng = random.Random(args.seed * 1_000_003 + step)
         lr = _lr(args.lr, step, steps, warmup=200)
         for group in opt.param_groups:
@@ -406,7 +450,7 @@ def train_llm(model, processor, pool: Pool, args, work: Path) -> None:
                 "LLM step %d/%d: gen %.4f und %.4f lr %.2e (%.2f s/step)",
                 step + 1, steps, loss_gen.item(), loss_und.item(), lr, (time.time() - t0) / (step + 1 - start),
             )
-        last = step + 1 == steps
+        last = step + 1 == stop
         if (step + 1) % 200 == 0 or last or time.time() > t_end:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, state_path)
         if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
@@ -445,7 +489,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-batch", type=int, default=16)
     parser.add_argument("--und-batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--stop-at", type=int, help="end (and export) at this LLM step, the schedule unchanged")
     parser.add_argument("--cfg-dropout", type=float, default=CFG_DROPOUT, help="prompts dropped to the pad prompt")
+    parser.add_argument(
+        "--yes-no",
+        type=float,
+        default=None,
+        help="understanding rows that are yes/no pairs (default: phases 1-2's layout, half single questions)",
+    )
+    parser.add_argument(
+        "--easy-negatives", type=float, default=0.0, help="yes/no negatives that are another scene, not one change"
+    )
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-n", type=int, default=32)
     parser.add_argument("--minutes", type=float, default=150, help="stop (resumably) after this long")
