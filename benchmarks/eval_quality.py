@@ -4,7 +4,8 @@ judged by numpy (``janus.shapes.judge``), plus what the score costs on the CPU b
     python -m benchmarks.eval_quality [--n 128] [--skip-cost]
 
 1. ranking: AUROC of score(image, its own prompt) against score(image, the prompt with one attribute
-   changed), per attribute, over ``--n`` images generated at ``--cfg`` (default 5);
+   changed), per attribute, over ``--n`` images generated at ``--cfg`` (default 5), and over the same
+   scenes drawn (the reading alone, apart from the drawing);
 2. best-of: the judge's all-correct rate with best_of 4 against best_of 1 (candidate 0 is the row's own
    seed, so best_of 1 is exactly the plain image);
 3. filtering: kept fraction and all-correct rate of what is kept, for several min_score thresholds
@@ -30,7 +31,7 @@ import torch
 from benchmarks.eval_shapes import parser, shapes_model, write_report
 from janus.engine import CaptionEngine, SynthesisEngine, load_model_and_processor
 from janus.engine.quality import CuratedSynthesis, QualityOptions, Reader
-from janus.shapes.data import COLORS, POSITIONS, SHAPES, Scene, caption, random_scene
+from janus.shapes.data import COLORS, POSITIONS, SHAPES, Scene, caption, draw, random_scene
 from janus.shapes.judge import correct, judge
 
 RESULTS = Path(__file__).parent / "results"
@@ -153,9 +154,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     requests = [{"prompt": caption(s), "seed": 1000 + i, "cfg_weight": args.cfg} for i, s in enumerate(wanted)]
     t0 = time.perf_counter()
     curated = CuratedSynthesis(synth, QualityOptions(score=True, best_of=args.best_of))
-    best = curated.generate(requests)
-    # every candidate was scored: candidate 0 of each request is what best_of 1 gives
-    single = CuratedSynthesis(synth, QualityOptions(score=True, best_of=1)).generate(requests)
+    candidates, owners = curated.expand(requests)
+    results = synth.generate(candidates)
+    best = curated.complete(candidates, owners, results)
+    # every candidate was scored: candidate 0 of each request (its own seed) is what best_of 1 gives
+    single = [r for (_, j), r in zip(owners, results, strict=True) if j == 0]
     ok_single = [correct(judge(r.image), s.attributes())["all"] for r, s in zip(single, wanted, strict=True)]
     ok_best = [correct(judge(r.image), s.attributes())["all"] for r, s in zip(best, wanted, strict=True)]
     scores = np.array([r.score for r in single], dtype=np.float32)
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n": args.n,
         "cfg_weight": args.cfg,
         "ranking_auroc": ranking(curated.reader, [r.image for r in single], wanted, args.seed),
+        # the same on drawn scenes: how well the model reads, apart from how well it draws
+        "ranking_auroc_drawn": ranking(curated.reader, [draw(s, rng=rng) for s in wanted], wanted, args.seed),
         "best_of": {
             "k": args.best_of,
             "all_correct_best_of_1": round(float(np.mean(ok_single)), 4),
