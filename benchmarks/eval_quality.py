@@ -32,16 +32,10 @@ from benchmarks.eval_shapes import parser, shapes_model, write_report
 from janus.engine import CaptionEngine, SynthesisEngine, load_model_and_processor
 from janus.engine.quality import CuratedSynthesis, QualityOptions, Reader
 from janus.shapes.data import COLORS, POSITIONS, SHAPES, Scene, caption, draw, random_scene
-from janus.shapes.judge import correct, judge
+from janus.shapes.judge import auroc, correct, judge
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 0.95)
-
-
-def auroc(positives: list[float], negatives: list[float]) -> float:
-    """P(a positive outscores a negative), ties counting half (Mann-Whitney)."""
-    pos, neg = np.asarray(positives)[:, None], np.asarray(negatives)[None, :]
-    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
 
 
 def changed(scene: Scene, attribute: str, rng: random.Random) -> Scene:

@@ -105,3 +105,12 @@ def test_training_sequences_are_the_engines_prompts(tmp_path):
     prepared = CaptionEngine(model, processor).prepare(0, {"image": draw(scene), "question": DEFAULT_QUESTION})
     assert prompt_ids == prepared.data.input_ids.tolist()
     assert processor.tokenizer.decode(answer_ids, skip_special_tokens=True) == " " + caption(scene)
+
+
+def test_auroc_counts_wins_and_half_ties():
+    from janus.shapes.judge import auroc
+
+    assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert auroc([0.1, 0.2], [0.9, 0.8]) == 0.0
+    assert auroc([0.5], [0.5]) == 0.5
+    assert auroc([0.9, 0.3], [0.5, 0.1]) == 0.75  # 0.9 beats both, 0.3 beats 0.1 only

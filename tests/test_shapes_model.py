@@ -18,7 +18,7 @@ import pytest
 
 from janus.shapes import Scene, caption, draw, judge, parse_caption
 from janus.shapes.data import random_scene
-from janus.shapes.judge import correct
+from janus.shapes.judge import auroc, correct
 from tests.support.jobs import output_rows
 
 pytestmark = pytest.mark.timeout(900)
@@ -99,7 +99,7 @@ def test_captions_say_what_is_drawn(shapes):
 def test_the_score_prefers_each_images_own_prompt(shapes):
     """The self-verification score (P(yes) to "Does this image show ...?") of drawn scenes: each image's
     own prompt against the same prompt with one attribute changed, the four attributes in turn."""
-    from benchmarks.eval_quality import auroc, changed
+    from benchmarks.eval_quality import changed
     from janus.engine import CaptionEngine
     from janus.engine.quality import Reader
 

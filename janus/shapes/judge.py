@@ -88,3 +88,10 @@ def correct(verdict: dict[str, Any], expected: dict[str, str]) -> dict[str, bool
     marks = {k: verdict.get(k) == v for k, v in expected.items()}
     marks["all"] = all(marks.values())
     return marks
+
+
+def auroc(positives: Any, negatives: Any) -> float:
+    """P(a positive outscores a negative), ties counting half (Mann-Whitney): how well a score ranks
+    right pairs (image, its own prompt) above wrong ones."""
+    pos, neg = np.asarray(positives, dtype=np.float64)[:, None], np.asarray(negatives, dtype=np.float64)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))

@@ -58,7 +58,7 @@ from janus.shapes.data import (
     parse_caption,
     random_scene,
 )
-from janus.shapes.judge import correct, judge
+from janus.shapes.judge import auroc, correct, judge
 
 logger = logging.getLogger("janus.shapes.train")
 
@@ -310,8 +310,9 @@ class Batches:
 
     def understanding(self, idx: list[int], rng: random.Random):
         """Captions, and yes/no questions in pairs: the same image asked about its own scene and about
-        the scene with one attribute changed, so the only thing that tells the two answers apart is the
-        question (without pairing, a small model settles at answering 50/50)."""
+        another (a random scene with probability ``easy``, else one attribute changed), so the only
+        thing that tells the two answers apart is the question (without pairing, a small model settles
+        at answering 50/50). ``yes_no=None``: phases 1-2's layout, single questions, kept bit for bit."""
         rows, images = [], []
         for i in idx:
             scene = self.pool.scenes[i]
@@ -381,8 +382,7 @@ def yes_no_auroc(reader: Reader, images: np.ndarray, scenes: list[Scene], rng: r
     features = reader.features(list(images))
     own = reader.scores(features, [caption(s) for s in scenes])
     other = reader.scores(features, [caption(_perturbed(s, rng)) for s in scenes])
-    wins = (own[:, None] > other[None, :]).sum() + 0.5 * (own[:, None] == other[None, :]).sum()
-    return float(wins / (len(own) * len(other)))
+    return auroc(own, other)
 
 
 @torch.no_grad()
