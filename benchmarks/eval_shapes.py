@@ -26,7 +26,7 @@ import torch
 from janus.engine import CaptionEngine, SynthesisEngine, load_model_and_processor
 from janus.shapes.data import Scene, caption, draw, parse_caption, random_scene
 from janus.shapes.judge import correct, judge
-from pipeline.actors.common import resolve_model_ref
+from pipeline.model_ref import resolve_model_ref
 
 RESULTS = Path(__file__).parent / "results"
 ATTRIBUTES = ("color", "shape", "position", "background", "all")

@@ -7,7 +7,6 @@ Every input row becomes exactly one committed output row; a rerun resumes where 
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ import numpy as np
 import ray
 
 from .config import ConfigError, JobConfig
-from .crash_guard import CrashGuard, start_journal
+from .crash_guard import CrashGuard, load_class, start_journal
 from .images import ImageDecodeError, model_pixels, phash
 from .output import OutputDir, drop_committed
 from .sinks import STAT_COUNTS, ShardDatasink, output_schema
@@ -73,15 +72,20 @@ def actor_options(cfg: JobConfig) -> dict[str, Any]:
     }
 
 
-def model_actor_class(cfg: JobConfig, default: type) -> type:
-    """The class the actor pool runs: the job's own, or ``compute.actor_class`` when set (a custom
-    model, or a test's model-free stand-in that keeps the real reader, pool and sink around it)."""
+#: the jobs' own actor classes, by name: the actors import them, the driver never does
+SYNTHESIZER = "pipeline.actors.synthesizer:Synthesizer"
+CAPTIONER = "pipeline.actors.captioner:Captioner"
+
+
+def model_actor_class(cfg: JobConfig, default: type | str) -> type | str:
+    """The class the actor pool runs: the job's own (``default``, passed on as given), or
+    ``compute.actor_class`` when set (a custom model, or a test's model-free stand-in that keeps the
+    real reader, pool and sink around it), imported here so that a bad name is a config error."""
     path = cfg.compute.actor_class
     if not path:
         return default
-    module, _, name = path.partition(":")
     try:
-        cls = getattr(importlib.import_module(module), name)
+        cls = load_class(path)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"compute.actor_class {path!r} cannot be imported: {exc}") from exc
     if not isinstance(cls, type):
@@ -89,7 +93,7 @@ def model_actor_class(cfg: JobConfig, default: type) -> type:
     return cls
 
 
-def model_stage(ds, cfg: JobConfig, default: type, journal: Any, **kwargs: Any):
+def model_stage(ds, cfg: JobConfig, default: type | str, journal: Any, **kwargs: Any):
     """The GPU actor pool: ``default`` (or ``compute.actor_class``) constructed with ``kwargs``, each
     actor inside a ``CrashGuard`` that reports to the job's ``journal``, so a row that crashes its
     actor every time becomes an error row instead of an endless retry."""
@@ -130,8 +134,6 @@ def list_inputs(cfg: JobConfig) -> tuple[str, Listing]:
 
 
 def build_synthesis(cfg: JobConfig, listing: Listing, committed: np.ndarray, journal: Any):
-    from .actors import Synthesizer
-
     s = cfg.synthesis
     defaults = PromptDefaults(
         seed=s.seed, cfg_weight=s.cfg_weight, temperature=s.temperature, n_samples=s.n_samples
@@ -141,7 +143,7 @@ def build_synthesis(cfg: JobConfig, listing: Listing, committed: np.ndarray, jou
     return model_stage(
         ds,
         cfg,
-        Synthesizer,
+        SYNTHESIZER,
         journal,
         model=model_kwargs(cfg),
         engine=cfg.engine,
@@ -154,7 +156,7 @@ def checkpoint_json(cfg: JobConfig, name: str) -> dict[str, Any]:
     """One of the checkpoint's config files, read alone: the driver needs sizes, not the weights."""
     from janus.models.hub import read_checkpoint_file
 
-    from .actors.common import resolve_model_ref
+    from .model_ref import resolve_model_ref
 
     m = cfg.model
     try:
@@ -209,8 +211,6 @@ def preprocess_images(batch: dict[str, np.ndarray], processor: dict, max_pixels:
 
 
 def build_caption(cfg: JobConfig, listing: Listing, committed: np.ndarray, journal: Any):
-    from .actors import Captioner
-
     i = cfg.input
     ds = image_dataset(i.url, fmt=i.format, image_column=i.image_column, key_column=i.key_column, listing=listing)
     ds = drop_committed(ds, committed)
@@ -223,7 +223,7 @@ def build_caption(cfg: JobConfig, listing: Listing, committed: np.ndarray, journ
     return model_stage(
         full_batches(ds, cfg.compute.batch_size),
         cfg,
-        Captioner,
+        CAPTIONER,
         journal,
         model=model_kwargs(cfg),
         engine=cfg.engine,

@@ -24,6 +24,7 @@ from pipeline.sources.prompt_files import read_prompts
 from tests.support.faulty_s3 import FaultPlan, FaultyS3Proxy, Trigger
 from tests.support.jobs import (
     committed_shards,
+    driver_imports,
     job_overrides,
     million_row_job,
     output_rows,
@@ -248,8 +249,11 @@ def test_flaky_object_storage_loses_and_duplicates_nothing(
             "compute.gpus_per_actor=0",
         )
         log = tmp_path / "job.log"
-        cli = start_cli("synthesize", overrides, session_env(ray_session), log)
+        cli = start_cli("synthesize", overrides, session_env(ray_session), log, python_flags=("-X", "importtime"))
         summary = cli.finish(lambda: committed_shards(f"s3://{bucket}/out", s3_options))
+    # the model ran in the actors only: a driver never loads torch or transformers (~9 s of CPU each
+    # job on a 2-core machine), nor do the read and write tasks (they import the same light modules)
+    assert not {"torch", "transformers", "timm"} & driver_imports(log)
     rows = output_rows(f"s3://{bucket}/out", s3_options)
     assert_exactly_once(rows, [r["key"] for r in read_prompts(f"s3://{bucket}/in", s3_options)])
     assert summary["complete"] and all(r["status"] == "ok" for r in rows)

@@ -51,7 +51,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def shapes():
     from janus.engine import load_model_and_processor
-    from pipeline.actors.common import resolve_model_ref
+    from pipeline.model_ref import resolve_model_ref
 
     return load_model_and_processor(resolve_model_ref("shapes"), dtype="float32", device="cpu")
 
@@ -67,7 +67,7 @@ def assert_right(images, scenes) -> None:
 
 
 def test_the_checkpoint_is_the_official_format_and_small(shapes):
-    from pipeline.actors.common import resolve_model_ref
+    from pipeline.model_ref import resolve_model_ref
 
     root = Path(resolve_model_ref("shapes"))
     names = {p.name for p in root.iterdir()}

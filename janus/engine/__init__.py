@@ -1,17 +1,40 @@
-"""Fast batched inference engines (no Ray here): CFG image synthesis and captioning."""
+"""Fast batched inference engines (no Ray here): CFG image synthesis and captioning.
 
-from .captioning import CaptionEngine, CaptionRequest, CaptionResult
-from .common import ERROR, INVALID_REQUEST, OK, OUT_OF_MEMORY, RequestError, Result, load_model_and_processor
-from .synthesis import SynthesisEngine, SynthesisRequest, SynthesisResult
+The names below load on first use (PEP 562): ``janus.engine.prompts`` (defaults and prompt templates,
+read by the job config and the prompt readers) must not pull in torch and transformers, which cost
+every Ray task worker and every CLI start ~9 s of CPU on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "CaptionEngine": "captioning",
+    "CaptionRequest": "captioning",
+    "CaptionResult": "captioning",
+    "ERROR": "common",
+    "INVALID_REQUEST": "common",
+    "OK": "common",
+    "OUT_OF_MEMORY": "common",
+    "RequestError": "common",
+    "Result": "common",
+    "load_model_and_processor": "common",
+    "SynthesisEngine": "synthesis",
+    "SynthesisRequest": "synthesis",
+    "SynthesisResult": "synthesis",
+}
 
 __all__ = [
+    "CaptionEngine",
+    "CaptionRequest",
+    "CaptionResult",
     "ERROR",
     "INVALID_REQUEST",
     "OK",
     "OUT_OF_MEMORY",
-    "CaptionEngine",
-    "CaptionRequest",
-    "CaptionResult",
     "RequestError",
     "Result",
     "SynthesisEngine",
@@ -19,3 +42,29 @@ __all__ = [
     "SynthesisResult",
     "load_model_and_processor",
 ]
+
+if TYPE_CHECKING:
+    from .captioning import CaptionEngine, CaptionRequest, CaptionResult
+    from .common import (
+        ERROR,
+        INVALID_REQUEST,
+        OK,
+        OUT_OF_MEMORY,
+        RequestError,
+        Result,
+        load_model_and_processor,
+    )
+    from .synthesis import SynthesisEngine, SynthesisRequest, SynthesisResult
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once loaded, an ordinary module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,19 +1,27 @@
 """DeepSeek-compatible public names: ``from janus.models import MultiModalityCausalLM, VLChatProcessor``.
 
-Importing this package registers the ``multi_modality`` model type with transformers' Auto classes,
+Taking any of these names registers the ``multi_modality`` model type with transformers' Auto classes,
 so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads Janus checkpoints
 through our loader (no remote code is run).
+
+The names load on first use (PEP 562): the light submodules (``hub``: checkpoint files and the hub
+cache; ``siglip_vit.tower_width``) are what a job's driver and its CPU tasks read, and importing the
+package must not cost them torch, timm and transformers' models (~9 s of CPU per process on 2 cores).
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from __future__ import annotations
 
-from .configuration import MultiModalityConfig
-from .image_processing_vlm import VLMImageProcessor
-from .modeling_vlm import MultiModalityCausalLM, MultiModalityPreTrainedModel
-from .processing_vlm import VLChatProcessor
+import importlib
+from typing import TYPE_CHECKING, Any
 
-AutoConfig.register("multi_modality", MultiModalityConfig, exist_ok=True)
-AutoModelForCausalLM.register(MultiModalityConfig, MultiModalityCausalLM, exist_ok=True)
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "MultiModalityCausalLM": "modeling_vlm",
+    "MultiModalityConfig": "configuration",
+    "MultiModalityPreTrainedModel": "modeling_vlm",
+    "VLChatProcessor": "processing_vlm",
+    "VLMImageProcessor": "image_processing_vlm",
+}
 
 __all__ = [
     "MultiModalityCausalLM",
@@ -22,3 +30,23 @@ __all__ = [
     "VLChatProcessor",
     "VLMImageProcessor",
 ]
+
+if TYPE_CHECKING:
+    from .configuration import MultiModalityConfig
+    from .image_processing_vlm import VLMImageProcessor
+    from .modeling_vlm import MultiModalityCausalLM, MultiModalityPreTrainedModel
+    from .processing_vlm import VLChatProcessor
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    importlib.import_module(".modeling_vlm", __name__)  # registers the Auto classes
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once loaded, an ordinary module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from einops import rearrange
 from torch import nn
-from transformers import LlamaForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
 from .clip_encoder import CLIPVisionTower
 from .configuration import MultiModalityConfig
@@ -177,3 +177,8 @@ _IGNORED_HF_KWARGS = {
     "return_unused_kwargs",
     "key_mapping",
 }
+
+
+# Wherever the model class is imported from (``janus.models`` or this module), the Auto classes know it.
+AutoConfig.register("multi_modality", MultiModalityConfig, exist_ok=True)
+AutoModelForCausalLM.register(MultiModalityConfig, MultiModalityCausalLM, exist_ok=True)

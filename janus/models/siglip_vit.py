@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-from timm.models.vision_transformer import VisionTransformer
+if TYPE_CHECKING:  # timm (and torch) load when a tower is built: ``tower_width`` is read by job drivers
+    from timm.models.vision_transformer import VisionTransformer
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ def create_siglip_vit(
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown vision_config params {sorted(unknown)}; known extensions: {sorted(known)}")
+    from timm.models.vision_transformer import VisionTransformer
+
     base = SIGLIP_MODEL_CONFIG[model_name]
     cfg = SigLIPVisionCfg(**{**base.__dict__, **overrides})
     layers = (

@@ -7,41 +7,15 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from importlib import resources
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from janus.engine import OK, Result, load_model_and_processor
+from pipeline.model_ref import resolve_model_ref
 
 logger = logging.getLogger(__name__)
-
-TINY = "tiny"  # random weights, written on first use: the plumbing is real, the outputs are noise
-SHAPES = "shapes"  # trained on drawn shapes, shipped in the package: outputs can be judged
-
-
-def resolve_model_ref(path: str, cache_dir: str | None = None) -> str:
-    """The embedded models' names -> their directories; anything else is returned as is."""
-    if path == SHAPES:
-        return str(resources.files("janus.shapes") / "checkpoint")
-    if path != TINY:
-        return path
-    from janus.models.hub import default_cache_dir
-    from janus.testing import write_tiny_checkpoint
-
-    target = Path(cache_dir or default_cache_dir()) / "tiny-janus-v1"
-    if not (target / "config.json").exists():
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        write_tiny_checkpoint(tmp, seed=0)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race; theirs is identical
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
 
 
 def pick_device(requested: str) -> str:

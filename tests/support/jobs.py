@@ -181,13 +181,30 @@ class CliJob:
             self.proc.wait()
 
 
-def start_cli(job: str, overrides: list[str], env: dict[str, str], log: Path) -> CliJob:
+def start_cli(
+    job: str, overrides: list[str], env: dict[str, str], log: Path, python_flags: tuple[str, ...] = ()
+) -> CliJob:
+    """``python [python_flags] -m jobs.cli job --set ...`` (``-X importtime``: the driver's imports
+    go to the log, for ``driver_imports``)."""
     args = [a for value in overrides for a in ("--set", value)]
     with log.open("w") as err, log.with_suffix(".out").open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jobs.cli", job, *args], cwd=REPO, env=env, stdout=out, stderr=err
+            [sys.executable, *python_flags, "-m", "jobs.cli", job, *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=err,
         )
     return CliJob(proc, log)
+
+
+def driver_imports(log: Path) -> set[str]:
+    """The modules a driver started with ``python_flags=("-X", "importtime")`` imported (its own
+    process only: Ray's workers do not inherit the flag)."""
+    lines = log.read_text(errors="replace").splitlines()
+    found = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    assert "pipeline.job" in found, "no import times in the log: was the driver started with -X importtime?"
+    return found
 
 
 def kill_driver_mid_job(
