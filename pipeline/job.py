@@ -19,6 +19,7 @@ import ray
 from .config import ConfigError, JobConfig
 from .crash_guard import CrashGuard, load_class, start_journal
 from .images import ImageDecodeError, model_pixels, phash
+from .model_ref import CAPTIONER, SYNTHESIZER, resolve_model_ref
 from .output import OutputDir, drop_committed
 from .sinks import STAT_COUNTS, ShardDatasink, output_schema
 from .sources.datasource import image_dataset, prompt_dataset
@@ -70,11 +71,6 @@ def actor_options(cfg: JobConfig) -> dict[str, Any]:
         "num_cpus": c.cpus_per_actor,
         "resources": c.resources or None,
     }
-
-
-#: the jobs' own actor classes, by name: the actors import them, the driver never does
-SYNTHESIZER = "pipeline.actors.synthesizer:Synthesizer"
-CAPTIONER = "pipeline.actors.captioner:Captioner"
 
 
 def model_actor_class(cfg: JobConfig, default: type | str) -> type | str:
@@ -155,8 +151,6 @@ def build_synthesis(cfg: JobConfig, listing: Listing, committed: np.ndarray, jou
 def checkpoint_json(cfg: JobConfig, name: str) -> dict[str, Any]:
     """One of the checkpoint's config files, read alone: the driver needs sizes, not the weights."""
     from janus.models.hub import read_checkpoint_file
-
-    from .model_ref import resolve_model_ref
 
     m = cfg.model
     try:

@@ -1,4 +1,5 @@
-"""Where a job's or server's model comes from: the embedded models' names -> their directories.
+"""Where a job's or server's model comes from (the embedded models' names -> their directories) and
+which class holds it (named, so that only the actors and replicas that run it import it).
 
 No torch here (the tiny checkpoint's writer loads it only when the tiny model is first written): a
 job's driver resolves the model to read its config files, and must start without the model's stack.
@@ -12,6 +13,10 @@ from pathlib import Path
 
 TINY = "tiny"  # random weights, written on first use: the plumbing is real, the outputs are noise
 SHAPES = "shapes"  # trained on drawn shapes, shipped in the package: outputs can be judged
+
+#: the model actor classes of the jobs and of Serve's model deployments
+SYNTHESIZER = "pipeline.actors.synthesizer:Synthesizer"
+CAPTIONER = "pipeline.actors.captioner:Captioner"
 
 
 def resolve_model_ref(path: str, cache_dir: str | None = None) -> str:

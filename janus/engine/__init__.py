@@ -15,10 +15,10 @@ _EXPORTS = {
     "CaptionEngine": "captioning",
     "CaptionRequest": "captioning",
     "CaptionResult": "captioning",
-    "ERROR": "common",
-    "INVALID_REQUEST": "common",
-    "OK": "common",
-    "OUT_OF_MEMORY": "common",
+    "ERROR": "status",
+    "INVALID_REQUEST": "status",
+    "OK": "status",
+    "OUT_OF_MEMORY": "status",
     "RequestError": "common",
     "Result": "common",
     "load_model_and_processor": "common",
@@ -45,15 +45,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .captioning import CaptionEngine, CaptionRequest, CaptionResult
-    from .common import (
-        ERROR,
-        INVALID_REQUEST,
-        OK,
-        OUT_OF_MEMORY,
-        RequestError,
-        Result,
-        load_model_and_processor,
-    )
+    from .common import RequestError, Result, load_model_and_processor
+    from .status import ERROR, INVALID_REQUEST, OK, OUT_OF_MEMORY
     from .synthesis import SynthesisEngine, SynthesisRequest, SynthesisResult
 
 

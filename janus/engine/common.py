@@ -14,14 +14,10 @@ from typing import Any, ClassVar
 import torch
 
 from .decoder import KVCacheDecoder
+from .status import CANCELLED, ERROR, INTERNAL, INVALID_REQUEST, OK, OUT_OF_MEMORY  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-#: row statuses, end to end (engines, actors, Parquet): a result, or a failure with a reason
-OK, ERROR = "ok", "error"
-#: why a request failed: its own fault (a client error), the device's (retry later, elsewhere), the
-#: client's leaving, or our bug
-INVALID_REQUEST, OUT_OF_MEMORY, CANCELLED, INTERNAL = "invalid_request", "out_of_memory", "cancelled", "internal_error"
 
 
 class RequestError(ValueError):

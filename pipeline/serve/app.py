@@ -36,9 +36,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
-from janus.engine import OUT_OF_MEMORY
-from janus.engine.common import INTERNAL
-from pipeline.actors import Captioner, Synthesizer
+from janus.engine.status import INTERNAL, OUT_OF_MEMORY
+from pipeline.model_ref import CAPTIONER, SYNTHESIZER
 
 from .config import APISection, ModelSection, ServeArgs, parse_args
 from .errors import APIError, bad_request, install_handlers, overloaded, validation_error
@@ -469,7 +468,7 @@ def build_app(args: Mapping[str, Any] | ServeArgs) -> serve.Application:
         handles["synthesis"] = ModelServer.options(
             name="Synthesizer", **s.deployment_options("synthesis")
         ).bind(
-            Synthesizer,
+            SYNTHESIZER,
             _model(s.model),
             s.engine,
             s.sampling.model_dump(),
@@ -480,7 +479,7 @@ def build_app(args: Mapping[str, Any] | ServeArgs) -> serve.Application:
     if cfg.caption is not None:
         c = cfg.caption
         handles["caption"] = ModelServer.options(name="Captioner", **c.deployment_options("caption")).bind(
-            Captioner, _model(c.model), c.engine, {}, c.batching.model_dump()
+            CAPTIONER, _model(c.model), c.engine, {}, c.batching.model_dump()
         )
         names["caption"] = c.model.served_name
     return JanusAPI.options(**cfg.api.deployment_options()).bind(

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
-from janus.engine import SynthesisEngine
-from janus.engine.scheduler import BackgroundScheduler, Scheduler, Ticket
+from pipeline.crash_guard import load_class
+
+if TYPE_CHECKING:  # the engine and scheduler load in the replica: the ingress imports this module too
+    from janus.engine.scheduler import BackgroundScheduler, Ticket
 
 
 class IncrementalText:
@@ -57,18 +59,23 @@ class ModelServer:
 
     def __init__(
         self,
-        actor_cls: type,
+        actor_cls: type | str,
         model: dict[str, Any],
         engine: dict[str, Any],
         params: dict[str, Any],
         batching: dict[str, Any],
         quality: dict[str, Any] | None = None,
     ):
-        self.actor = actor_cls(model, engine, params, quality)  # exactly as Ray Data constructs it
+        from janus.engine import SynthesisEngine
+        from janus.engine.scheduler import BackgroundScheduler, Scheduler
+
+        # exactly as Ray Data constructs it; a ``module:Class`` name is imported here, in the replica
+        self.actor = load_class(actor_cls)(model, engine, params, quality)
+        self.synthesis = isinstance(self.actor.engine, SynthesisEngine)
         self.mode = batching.get("mode", "scheduler")
         self.loop: BackgroundScheduler | None = None
         if self.mode == "scheduler":
-            rows = 2 if isinstance(self.actor.engine, SynthesisEngine) else 1
+            rows = 2 if self.synthesis else 1
             scheduler = Scheduler(
                 self.actor.engine, slots=batching["max_batch_size"] * rows, max_len=batching.get("max_len")
             )
@@ -134,7 +141,7 @@ class ModelServer:
     def info(self) -> dict[str, Any]:
         """What the ingress needs to validate requests for this model; answers once it is loaded."""
         engine = self.actor.engine
-        if isinstance(engine, SynthesisEngine):
+        if self.synthesis:
             return {
                 "model": self.actor.model_name,
                 "image_size": engine.image_size,
