@@ -159,6 +159,10 @@ class ComputeSection(Section):
     batch_size: int = Field(16, ge=1)  # rows per model call
     preprocess_cpus: float = Field(0.5, gt=0)  # caption: CPU decode/preprocess tasks
     resources: dict[str, float] = Field(default_factory=dict)  # custom resources, e.g. {"worker": 1}
+    #: model actors that may die while starting (their node lost mid-load, out of memory at load)
+    #: before the job fails; each one that starts resets the count, so a model that can never load
+    #: still fails the job after this many + 1 tries. (Ray Data's own default, 0, fails at the first.)
+    start_failures: int = Field(2, ge=0)
     #: "package.module:Class" to run instead of the job's model actor (same constructor arguments and
     #: columns as Synthesizer / Captioner): a custom model, or a test's model-free stand-in
     actor_class: str | None = None

@@ -253,6 +253,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             ", ".join(listing.relative(p) for p in listing.skipped[:SKIPPED_EXAMPLES]),
         )
     build = build_synthesis if cfg.job == "synthesize" else build_caption
+    ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = cfg.compute.start_failures
     cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"format": fmt})})  # auto resolved
     journal = start_journal()
     ds = build(cfg, listing, committed, journal)

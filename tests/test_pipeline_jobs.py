@@ -307,3 +307,25 @@ def test_bad_config_is_a_clear_error(tmp_path):
         timeout=300,
     )
     assert cli.returncode == 2 and "bad configuration" in cli.stderr
+
+
+@pytest.mark.timeout(600)
+def test_an_actor_that_fails_to_start_is_replaced_up_to_start_failures(ray_session, gate, tmp_path):
+    """A model actor whose start fails (loading the model ran out of memory; Ray does not restart an
+    actor whose constructor raised) is replaced and the job completes; with
+    ``compute.start_failures=0`` (Ray Data's own default) the same failure ends the job."""
+    keys = write_prompts(tmp_path / "p.txt", 8)
+    fails = ("compute.actor_class=tests.support.scale_actors:FailsOnceAtStart", "compute.gpus_per_actor=0")
+    cfg = job("stand-in", "synthesize", str(tmp_path / "p.txt"), str(tmp_path / "a"), "output.contact_sheet=0", *fails)
+    assert cfg.compute.start_failures == 2
+    summary = run_job(cfg)
+    assert (gate.folder / "failed-at-start").exists()  # the first actor did fail
+    assert summary["complete"] and sorted(r["key"] for r in output_rows(str(tmp_path / "a"))) == sorted(keys)
+
+    gate.reset()
+    strict = job(
+        "stand-in", "synthesize", str(tmp_path / "p.txt"), str(tmp_path / "b"), "output.contact_sheet=0",
+        "compute.start_failures=0", *fails,
+    )  # fmt: skip
+    with pytest.raises(Exception, match="out of memory while loading the model"):
+        run_job(strict)

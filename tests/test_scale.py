@@ -26,6 +26,7 @@ from tests.support.jobs import (
     committed_shards,
     driver_imports,
     job_overrides,
+    kill_running,
     million_row_job,
     output_rows,
     session_env,
@@ -37,15 +38,46 @@ from tests.support.memory import MemoryWatch
 from tests.support.stores import new_bucket
 
 GATED = "compute.actor_class=tests.support.scale_actors:GatedSynthesizer"
+#: every worker node of the shared cluster has this shape, so tests reuse the nodes already up (the
+#: slow-sink test needs the larger object store; the others do not mind it)
+NODE = {"store_mb": 300}
+
+
+class SharedCluster:
+    """One local cluster for the module's multi-node tests: a head and each worker node cost seconds of
+    CPU to start, so tests take the nodes they need with ``cluster.workers(n)`` and keep what is there."""
+
+    def __init__(self, log: Path):
+        self.log, self.cluster = log, None
+
+    def get(self) -> LocalCluster:
+        if self.cluster is None:
+            self.cluster = LocalCluster(log=self.log)
+        return self.cluster
+
+    def discard(self) -> None:
+        if self.cluster is not None:
+            self.cluster, c = None, self.cluster
+            c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(gate_folder, tmp_path_factory):
+    shared = SharedCluster(tmp_path_factory.mktemp("cluster") / "cluster.log")
+    try:
+        yield shared
+    finally:
+        kill_running()
+        shared.discard()
 
 
 @pytest.fixture()
-def cluster(gate_folder, tmp_path):
-    c = LocalCluster(log=tmp_path / "cluster.log")
-    try:
-        yield c
-    finally:
-        c.shutdown()
+def cluster(shared_cluster):
+    c = shared_cluster.get()
+    yield c
+    # a job that outlived its test (which then failed) would take the next test's nodes: start afresh
+    if kill_running() or c._broken:
+        shared_cluster.discard()
 
 
 def settings(model_dir: str, input_url: str, output_url: str, *extra: str) -> list[str]:
@@ -105,7 +137,7 @@ def test_actor_class_hook():
 @pytest.mark.timeout(2400)
 def test_synthesis_and_caption_on_a_three_node_cluster(cluster, model_dir, s3_options, tmp_path):
     """Head + 2 workers, each its own raylet with a fake GPU; S3 in and out; the users' CLI path."""
-    workers = [cluster.add_worker(), cluster.add_worker()]
+    workers = cluster.workers(2, **NODE)
     bucket = new_bucket(s3_options, "scale")
     (tmp_path / "p.txt").write_text("".join(f"a lighthouse in a storm, take {i}\n" for i in range(16)))
     fs = fsspec.filesystem("s3", **s3_options)
@@ -148,7 +180,7 @@ def test_synthesis_and_caption_on_a_three_node_cluster(cluster, model_dir, s3_op
 def test_losing_a_worker_node_mid_job(cluster, model_dir, gate, tmp_path):
     """A worker node dies (all its processes killed) while its actor works: the job completes on the
     node that is left, every row once, no half-written shard in sight."""
-    kept, doomed = cluster.add_worker(), cluster.add_worker()
+    kept, doomed = cluster.workers(2, **NODE)
     keys = write_prompts(tmp_path / "p.txt", 24)
     out, log = tmp_path / "out", tmp_path / "job.log"
     overrides = settings(
@@ -182,7 +214,7 @@ def test_losing_a_worker_node_mid_job(cluster, model_dir, gate, tmp_path):
 def test_a_node_added_mid_job_gets_actors_and_work(cluster, model_dir, gate, tmp_path):
     """An autoscaling pool (min 1, max 2) on one worker; a second worker joins mid-job; the pool grows
     onto it and it produces part of the output."""
-    first = cluster.add_worker()
+    (first,) = cluster.workers(1, **NODE)
     # The gate holds the first actor at its second batch, so work stays queued until the new node has
     # joined, Ray Data has grown the pool onto it and the new actor has taken a batch.
     keys = write_prompts(tmp_path / "p.txt", 48)
@@ -199,7 +231,7 @@ def test_a_node_added_mid_job_gets_actors_and_work(cluster, model_dir, gate, tmp
     gate.hold(from_call=1)
     cli = start_cli("synthesize", overrides, cluster.driver_env(), log)
     gate.wait_for_entry(lambda e: e.held and e.node_id == first.node_id, cli.ended)
-    second = cluster.add_worker()
+    second = cluster.add_worker(**NODE)
     assert not list(out.glob("*.parquet")) or len(output_rows(str(out))) < len(keys)  # truly mid-job
     gate.wait_for_entry(lambda e: e.node_id == second.node_id, cli.ended)
     gate.open()
@@ -336,8 +368,7 @@ def test_a_slow_sink_holds_memory_bounded(cluster, s3_endpoint, s3_options, tmp_
     the actors back to the sink's pace: object store use stays within its budget (set to 20% of the
     store here), nothing spills to disk, and every row lands once. (The driver's own memory is a
     measurement, not a property: benchmarks/bench_driver_memory.py.)"""
-    cluster.add_worker(store_mb=300)
-    cluster.add_worker(store_mb=300)
+    cluster.workers(2, **NODE)
     n, budget_fraction = 2000, 0.2
     keys = write_prompts(tmp_path / "p.txt", n)
     bucket = new_bucket(s3_options, "scale")
@@ -363,7 +394,7 @@ def test_a_slow_sink_holds_memory_bounded(cluster, s3_endpoint, s3_options, tmp_
         watch.stop()
     assert summary["complete"] and summary["this_run"]["count"] == n
     assert_exactly_once(output_rows(f"s3://{bucket}/out", s3_options), keys)
-    produced, store = n * 384 * 384 * 3, (150 + 2 * 300) * 2**20
+    produced, store = n * 384 * 384 * 3, (150 + 2 * NODE["store_mb"]) * 2**20
     assert produced > store
     # Ray Data's budget counts each block once; a block made on one node and written from another
     # exists twice while it crosses (and the sink's task arguments stay pinned while it runs), so the

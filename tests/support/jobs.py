@@ -181,6 +181,19 @@ class CliJob:
             self.proc.wait()
 
 
+#: every CLI job started in this session, so that a fixture can stop what a failed test left running
+STARTED: list[CliJob] = []
+
+
+def kill_running() -> int:
+    """Kill the CLI jobs still running (a test that ended early left them); how many there were."""
+    running = [job for job in STARTED if job.proc.poll() is None]
+    for job in running:
+        job.kill()
+    STARTED.clear()
+    return len(running)
+
+
 def start_cli(
     job: str, overrides: list[str], env: dict[str, str], log: Path, python_flags: tuple[str, ...] = ()
 ) -> CliJob:
@@ -195,7 +208,8 @@ def start_cli(
             stdout=out,
             stderr=err,
         )
-    return CliJob(proc, log)
+    STARTED.append(CliJob(proc, log))
+    return STARTED[-1]
 
 
 def driver_imports(log: Path) -> set[str]:

@@ -41,6 +41,9 @@ CALL_TIMEOUT_S = 300.0
 @dataclass(frozen=True)
 class WorkerNode:
     node_id: str
+    cpus: int = 2
+    gpus: int = 1
+    store_mb: int = 150
 
 
 class LocalCluster:
@@ -54,6 +57,7 @@ class LocalCluster:
         self.log = log or Path(self.temp_dir) / "cluster.log"
         self._lock = threading.Lock()
         self._broken: str | None = None
+        self.live: list[WorkerNode] = []  # worker nodes added and not removed, oldest first
         spawn = multiprocessing.get_context("spawn")
         self._conn, child = spawn.Pipe()
         self._process = spawn.Process(
@@ -100,11 +104,25 @@ class LocalCluster:
     def add_worker(self, cpus: int = 2, gpus: int = 1, store_mb: int = 150) -> WorkerNode:
         """A worker node with ``gpus`` fake GPUs (torch sees none: actors run on CPU), one
         ``janus_worker`` per GPU and a ``store_mb`` object store; returns once the node has joined."""
-        return WorkerNode(self._call("add_worker", cpus, gpus, store_mb))
+        node = WorkerNode(self._call("add_worker", cpus, gpus, store_mb), cpus, gpus, store_mb)
+        self.live.append(node)
+        return node
 
     def remove(self, node: WorkerNode) -> None:
         """Kill the node's raylet and every process on it, as when a machine is lost."""
+        self.live.remove(node)
         self._call("remove", node.node_id)
+
+    def workers(self, n: int, cpus: int = 2, gpus: int = 1, store_mb: int = 150) -> list[WorkerNode]:
+        """Exactly ``n`` live worker nodes of this shape: the ones already there are kept (starting a
+        node costs seconds of CPU), others are removed, missing ones added."""
+        for node in [w for w in self.live if (w.cpus, w.gpus, w.store_mb) != (cpus, gpus, store_mb)]:
+            self.remove(node)
+        while len(self.live) > n:
+            self.remove(self.live[-1])
+        while len(self.live) < n:
+            self.add_worker(cpus, gpus, store_mb)
+        return list(self.live)
 
     def store_stats(self) -> tuple[int, int]:
         """(bytes in use, bytes spilled so far) over all object stores: Ray's own memory stats."""

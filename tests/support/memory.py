@@ -11,13 +11,16 @@ from .local_cluster import LocalCluster
 
 
 class MemoryWatch(threading.Thread):
-    """Samples, every 0.2 s, the cluster's object store use and spilling (Ray's memory stats, summed
-    over all nodes) and a driver process's resident memory (``rss``: (time, bytes) pairs)."""
+    """Samples, every 0.2 s, the cluster's object store use and spilling since the watch began (Ray's
+    memory stats, summed over all nodes) and a driver process's resident memory (``rss``: (time, bytes)
+    pairs)."""
 
     def __init__(self, cluster: LocalCluster | None, driver_pid: int):
         super().__init__(daemon=True)
         self.cluster, self.driver_pid = cluster, driver_pid
         self.store_peak = self.spilled = 0
+        # a cluster that earlier jobs used may have spilled already: Ray's count never goes down
+        self._spilled_before = cluster.store_stats()[1] if cluster is not None else 0
         self.rss: list[tuple[float, int]] = []
         self._done = threading.Event()
 
@@ -33,7 +36,7 @@ class MemoryWatch(threading.Thread):
             if self.cluster is not None:
                 used, spilled = self.cluster.store_stats()
                 self.store_peak = max(self.store_peak, used)
-                self.spilled = max(self.spilled, spilled)
+                self.spilled = max(self.spilled, spilled - self._spilled_before)
 
     def stop(self) -> None:
         self._done.set()

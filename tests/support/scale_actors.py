@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from .gate import ENV as GATE_ENV
 from .gate import Gate
 
 IMAGE_TOKENS = 576
@@ -95,6 +96,22 @@ class CrashingStandInSynthesizer(StandInSynthesizer):
         if any(POISON in p and s != "error" for p, s in zip(batch["prompt"], batch["status"], strict=True)):
             os._exit(1)
         return super().__call__(batch)
+
+
+class FailsOnceAtStart(StandInSynthesizer):
+    """Model-free; the first of its actors in a test fails to start (its constructor raises, as when
+    loading the model runs out of device memory), later ones start normally. (A process that exits
+    instead is restarted by Ray itself.) Needs the gate's folder (reset by the ``gate`` fixture): the
+    first actor leaves a mark there."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        folder = os.environ[GATE_ENV]
+        try:
+            os.close(os.open(os.path.join(folder, "failed-at-start"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            super().__init__(*args, **kwargs)
+        else:
+            raise RuntimeError("out of memory while loading the model (a test's stand-in)")
 
 
 class RejectingStandInSynthesizer(_StandIn):
