@@ -150,12 +150,25 @@ def gate_folder(tmp_path_factory) -> Iterator[Path]:
 
 @pytest.fixture()
 def gate(gate_folder) -> Iterator[Gate]:
-    """A fresh gate for one test (``scale_actors.GatedSynthesizer`` enters it); open at the end, so
+    """A fresh gate for one test (``scale_actors.GatedStandIn`` enters it); open at the end, so
     no actor of a failed test waits on."""
     g = Gate(gate_folder)
     g.reset()
     yield g
     g.open()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session) -> Iterator[int]:
+    """Ray Serve on the session's Ray, started once (its controller and HTTP proxy cost seconds of CPU
+    each start): tests deploy their apps on it and delete them when done. Its HTTP port on 127.0.0.1."""
+    from ray import serve
+
+    from tests.support.serving import start_serve
+
+    port = start_serve()
+    yield port
+    serve.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ LIGHT = [
     "pipeline.sources.datasource",  # read tasks
     "pipeline.sinks",  # write tasks
     "pipeline.contact_sheet",
+    "pipeline.images",  # the caption job's CPU decode and resize tasks, with the next one
+    "janus.models.image_processing_vlm",
     "pipeline.serve.app",  # the HTTP ingress replica (the model deployments import the actors)
     "janus.engine.prompts",
     "janus.engine.status",

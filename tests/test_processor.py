@@ -417,3 +417,25 @@ def test_load_pil_images_applies_exif_orientation(tmp_path):
 def test_load_pil_images_bad_data_url(url):
     with pytest.raises(ValueError, match="data URL"):
         load_pil_images([{"role": "<|User|>", "content": "", "images": [url]}])
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 300), (384, 384), (641, 97), (1000, 999)])
+def test_resize_equals_torchvisions_resize_as_deepseek_calls_it(size, mode):
+    """Our PIL-only resize (the caption job's CPU tasks must not load torch) against the call DeepSeek
+    makes, torchvision's ``resize`` of the same PIL image with bicubic and antialias: equal bytes."""
+    import torchvision.transforms.functional as TF
+
+    from janus.models.image_processing_vlm import _pad_to_square, _to_rgb_pil
+
+    rng = np.random.default_rng(sum(size))
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = PIL.Image.fromarray(arr).convert(mode)
+    proc = VLMImageProcessor(image_size=384, min_size=14)
+    rgb = _to_rgb_pil(image)
+    longest = max(rgb.size)
+    hw = [max(int(rgb.height / longest * 384), 14), max(int(rgb.width / longest * 384), 14)]
+    want = _pad_to_square(
+        TF.resize(rgb, hw, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), proc.background_color
+    )
+    assert np.array_equal(np.asarray(proc.resize(image)), np.asarray(want))

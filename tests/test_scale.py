@@ -37,7 +37,7 @@ from tests.support.local_cluster import WORKER_RESOURCE, LocalCluster
 from tests.support.memory import MemoryWatch
 from tests.support.stores import new_bucket
 
-GATED = "compute.actor_class=tests.support.scale_actors:GatedSynthesizer"
+GATED = "compute.actor_class=tests.support.scale_actors:GatedStandIn"  # model-free: see its docstring
 #: every worker node of the shared cluster has this shape, so tests reuse the nodes already up (the
 #: slow-sink test needs the larger object store; the others do not mind it)
 NODE = {"store_mb": 300}

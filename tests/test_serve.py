@@ -1,7 +1,8 @@
 """The online API over real HTTP on 127.0.0.1: Ray Serve, the tiny model on CPU, httpx and openai.
 
-One Serve instance for the module with two applications: ``janus`` (both models, the normal limits)
-and ``overload`` (a synthesis model with a one-slot queue, to show 503 + Retry-After).
+The session's Serve instance (``serve_port``) with two applications for this module: ``janus`` (both
+models, the normal limits) and ``overload`` (a synthesis model with a one-slot queue, to show 503 +
+Retry-After).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from pipeline.actors import Captioner, Synthesizer
 from pipeline.serve.app import Backend, build_app, readiness
 from pipeline.serve.config import APISection, ServeConfigError, check_serve_config, parse_args
 from tests.support import REPO
-from tests.support.serving import start_serve
 
 # the server fixture starts two apps and four model replicas: minutes on a busy 2-core machine
 pytestmark = pytest.mark.timeout(1200)
@@ -88,7 +88,7 @@ def s3_images(s3_endpoint) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, model_dir, files, s3_images):
+def server(serve_port, model_dir, files, s3_images):
     from ray import serve
 
     model = {"path": model_dir, "name": MODEL, "dtype": "float32"}
@@ -127,7 +127,6 @@ def server(ray_session, model_dir, files, s3_images):
         },
         "caption": None,
     }
-    port = start_serve()
     try:
         serve.run_many(
             [
@@ -135,9 +134,10 @@ def server(ray_session, model_dir, files, s3_images):
                 serve.RunTarget(build_app(overload), name="overload", route_prefix="/overload"),
             ]
         )
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{serve_port}"
     finally:
-        serve.shutdown()
+        for name in ("janus", "overload"):
+            serve.delete(name)
 
 
 @pytest.fixture(scope="module")

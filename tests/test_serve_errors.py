@@ -38,7 +38,7 @@ def error_of(r: httpx.Response) -> dict:
 
 
 @pytest.fixture(scope="module")
-def api(ray_session):
+def api(serve_port):
     """One app: the real ingress in front of two stand-in models that start held in loading (the first
     test releases them); the caption model's queue holds one request (a machine this small cannot run
     a deployment per case)."""
@@ -46,7 +46,6 @@ def api(ray_session):
 
     from pipeline.serve.app import JanusAPI
     from tests.support.fake_model import FakeModel
-    from tests.support.serving import start_serve
 
     small = {"ray_actor_options": {"num_cpus": 0.05}}
     settings = {"retry_after_s": 2, "request_timeout_s": 3.0, "load_wait_s": 1.0, "deployment": small}
@@ -55,11 +54,12 @@ def api(ray_session):
         "caption", True
     )
     app = JanusAPI.options(**small).bind(synth, caption, {"synthesis": "fake", "caption": "fake"}, settings)
-    port = start_serve()
     serve.run(app, name="fake", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        yield client
-    serve.shutdown()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{serve_port}", timeout=60) as client:
+            yield client
+    finally:
+        serve.delete("fake")
 
 
 def handle(name: str):

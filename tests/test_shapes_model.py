@@ -168,7 +168,7 @@ def test_the_job_stores_each_image_under_its_prompts_key_and_resume_keeps_it(ray
 
 
 @pytest.mark.slow
-def test_serve_draws_and_reads_with_the_shapes_model(ray_session):
+def test_serve_draws_and_reads_with_the_shapes_model(serve_port):
     """The shipped Serve config's app (the shapes model), its two routes, judged."""
     import httpx
     import yaml
@@ -176,10 +176,9 @@ def test_serve_draws_and_reads_with_the_shapes_model(ray_session):
 
     from pipeline.serve.app import build_app
     from tests.support import REPO
-    from tests.support.serving import start_serve
 
     args = yaml.safe_load((REPO / "configs" / "serve_tiny.yaml").read_text())["applications"][0]["args"]
-    port = start_serve()
+    port = serve_port
     try:
         serve.run(build_app(args), name="shapes", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
@@ -200,4 +199,4 @@ def test_serve_draws_and_reads_with_the_shapes_model(ray_session):
             r = client.post("/v1/chat/completions", json={"model": args["caption"]["model"]["name"], "messages": [{"role": "user", "content": content}], "max_tokens": 24})
             assert r.status_code == 200 and parse_caption(r.json()["choices"][0]["message"]["content"]) == scene
     finally:
-        serve.shutdown()
+        serve.delete("shapes")

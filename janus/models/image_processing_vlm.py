@@ -5,6 +5,10 @@ rounding included: the short side is truncated with ``int()`` (Hugging Face's ``
 rounds instead), PIL's bicubic filter does the resize, the pad is centred with the mean colour, and
 scaling happens in float64 before the float32 normalisation, as ``transformers.image_transforms``
 did for DeepSeek. The result is bit-identical pixel values for the same input image.
+
+``resize`` (what the caption job's CPU tasks run) needs only PIL: DeepSeek's torchvision ``resize`` of
+a PIL image is PIL's own bicubic ``Image.resize``, so it is called directly, and torch and
+transformers load only when pixels become tensors (in the model's process).
 """
 
 from __future__ import annotations
@@ -12,15 +16,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import PIL.Image
-import torch
-import torchvision.transforms.functional as TF
-from transformers import BatchFeature
 
 from janus.models.hub import resolve_model_path
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import BatchFeature
 
 ImageInput = Union[PIL.Image.Image, np.ndarray]
 
@@ -109,11 +114,14 @@ class VLMImageProcessor:
             max(int(height / longest * self.image_size), self.min_size),
             max(int(width / longest * self.image_size), self.min_size),
         ]
-        image = TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        # torchvision's resize of a PIL image, as DeepSeek calls it, is exactly this (antialias is PIL's own)
+        image = image.resize((size[1], size[0]), PIL.Image.Resampling.BICUBIC)
         return _pad_to_square(image, self.background_color)
 
     def preprocess_one(self, image: ImageInput) -> torch.Tensor:
         """One image -> float32 tensor [3, image_size, image_size]."""
+        import torch
+
         pixels = torch.from_numpy(np.array(self.resize(image))).permute(2, 0, 1)
         x = (pixels.double() * self.rescale_factor).float()
         if self.do_normalize:
@@ -126,6 +134,9 @@ class VLMImageProcessor:
         self, images: ImageInput | Sequence[ImageInput] | None, return_tensors: str | None = "pt"
     ) -> BatchFeature:
         """Images -> ``BatchFeature`` whose ``pixel_values`` is a float32 tensor [n, 3, S, S]."""
+        import torch
+        from transformers import BatchFeature
+
         if return_tensors not in ("pt", None):
             raise ValueError(f"only PyTorch tensors are supported, got return_tensors={return_tensors!r}")
         if images is None:

@@ -87,6 +87,27 @@ class StandInSynthesizer(_StandIn):
         return out
 
 
+class GatedStandIn(StandInSynthesizer):
+    """Model-free ``GatedSynthesizer``: enters the gate before each batch and appends ``@<node id>``
+    to each row's ``model``, with small images. For the tests of kills, lost and new nodes and resume,
+    where what matters is the pool, the retries and the sink, not the model (whose actors take ~10 s
+    of CPU each to start on a 2-core machine)."""
+
+    image_size = 48
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.gate = Gate.from_env()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        node = ray.get_runtime_context().get_node_id()
+        if self.gate is not None:
+            self.gate.enter(node)
+        out = super().__call__(batch)
+        out["model"] = np.array([f"{name}@{node}" for name in out["model"]], dtype=object)
+        return out
+
+
 class CrashingStandInSynthesizer(StandInSynthesizer):
     """Model-free; its process dies (``os._exit``, as a segfault in a kernel ends it) whenever it runs
     a row whose prompt contains ``POISON``: a row that crashes the model actor every time. Rows that
