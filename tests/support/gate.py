@@ -2,8 +2,8 @@
 
 A test that kills something mid-job (the driver, an actor, a node) must kill it while a batch is in
 flight, or the retry path it exists for may never run: a fast machine can finish the job before the
-kill lands. A gated actor (``scale_actors.GatedStandIn``, ``GatedSynthesizer``) enters the gate before each batch: it
-records the call (its pid and node) and, from call number ``hold_from`` on, waits until the test
+kill lands. A gated actor (``scale_actors.GatedStandIn``, ``GatedCaptionStandIn``) enters the gate
+before each batch: it records the call (its pid and node) and, from call number ``hold_from`` on, waits until the test
 opens the gate. The test waits for the record of a held call, kills, and opens the gate.
 
 The gate is a folder because the actors are other processes, on other raylets of this machine. Its
