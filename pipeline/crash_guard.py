@@ -17,7 +17,6 @@ import (no torch), so that model-free stand-in actors start fast.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import uuid
 from collections import Counter
@@ -26,6 +25,8 @@ from typing import Any
 import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .model_ref import load_class
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +81,6 @@ def start_journal() -> Any:
 def batch_id(keys: list[str]) -> str:
     """A batch's identity across retries: Ray retries the very same rows."""
     return hashlib.sha1("\n".join(keys).encode()).hexdigest()
-
-
-def load_class(spec: type | str) -> type:
-    """A class, or one named ``package.module:Class`` (imported here)."""
-    if isinstance(spec, str):
-        module, _, name = spec.partition(":")
-        spec = getattr(importlib.import_module(module), name)
-    return spec
 
 
 class CrashGuard:

@@ -17,9 +17,9 @@ import numpy as np
 import ray
 
 from .config import ConfigError, JobConfig
-from .crash_guard import CrashGuard, load_class, start_journal
+from .crash_guard import CrashGuard, start_journal
 from .images import ImageDecodeError, model_pixels, phash
-from .model_ref import CAPTIONER, SYNTHESIZER, resolve_model_ref
+from .model_ref import CAPTIONER, SYNTHESIZER, load_class, resolve_model_ref
 from .output import OutputDir, drop_committed
 from .sinks import STAT_COUNTS, ShardDatasink, output_schema
 from .sources.datasource import image_dataset, prompt_dataset

@@ -7,6 +7,7 @@ job's driver resolves the model to read its config files, and must start without
 
 from __future__ import annotations
 
+import importlib
 import os
 from importlib import resources
 from pathlib import Path
@@ -17,6 +18,14 @@ SHAPES = "shapes"  # trained on drawn shapes, shipped in the package: outputs ca
 #: the model actor classes of the jobs and of Serve's model deployments
 SYNTHESIZER = "pipeline.actors.synthesizer:Synthesizer"
 CAPTIONER = "pipeline.actors.captioner:Captioner"
+
+
+def load_class(spec: type | str) -> type:
+    """A class, or one named ``package.module:Class`` (such as the two above), imported here."""
+    if isinstance(spec, str):
+        module, _, name = spec.partition(":")
+        spec = getattr(importlib.import_module(module), name)
+    return spec
 
 
 def resolve_model_ref(path: str, cache_dir: str | None = None) -> str:

@@ -7,8 +7,9 @@ every Ray task worker and every CLI start ~9 s of CPU on a 2-core machine.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from janus.utils.lazy import lazy_exports
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
@@ -50,14 +51,4 @@ if TYPE_CHECKING:
     from .synthesis import SynthesisEngine, SynthesisRequest, SynthesisResult
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # once loaded, an ordinary module attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

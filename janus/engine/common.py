@@ -19,7 +19,6 @@ from .status import CANCELLED, ERROR, INTERNAL, INVALID_REQUEST, OK, OUT_OF_MEMO
 logger = logging.getLogger(__name__)
 
 
-
 class RequestError(ValueError):
     """A request that cannot be run; becomes that row's error, never the batch's."""
 

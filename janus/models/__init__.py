@@ -11,8 +11,9 @@ package must not cost them torch, timm and transformers' models (~9 s of CPU per
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from janus.utils.lazy import lazy_exports
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
@@ -38,15 +39,5 @@ if TYPE_CHECKING:
     from .processing_vlm import VLChatProcessor
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    importlib.import_module(".modeling_vlm", __name__)  # registers the Auto classes
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # once loaded, an ordinary module attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+# the model module first: it registers the Auto classes
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, first="modeling_vlm")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
-from pipeline.crash_guard import load_class
+from pipeline.model_ref import load_class
 
 if TYPE_CHECKING:  # the engine and scheduler load in the replica: the ingress imports this module too
     from janus.engine.scheduler import BackgroundScheduler, Ticket

@@ -148,9 +148,9 @@ class BatchSizeStandIn(StandInSynthesizer):
         return out
 
 
-class GatedCaptionStandIn:
-    """Model-free ``GatedCaptioner``: the Captioner's columns (each caption names the image's size)
-    behind the gate, for the caption job's kill and resume tests, where the model does not matter."""
+class GatedCaptionStandIn(_StandIn):
+    """Model-free captioner: the Captioner's columns (each caption names the image's size) behind the
+    gate, for the caption job's kill and resume tests, where the model does not matter."""
 
     def __init__(
         self,
@@ -159,7 +159,7 @@ class GatedCaptionStandIn:
         caption: dict | None = None,
         quality: dict | None = None,
     ):
-        self.model_name = f"stand-in:{model.get('name') or model['path']}"
+        super().__init__(model)
         self.question = (caption or {}).get("question")
         self.gate = Gate.from_env()
 
