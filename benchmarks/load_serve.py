@@ -229,6 +229,7 @@ def _open_loop_main(args: argparse.Namespace) -> dict[str, Any]:
     section = "caption" if args.route == "chat" else "synthesis"
     base = yaml.safe_load(open(args.config))
     report: dict[str, Any] = {"route": args.route, "config": args.config, "modes": {}}
+    base_rate = None  # --same-rates: the first mode's saturation sets every mode's arrival rates
     for mode in args.modes:
         data = json.loads(json.dumps(base))
         app_args = data["applications"][0]["args"]
@@ -243,6 +244,9 @@ def _open_loop_main(args: argparse.Namespace) -> dict[str, Any]:
         asyncio.run(_warmup(url, args.route, model, args))
         saturation = asyncio.run(_load(url, args.route, model, args))
         peak = saturation["requests_per_s"]
+        if args.same_rates:
+            base_rate = base_rate or peak
+            peak = base_rate
         runs = []
         for load in args.loads:
             n = max(8, min(args.requests, int(peak * load * args.max_seconds)))
@@ -254,6 +258,7 @@ def _open_loop_main(args: argparse.Namespace) -> dict[str, Any]:
             "saturation": saturation,
             "open_loop": runs,
             "batching": _batching(app, deployment),
+            "rates_from": "first mode's saturation" if args.same_rates else "own saturation",
         }
         serve.shutdown()
         import ray
@@ -290,7 +295,8 @@ def _plot(report: dict[str, Any], path: str) -> None:
             ]
             pen.line(xy, fill=colours.get(mode, (0, 0, 0)), width=width)
         pen.text((m + 10, 25 + 14 * i), f"{mode}: p50 (thick), p95 (thin)", fill=colours.get(mode, (0, 0, 0)))
-    pen.text((m, h - m + 8), "offered load, fraction of saturation (0 .. 1)", fill="black")
+    base = next(iter(report["modes"].values())).get("rates_from", "own saturation")
+    pen.text((m, h - m + 8), f"offered load, fraction of {base} (0 .. 1)", fill="black")
     pen.text((4, 4), f"{report['route']} latency, s (0 .. {top:.1f})", fill="black")
     img.save(path)
 
@@ -329,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--modes", nargs="+", default=["batch", "scheduler"], choices=("batch", "scheduler"))
     parser.add_argument("--loads", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument(
+        "--same-rates",
+        action="store_true",
+        help="every mode gets the same arrivals: --loads are fractions of the first mode's saturation",
+    )
     args = parser.parse_args(argv)
     if args.open_loop:
         report = _open_loop_main(args)

@@ -123,8 +123,18 @@ class ModelServer:
         ticket.add_done_callback(lambda t: loop.call_soon_threadsafe(queue.put_nowait, None))
         text = IncrementalText(self.actor.engine.tokenizer)
         try:
-            while (token := await queue.get()) is not None:
-                if delta := text.add(token):
+            finished = False
+            while not finished:
+                # the tokens made while the last item was on its way go out as one delta: no wait is
+                # added when tokens come slower than items travel, and a slow consumer gets fewer,
+                # larger items instead of a backlog of single tokens
+                tokens = [await queue.get()]
+                while not queue.empty():
+                    tokens.append(queue.get_nowait())
+                if tokens[-1] is None:  # the done callback runs after the last token's
+                    finished = True
+                    tokens.pop()
+                if delta := "".join(text.add(t) for t in tokens):
                     yield {"delta": delta}
             yield {"result": ticket.result}
         finally:
