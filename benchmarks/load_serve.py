@@ -250,14 +250,19 @@ def _open_loop_main(args: argparse.Namespace) -> dict[str, Any]:
         runs = []
         for load in args.loads:
             n = max(8, min(args.requests, int(peak * load * args.max_seconds)))
+            seen = len(_batching(app, deployment).get("first_token_s", []))
             runs.append(
                 {"load": load, **asyncio.run(_open_loop(url, args.route, model, peak * load, n, args))}
             )
+            # the replica's own share of time to first token: arrival there -> first text sent
+            server = _batching(app, deployment).get("first_token_s", [])[seen:]
+            if server:
+                runs[-1]["server_ttft_s"] = _percentiles(server)
             print(json.dumps({"mode": mode, **runs[-1]}), file=sys.stderr)
         report["modes"][mode] = {
             "saturation": saturation,
             "open_loop": runs,
-            "batching": _batching(app, deployment),
+            "batching": {k: v for k, v in _batching(app, deployment).items() if k != "first_token_s"},
             "rates_from": "first mode's saturation" if args.same_rates else "own saturation",
         }
         serve.shutdown()
@@ -301,7 +306,7 @@ def _plot(report: dict[str, Any], path: str) -> None:
     img.save(path)
 
 
-def _batching(app: str, deployment: str) -> dict[str, int]:
+def _batching(app: str, deployment: str) -> dict[str, Any]:
     from ray import serve
 
     return serve.get_deployment_handle(deployment, app_name=app).stats.remote().result()

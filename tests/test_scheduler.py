@@ -137,6 +137,25 @@ def test_the_cache_stays_allocated_between_bursts_and_answers_stay_the_same(synt
     assert synth.decoder.k_cache is None  # keep_cache=False: freed when the last request left
 
 
+def test_a_step_computes_only_the_rows_in_use(synth, synth_alone, monkeypatch):
+    """One image request in a 16-row pool decodes 2 rows a step, not 16 (computing the empty rows made
+    a lone request at a quiet CPU server take 15 s instead of ~4 s); a second request takes the next
+    lowest rows, and once the first leaves, its rows go idle but the second's are still computed."""
+    widths: list[int] = []
+    original = synth.decoder.decode_slots
+
+    def spy(embeds, *args, **kwargs):
+        widths.append(embeds.shape[0])
+        return original(embeds, *args, **kwargs)
+
+    monkeypatch.setattr(synth.decoder, "decode_slots", spy)
+    scheduler = Scheduler(synth, slots=16)
+    results = _run_joining(scheduler, [SYNTH[0], SYNTH[2]], [0, 100])
+    assert widths[:100] == [2] * 100 and set(widths[100:]) == {4}
+    for res, alone in zip(results, [synth_alone[0], synth_alone[2]], strict=True):
+        assert res.ok and np.array_equal(res.tokens, alone)
+
+
 def test_bad_requests_fail_alone_and_cancelled_ones_free_their_slots(synth, synth_alone):
     scheduler = Scheduler(synth, slots=4, max_len=600)
     good = scheduler.submit(SYNTH[0])

@@ -162,7 +162,7 @@ def synthesizer(model_dir):
     return Synthesizer({"path": model_dir, "dtype": "float32"}, {"max_batch_size": 8})
 
 
-def stats(name: str) -> dict[str, int]:
+def stats(name: str) -> dict:
     from ray import serve
 
     return serve.get_deployment_handle(name, app_name="janus").stats.remote().result()
@@ -335,6 +335,7 @@ def test_streaming_sends_tokens_as_they_are_decoded(client):
     into words; the deltas add up to the answer."""
     body = {"model": MODEL, "messages": [user(image_part(data_url(png(16))), "Describe it.")], "max_tokens": 12}
     whole = client.post("/v1/chat/completions", json=body).json()
+    measured = len(stats("Captioner")["first_token_s"])
     with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
         deltas = [
             json.loads(line[len("data: ") :])["choices"][0]["delta"].get("content")
@@ -345,6 +346,10 @@ def test_streaming_sends_tokens_as_they_are_decoded(client):
     assert "".join(content) == whole["choices"][0]["message"]["content"]
     tokens = whole["usage"]["completion_tokens"]
     assert len(content) > tokens // 2, (len(content), tokens)  # about one per token (a few join up)
+    # the replica timed the stream's first text (arrival there -> first delta): what load_serve reports
+    # as the scheduler's share of time to first token
+    first = stats("Captioner")["first_token_s"][measured:]
+    assert len(first) == 1 and 0 < first[0] < 30
 
 
 def test_incremental_text_holds_back_half_characters():

@@ -114,21 +114,23 @@ class KVCacheDecoder:
     def decode_slots(
         self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_len: int
     ) -> torch.Tensor:
-        """One token for every cache row, each written at its own ``slots[row]`` (its length so far) and
-        attending to its own filled prefix; returns hidden [B, D]. Rows keep their own lengths, so a
-        request can join or leave at any step (``scheduler.py``)."""
+        """One token for each of the first B cache rows (``embeds`` [B, 1, D]; B may be less than the
+        cache's rows: the scheduler keeps its requests in the lowest rows and leaves the empty ones
+        out), each written at its own ``slots[row]`` (its length so far) and attending to its own
+        filled prefix; returns hidden [B, D]. Rows keep their own lengths, so a request can join or
+        leave at any step (``scheduler.py``)."""
         b = embeds.shape[0]
         rows = torch.arange(b, device=embeds.device)
         self.key_valid[rows, slots] = True
-        mask = self.key_valid[:, None, None, :kv_len]  # [b, 1, 1, kv]
+        mask = self.key_valid[:b, None, None, :kv_len]  # [b, 1, 1, kv]
 
         def attend(i, attn, q, k, v):
             self.k_cache[i][rows, :, slots] = k[:, :, 0].to(self.k_cache.dtype)
             self.v_cache[i][rows, :, slots] = v[:, :, 0].to(self.v_cache.dtype)
             return F.scaled_dot_product_attention(
                 q,
-                self.k_cache[i][:, :, :kv_len],
-                self.v_cache[i][:, :, :kv_len],
+                self.k_cache[i][:b, :, :kv_len],
+                self.v_cache[i][:b, :, :kv_len],
                 attn_mask=mask,
                 scale=attn.scaling,
                 enable_gqa=self.n_kv_heads != self.n_heads,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +87,9 @@ class ModelServer:
             self.run_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
         self.requests = 0
         self.largest_batch = 0
+        #: seconds from a streamed request's arrival at this replica to its first text, the latest
+        #: 10,000: the scheduler's share of time to first token, without HTTP and the ingress
+        self.first_token_s: deque[float] = deque(maxlen=10_000)
         self._reading = threading.Lock()
 
     async def generate(self, request: dict[str, Any]) -> Any:
@@ -114,6 +119,7 @@ class ModelServer:
         if self.loop is None:
             raise RuntimeError("streaming needs batching.mode: scheduler")
         self.requests += 1
+        t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         ticket = self.loop.submit(
@@ -123,18 +129,11 @@ class ModelServer:
         ticket.add_done_callback(lambda t: loop.call_soon_threadsafe(queue.put_nowait, None))
         text = IncrementalText(self.actor.engine.tokenizer)
         try:
-            finished = False
-            while not finished:
-                # the tokens made while the last item was on its way go out as one delta: no wait is
-                # added when tokens come slower than items travel, and a slow consumer gets fewer,
-                # larger items instead of a backlog of single tokens
-                tokens = [await queue.get()]
-                while not queue.empty():
-                    tokens.append(queue.get_nowait())
-                if tokens[-1] is None:  # the done callback runs after the last token's
-                    finished = True
-                    tokens.pop()
-                if delta := "".join(text.add(t) for t in tokens):
+            while (token := await queue.get()) is not None:
+                if delta := text.add(token):
+                    if t0:  # the first text of this request
+                        self.first_token_s.append(time.perf_counter() - t0)
+                        t0 = 0.0
                     yield {"delta": delta}
             yield {"result": ticket.result}
         finally:
@@ -172,4 +171,5 @@ class ModelServer:
             "requests": self.requests,
             "model_calls": self.actor.calls if self.loop is None else self.loop.scheduler.steps,
             "largest_batch": self.largest_batch if self.loop is None else self.loop.scheduler.peak_running,
+            "first_token_s": list(self.first_token_s),
         }
