@@ -10,6 +10,7 @@ import io
 import json
 import random
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -181,22 +182,33 @@ def test_serve_draws_and_reads_with_the_shapes_model(serve_port):
     port = serve_port
     try:
         serve.run(build_app(args), name="shapes", route_prefix="/")
+        wanted = PROMPTS[:4]
+        scene = Scene("red", "square", "left", "white")
+        buf = io.BytesIO()
+        PIL.Image.fromarray(draw(scene)).save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe this image in detail."}]
+        chat = {"model": args["caption"]["model"]["name"], "messages": [{"role": "user", "content": content}], "max_tokens": 24}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
-            wanted = PROMPTS[:4]
-            images = []
-            for i, s in enumerate(wanted):
-                r = client.post("/v1/images/generations", json={"prompt": caption(s), "seed": i, "cfg_weight": CFG})
-                assert r.status_code == 200, r.text
-                item = r.json()["data"][0]
-                assert 0 <= item["score"] <= 1
-                images.append(np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB")))
-            assert_right(images, wanted)
-            scene = Scene("red", "square", "left", "white")
-            buf = io.BytesIO()
-            PIL.Image.fromarray(draw(scene)).save(buf, format="PNG")
-            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-            content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe this image in detail."}]
-            r = client.post("/v1/chat/completions", json={"model": args["caption"]["model"]["name"], "messages": [{"role": "user", "content": content}], "max_tokens": 24})
-            assert r.status_code == 200 and parse_caption(r.json()["choices"][0]["message"]["content"]) == scene
+            # all at once, as users send them: they share the replicas' running batches (and each
+            # result must still be its own request's)
+            with ThreadPoolExecutor(len(wanted) + 1) as pool:
+                posts = [
+                    pool.submit(
+                        client.post, "/v1/images/generations", json={"prompt": caption(s), "seed": i, "cfg_weight": CFG}
+                    )
+                    for i, s in enumerate(wanted)
+                ]
+                read = pool.submit(client.post, "/v1/chat/completions", json=chat)
+                responses = [p.result() for p in posts]
+                r = read.result()
+        images = []
+        for resp in responses:
+            assert resp.status_code == 200, resp.text
+            item = resp.json()["data"][0]
+            assert 0 <= item["score"] <= 1
+            images.append(np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB")))
+        assert_right(images, wanted)
+        assert r.status_code == 200 and parse_caption(r.json()["choices"][0]["message"]["content"]) == scene
     finally:
         serve.delete("shapes")
