@@ -119,3 +119,39 @@ def test_caption_resume_after_the_driver_is_killed(ray_session, model_dir, gate,
         committed_before
     )
     assert summary["complete"] and summary["duplicate_keys"] == 0
+
+
+def test_continuous_batching_in_the_caption_actor_gives_the_same_rows(model_dir):
+    """``caption.continuous_batching``: the actor's batch runs through the scheduler (a finished answer
+    frees its row at once) and its rows are the static engine's, to the token, in fp32; rows failed
+    upstream stay failed; each row's seconds are its share of the batch's time."""
+    from pipeline.actors.captioner import Captioner, ScheduledBatches
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["job=caption", "input.url=x", "output.url=y", "caption.continuous_batching=true"])
+    caption = {**cfg.caption.model_dump(), "question": QUESTION, "max_new_tokens": 12, "temperature": 0.7}
+    model = {"path": model_dir, "dtype": "float32"}
+    engine = {"max_batch_size": 3}  # 3 rows for 7 images: rows are reused as answers finish
+    scheduled = Captioner(model, engine, caption)
+    static = Captioner(model, engine, {**caption, "continuous_batching": False})
+    assert isinstance(scheduled.runner, ScheduledBatches) and static.runner is static.engine
+
+    side = scheduled.engine.processor.image_processor.image_size
+    rng = np.random.default_rng(3)
+    n = 7
+    batch = {
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "source": np.array([f"img{i}.png" for i in range(n)], dtype=object),
+        "pixels": rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8),
+        "width": np.full(n, side),
+        "height": np.full(n, side),
+        "phash": np.arange(n),
+        "status": np.array(["ok"] * 5 + ["error", "ok"], dtype=object),
+        "error": np.array([None] * 5 + ["cannot decode image", None], dtype=object),
+    }
+    got, want = scheduled(batch), static(batch)
+    assert scheduled.runner.scheduler.steps > 0 and scheduled.runner.scheduler.peak_running == 3
+    for column in ("caption", "num_tokens", "finish_reason", "status", "error"):
+        assert list(got[column]) == list(want[column]), column
+    assert got["status"][5] == "error" and got["caption"][5] is None
+    assert got["seconds"][0] > 0 and len(set(got["seconds"][got["status"] == "ok"])) == 1
