@@ -55,6 +55,14 @@ def test_key_and_seed_scheme_is_the_documented_one(tmp_path):
     digest = hashlib.sha256(material.encode()).digest()
     assert row["key"] == digest.hex()[:20]
     assert row["seed"] == int.from_bytes(digest[16:24], "big") >> 1
+    # the documented bytes also for prompts that JSON escapes or keeps as they are (non-ASCII, controls)
+    tricky = ['日本の "猫" \\ é', "tab\tand\nnewline", "emoji 🐱 \u2028 end", "nul\u0000x", "💥" * 3]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in tricky), encoding="utf-8")
+    rows = [r for r in read_prompts(str(tmp_path), defaults=PromptDefaults(seed=11)) if r["source"] == "q.jsonl"]
+    assert [r["prompt"] for r in rows] == tricky
+    for i, r in enumerate(rows):
+        material = json.dumps([KEY_VERSION, 11, "q.jsonl", i, tricky[i], 0], ensure_ascii=False)
+        assert r["key"] == hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
 def test_samples_overrides_and_job_seed(tmp_path):
