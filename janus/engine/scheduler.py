@@ -155,8 +155,7 @@ class Scheduler:
         self.running: list[_Running] = []
         self.free = list(range(self.slots))
         self._lock = threading.Lock()
-        self._allocated = False
-        self._cache: torch.Tensor | None = None  # the decoder's cache this scheduler allocated
+        self._cache: torch.Tensor | None = None  # the decoder's cache this scheduler allocated, if any
         self.keep_cache = keep_cache
         self.allocations = 0  # how many times the cache was allocated (1 while it is kept)
         self.steps = 0
@@ -191,20 +190,17 @@ class Scheduler:
 
     def release(self) -> None:
         """Free the KV cache (the next request allocates it again)."""
-        if self._allocated:
-            if self.engine.decoder.k_cache is self._cache:
-                self.engine.decoder.release()
-            self._cache = None
-            self._allocated = False
+        if self._cache is not None and self.engine.decoder.k_cache is self._cache:
+            self.engine.decoder.release()
+        self._cache = None
 
     def _allocate(self) -> None:
         e = self.engine
         # the engine's static path shares the decoder: if it replaced or freed the cache while this
         # scheduler was idle, allocate ours again
-        if not self._allocated or e.decoder.k_cache is not self._cache:
+        if self._cache is None or e.decoder.k_cache is not self._cache:
             e.decoder.setup_caches(self.slots, self.max_len, dtype=e.dtype, device=e.device)
             self._cache = e.decoder.k_cache
-            self._allocated = True
             self.allocations += 1
 
     def _retire_cancelled(self) -> None:
@@ -293,7 +289,7 @@ class Scheduler:
         e, dev = self.engine, self.engine.device
         # only rows up to the highest one in use (admission fills the lowest free rows): with one
         # image request in a 16-row pool a step computes 2 rows, not 16 (it made a lone request at a
-        # quiet CPU server take 15 s instead of 3.6 s)
+        # quiet CPU server take 15 s instead of ~5 s)
         top = max(max(run.rows) for run in self.running) + 1
         rows = torch.zeros(3, top, dtype=torch.long)  # token, position, cache slot; built on the host
         for run in self.running:
