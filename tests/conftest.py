@@ -172,13 +172,77 @@ def serve_port(ray_session) -> Iterator[int]:
 
 
 @pytest.fixture(scope="session")
-def ray_session(gate_folder):
+def ray_session(gate_folder, tmp_path_factory):
     """One local Ray for the whole session, with two fake GPUs: torch sees no CUDA, so GPU actors
-    must schedule on them and still run on the CPU."""
+    must schedule on them and still run on the CPU. Under pytest-xdist only one worker may start it
+    (``RAY_GROUP``): a second Ray would fight the first for the machine's cores."""
     import ray
 
+    claim_ray_for_this_worker(tmp_path_factory.getbasetemp())
     if not ray.is_initialized():
         # address="local": never join a cluster that happens to run on this machine
         ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+# -- pytest-xdist: `make test` runs two workers ---------------------------------------------------------
+# Every test that uses the session's Ray (directly or through a fixture) goes to one worker, in file
+# order, so Ray, Serve and the module-scoped servers start once; likewise the tests on the multi-node
+# cluster of test_scale.py. The other worker runs them and the in-process tests (one torch thread
+# each) beside the Ray group. Serially (no -n) nothing changes.
+
+RAY_GROUP = "ray"
+#: the expensive fixture a test uses -> its xdist group (the first that matches wins)
+GROUPS = {"ray_session": RAY_GROUP, "shared_cluster": "cluster"}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
+    # a worker's own config says dist "no"; xdist keeps the run's choice in the option "loadgroup"
+    grouping = bool(os.environ.get("PYTEST_XDIST_WORKER")) and bool(config.getoption("loadgroup", False))
+    if grouping:
+        for item in items:
+            group = next((g for fixture, g in GROUPS.items() if fixture in item.fixturenames), None)
+            if group:
+                item.add_marker(pytest.mark.xdist_group(group))
+    result = yield
+    if grouping:
+        for item in items:
+            mark = item.get_closest_marker("xdist_group")
+            if mark and "@" not in item.nodeid.rpartition("]")[2]:
+                group_suffix(item, mark.args[0])
+    return result
+
+
+def group_suffix(item: pytest.Item, group: str) -> None:
+    """The worker's half of xdist's loadgroup: ``nodeid@group`` is what its scheduler groups by.
+    pytest-xdist 3.8 sets ``item._nodeid``, which pytest 9.2 no longer reads (ids are ``NodeId``
+    objects in ``item._id``), so without this every test was its own unit and one module's tests ran
+    on both workers, each starting the module's server and Ray."""
+    new = f"{item.nodeid}@{group}"
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(new)
+    else:
+        item._nodeid = new
+    assert item.nodeid == new, (item.nodeid, new)
+
+
+def claim_ray_for_this_worker(basetemp: Path) -> None:
+    """Fail at once if a second xdist worker starts the session's Ray (the grouping above broke)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    claim = basetemp.parent / "ray-session-worker"  # the run's root, shared by its workers
+    try:
+        with open(claim, "x") as f:
+            f.write(worker)
+    except FileExistsError:
+        owner = claim.read_text()
+        if owner != worker:
+            pytest.fail(
+                f"xdist worker {worker} would start a second Ray ({owner} runs one): tests using "
+                f"ray_session must carry xdist_group({RAY_GROUP!r}) and run with --dist loadgroup"
+            )
