@@ -19,6 +19,7 @@ LIGHT = [
     "jobs.cli",
     "pipeline.config",
     "pipeline.job",  # the driver: config, listing, schema, the Ray Data graph
+    "pipeline.crash_guard",  # the pool's wrapper, pickled by the driver: it imports the actor class lazily
     "pipeline.sources.datasource",  # read tasks
     "pipeline.sinks",  # write tasks
     "pipeline.contact_sheet",
