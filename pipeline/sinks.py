@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import operator
 import re
 import tarfile
 from collections import Counter
@@ -147,6 +148,11 @@ def _png(image: Any) -> tuple[bytes, int, int]:
     return buf.getvalue(), arr.shape[1], arr.shape[0]
 
 
+#: values that are already plain (the usual case): ``_plain`` is skipped for them, a large share of the
+#: sink's per-row time for rows without images
+_PLAIN_TYPES = frozenset({str, int, bool, type(None)})
+
+
 def _plain(value: Any) -> Any:
     """numpy values (rows cut from numpy batches) as plain Python for Arrow and JSON; NaN as null."""
     if isinstance(value, np.ndarray):
@@ -170,7 +176,11 @@ def _sample(row: dict[str, Any], schema: pa.Schema, kind: str, shard: str) -> Sa
         status, error = "error", error or f"status {row.get('status')!r}"
     if status == "error" and not error:
         error = "failed (no reason given)"
-    record = {name: _plain(row.get(name)) for name in schema.names}
+    get = row.get
+    record = {}
+    for name in schema.names:
+        value = get(name)
+        record[name] = value if type(value) in _PLAIN_TYPES else _plain(value)
     record.update(status=status, error=error, shard=shard)
     for name in _RESULT_ONLY:
         if name in record and (status == "error" or (name == "candidate" and record[name] == -1)):
@@ -263,7 +273,11 @@ class ParquetShardWriter:
         self._records.append(sample.record)
 
     def close(self) -> None:
-        table = pa.Table.from_pylist(self._records, schema=self._schema)
+        # column lists, not a list of row dicts: half the time of ``from_pylist`` on wide shards
+        names = self._schema.names
+        rows = map(operator.itemgetter(*names), self._records)  # every record has every schema column
+        columns = zip(*rows, strict=True) if self._records else [()] * len(names)
+        table = pa.Table.from_pydict(dict(zip(names, map(list, columns), strict=True)), schema=self._schema)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         atomic_write(self._fs, self._path, buf.getvalue())

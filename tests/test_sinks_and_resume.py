@@ -97,6 +97,26 @@ def test_write_shard_synthesis_readable_by_other_tools(store, tmp_path):
     assert (ok, failed) == (3, 3)
 
 
+def test_numpy_values_and_nan_are_stored_as_plain_values_and_nulls(tmp_path):
+    """The sink's fast path passes str/int/None through untouched; everything else is normalised:
+    numpy scalars and arrays become Python values, NaN becomes null, in the Parquet file and the tar."""
+    import webdataset as wds
+
+    rows = _results(3, fail=(2,))
+    rows[0].update(seconds=float("nan"), score=np.float32(0.5), scores=np.array([0.5, 0.25], np.float32))
+    rows[1].update(seed=np.int64(7), cfg_weight=np.float64(4.5), seconds=np.float64("nan"), phash=np.uint64(9))
+    rows[2].update(seconds=np.float32(0.5), score=0.9)  # a failed row keeps no result columns
+    stats = sinks.write_shard(rows, str(tmp_path))
+    got = {r["key"]: r for r in pq.read_table(tmp_path / f"{stats['shard']}.parquet").to_pylist()}
+    first, second, failed = (got[r["key"]] for r in rows)
+    assert first["seconds"] is None and first["score"] == 0.5 and first["scores"] == [0.5, 0.25]
+    assert (second["seed"], second["cfg_weight"], second["seconds"], second["phash"]) == (7, 4.5, None, 9)
+    assert failed["seconds"] == 0.5 and failed["score"] is None and failed["status"] == "error"
+    assert stats["seconds"] == pytest.approx(0.5)
+    metas = {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(str(tmp_path / f"{stats['shard']}.tar"), shardshuffle=False)}
+    assert metas[rows[0]["key"]]["seconds"] is None and metas[rows[1]["key"]]["seed"] == 7
+
+
 def test_write_shard_is_idempotent(store):
     rows = _results(6, fail=(2,))
     first = sinks.write_shard(rows, store.root, store.options)

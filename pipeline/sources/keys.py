@@ -41,8 +41,12 @@ def keyed_schema(*columns: tuple[str, pa.DataType]) -> pa.Schema:
     return pa.schema([("key", pa.string()), *columns, ("status", pa.string()), ("error", pa.string())])
 
 
+#: ``json.dumps(..., ensure_ascii=False)`` without its per-call argument handling (same output)
+_MATERIAL = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def digest(*parts: Any) -> bytes:
-    material = json.dumps([KEY_VERSION, *parts], ensure_ascii=False)
+    material = _MATERIAL([KEY_VERSION, *parts])
     return hashlib.sha256(material.encode("utf-8", "surrogatepass")).digest()
 
 

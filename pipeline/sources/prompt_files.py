@@ -139,7 +139,9 @@ def _record(index: int, values: Mapping[str, Any], raw: str | None = None) -> _R
         return _Record(index, _clip(raw), f"'prompt' must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         return _Record(index, prompt, "empty prompt")
-    overrides = {}
+    overrides: dict[str, Any] = {}
+    if len(values) == 1:  # only the prompt: nothing to override (the usual jsonl line)
+        return _Record(index, prompt, None, overrides)
     for name, parse in _OVERRIDES.items():
         value = values.get(name)
         if value is None or value == "":
