@@ -20,6 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 # can take longer to import the proxy; Ray's own processes read these from the environment at start
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+# Each node's dashboard agent runs psutil over every process every 5 s to publish node stats that no
+# test reads (object store use comes from the raylets, metrics from the export port): ~20 s of CPU a
+# session on a machine where the suite is CPU-bound. Once a minute is enough.
+os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 # One thread: the test models are tiny, and on a shared 2-core machine an OpenMP barrier that waits
 # for a core another process holds made tests 2-5x slower with 2 threads (Ray's actors run one too).
 torch.set_num_threads(1)
