@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -35,8 +36,41 @@ class InputError(ConfigError):
     """The input URL names nothing the job can read (missing, empty, or of mixed kinds)."""
 
 
+#: Ray Data reserves a running dataset's CPUs and GPUs through one coordinator actor per cluster, and
+#: the driver renews that reservation every ~10 s. A driver that dies (killed, OOM, lost node) cannot
+#: cancel it, so it lives on until it expires: 180 s by Ray's default. On a busy cluster the next job
+#: then gets "0 CPU" for those minutes (the leftover is split with the dead request, rounded down).
+#: 30 s keeps three renewals of slack for a live driver; a value set in the environment wins.
+REQUEST_EXPIRE_ENV = "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S"
+REQUEST_EXPIRE_S = 30
+
+
+def bound_stale_resource_requests() -> int:
+    """Make this driver's Ray Data resource requests expire ``REQUEST_EXPIRE_S`` after its last renewal
+    (before its first dataset runs: Ray reads the setting when it first executes one); the value in
+    effect."""
+    os.environ.setdefault(REQUEST_EXPIRE_ENV, str(REQUEST_EXPIRE_S))
+    wanted = int(os.environ[REQUEST_EXPIRE_ENV])
+    module = sys.modules.get("ray.data._internal.cluster_autoscaler.rate_based_cluster_autoscaler")
+    if module is None:
+        return wanted
+    in_effect = (module.RateBasedClusterAutoscaler.__init__.__kwdefaults__ or {}).get(
+        "autoscaling_request_expire_time_s", wanted
+    )
+    if in_effect != wanted:
+        logger.warning(
+            "this process ran a Ray Data dataset before the job started, so its resource requests "
+            "outlive a crash by %s s, not %s s (set %s before Python starts)",
+            in_effect,
+            wanted,
+            REQUEST_EXPIRE_ENV,
+        )
+    return in_effect
+
+
 def connect(cfg: JobConfig) -> None:
     """Join the cluster named by config or RAY_ADDRESS; otherwise start a local Ray."""
+    bound_stale_resource_requests()
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")

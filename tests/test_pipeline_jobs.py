@@ -21,7 +21,7 @@ import PIL.Image
 import pytest
 
 from pipeline.config import load_config
-from pipeline.job import actor_options, run_job
+from pipeline.job import REQUEST_EXPIRE_S, actor_options, run_job
 from pipeline.output import OutputDir
 from pipeline.sources.image_files import read_images
 from pipeline.sources.prompt_files import PromptDefaults, read_prompts
@@ -32,6 +32,7 @@ from tests.support.jobs import (
     job_overrides,
     kill_driver_mid_job,
     output_rows,
+    resource_requests_left_s,
     session_env,
     start_cli,
     wait_until,
@@ -229,6 +230,9 @@ def test_resume_after_the_driver_is_killed(ray_session, model_dir, gate, tmp_pat
     ]
     env = session_env(ray_session)
     kill_driver_mid_job("synthesize", overrides, env, tmp_path / "first.log", gate, str(out))
+    # the dead driver's CPU reservation must not outlive it by minutes (it starved the next job ~3 min)
+    left = resource_requests_left_s(ray_session)
+    assert left and max(left.values()) <= REQUEST_EXPIRE_S + 1, left
     committed_before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
     assert 0 < len(committed_before) and len(OutputDir(str(out)).key_set()) < len(keys)
 

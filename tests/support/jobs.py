@@ -237,3 +237,15 @@ def kill_driver_mid_job(
     finally:
         cli.kill()
         gate.open()
+
+
+def _requests_left_s(coordinator: Any) -> dict[str, float]:
+    now = time.time()  # the coordinator's own clock (it runs where this function runs)
+    return {rid: req.expiration_time - now for rid, req in coordinator._ongoing_reqs.items()}
+
+
+def resource_requests_left_s(ray_session) -> dict[str, float]:
+    """Ray Data's resource requests on the session's Ray: requester -> seconds until it expires. Read
+    inside Ray's coordinator actor (internal state, pinned Ray version): no public API lists them."""
+    coordinator = ray_session.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    return ray_session.get(coordinator.__ray_call__.remote(_requests_left_s), timeout=60)
