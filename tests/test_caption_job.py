@@ -14,7 +14,7 @@ from janus.engine import CaptionEngine
 from janus.models.image_processing_vlm import VLMImageProcessor
 from pipeline.config import load_config
 from pipeline.images import decode_image, model_pixels
-from pipeline.job import REQUEST_EXPIRE_S, run_job
+from pipeline.job import run_job
 from pipeline.output import OutputDir
 from pipeline.sources.image_files import read_images
 from tests.support.inputs import encode
@@ -23,7 +23,6 @@ from tests.support.jobs import (
     job_overrides,
     kill_driver_mid_job,
     output_rows,
-    resource_requests_left_s,
     session_env,
     start_cli,
 )
@@ -104,9 +103,7 @@ def test_caption_resume_after_the_driver_is_killed(ray_session, model_dir, gate,
         "compute.actor_class=tests.support.scale_actors:GatedCaptionStandIn",
     ]
     env = session_env(ray_session)
-    kill_driver_mid_job("caption", overrides, env, tmp_path / "first.log", gate, str(out))
-    left = resource_requests_left_s(ray_session)  # the dead driver's reservation expires soon
-    assert left and max(left.values()) <= REQUEST_EXPIRE_S + 1, left
+    kill_driver_mid_job("caption", overrides, ray_session, tmp_path / "first.log", gate, str(out))
     committed_before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
     rows_before = len(OutputDir(str(out)).key_set())
     assert 2 <= len(committed_before) and rows_before < len(keys)

@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
+from pipeline.job import REQUEST_EXPIRE_S
 from pipeline.sources.prompt_files import read_prompts
 
 from . import REPO
@@ -222,13 +223,14 @@ def driver_imports(log: Path) -> set[str]:
 
 
 def kill_driver_mid_job(
-    job: str, overrides: list[str], env: dict[str, str], log: Path, gate: Any, out: str
+    job: str, overrides: list[str], ray_session, log: Path, gate: Any, out: str
 ) -> None:
-    """Run ``job`` with a gated stand-in actor and SIGKILL its driver once two shards are committed
-    and the third batch is held in the actor: the kill always lands mid-job. The gate is open again
-    when this returns."""
+    """Run ``job`` on the session's Ray with a gated stand-in actor and SIGKILL its driver once two
+    shards are committed and the third batch is held in the actor: the kill always lands mid-job. The
+    gate is open again when this returns, and the dead driver's resource reservation is checked to
+    expire within ``REQUEST_EXPIRE_S`` (at Ray's default it starved the next job for ~3 min)."""
     gate.hold(from_call=2)  # two batches (two shards) get through, the third is in flight when killed
-    cli = start_cli(job, overrides, env, log)
+    cli = start_cli(job, overrides, session_env(ray_session), log)
     try:
         gate.wait_for_entry(lambda e: e.held, cli.ended)
         cli.wait_for(lambda: committed_shards(out) >= 2, "two committed shards")
@@ -237,6 +239,8 @@ def kill_driver_mid_job(
     finally:
         cli.kill()
         gate.open()
+    left = resource_requests_left_s(ray_session)
+    assert left and max(left.values()) <= REQUEST_EXPIRE_S + 1, left
 
 
 def _requests_left_s(coordinator: Any) -> dict[str, float]:
