@@ -114,3 +114,46 @@ def test_auroc_counts_wins_and_half_ties():
     assert auroc([0.1, 0.2], [0.9, 0.8]) == 0.0
     assert auroc([0.5], [0.5]) == 0.5
     assert auroc([0.9, 0.3], [0.5, 0.1]) == 0.75  # 0.9 beats both, 0.3 beats 0.1 only
+
+
+
+@pytest.mark.timeout(120)
+def test_training_continues_from_a_shipped_checkpoint(tmp_path):
+    """`--init-from`: a run whose --work folder is gone starts from a checkpoint's weights, keeps its VQ,
+    warms the LR up again for the fresh optimizer, and the same command resumes instead of starting over."""
+    from importlib import resources
+
+    import torch
+    from safetensors.torch import load_file
+
+    from janus.shapes import train
+
+    shipped_dir = resources.files("janus.shapes") / "checkpoint"
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--out", str(out), "--work", str(work), "--init-from", str(shipped_dir), "--init-step", "300",
+            "--vq-steps", "1250", "--llm-steps", "1000", "--stop-at", "302", "--pool", "64", "--gen-batch", "1", "--und-batch", "2",
+            "--eval-every", "0", "--threads", "1"]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert train.main(argv) == 0
+        state = torch.load(work / "llm_state.pt", weights_only=True)
+        assert (state["step"], state["fresh_optimizer_at"]) == (302, 300)
+        assert len(state["opt"]["state"]) > 0  # Adam's moments exist after the two new steps
+        # the schedule goes on from step 300, scaled by the re-warm-up (2/100 at the second step)
+        assert state["opt"]["param_groups"][0]["lr"] == pytest.approx(train._lr(1e-3, 301, 1000, 200) * 0.02)
+
+        shipped = load_file(str(shipped_dir / "model.safetensors"))
+        trained = load_file(str(out / "model.safetensors"))
+        assert shipped.keys() == trained.keys()
+        vq = [k for k in shipped if k.startswith("gen_vision_model.")]
+        assert vq and all(torch.equal(shipped[k], trained[k]) for k in vq)  # the VQ is frozen, not retrained
+        llm = [k for k in shipped if k.startswith("language_model.") and shipped[k].dim() == 2]
+        moved = [k for k in llm if not torch.equal(shipped[k], trained[k])]
+        assert moved, "two steps changed nothing"
+        assert all((shipped[k].float() - trained[k].float()).abs().max() < 0.01 for k in llm)  # a nudge, not a reset
+
+        (out / "model.safetensors").unlink()
+        assert train.main(argv) == 0  # resumes at step 302: nothing left to train, the same weights exported
+        assert torch.equal(load_file(str(out / "model.safetensors"))[moved[0]], trained[moved[0]])
+    finally:
+        torch.set_num_threads(threads)

@@ -152,15 +152,36 @@ def _vq_losses(vq, x: torch.Tensor):
     return losses, ids, flat
 
 
-def _resume(path: Path, model, opt, stage: str) -> int:
-    """Load a stage's saved state, if any; returns the step to continue from."""
+def _resume(path: Path, model, opt, stage: str) -> tuple[int, int]:
+    """Load a stage's saved state, if any; returns the step to continue from and the step the optimizer's
+    moments start at (0, or the step a run started from a checkpoint's weights alone: see ``init_from``)."""
     if not path.exists():
-        return 0
+        return 0, 0
     state = torch.load(path, weights_only=True)
     model.load_state_dict(state["model"])
-    opt.load_state_dict(state["opt"])
+    if state["opt"] is not None:
+        opt.load_state_dict(state["opt"])
     logger.info("%s: resuming at step %d", stage, state["step"])
-    return int(state["step"])
+    return int(state["step"]), int(state.get("fresh_optimizer_at", 0))
+
+
+def init_from(model, checkpoint: Path, work: Path, vq_steps: int, llm_step: int) -> None:
+    """Start from a shipped checkpoint's weights instead of a ``--work`` folder: writes stage states that
+    say the VQ is trained and the LLM is at ``llm_step``, with fresh optimizer moments (a checkpoint holds
+    no optimizer state; the LR warms up again from there). Does nothing once the LLM state exists, so the
+    same command resumes an interrupted run."""
+    from safetensors.torch import load_file
+
+    llm_state = work / "llm_state.pt"
+    if llm_state.exists():
+        return
+    state = {k: v.float() for k, v in load_file(str(checkpoint / "model.safetensors")).items()}
+    model.load_state_dict(state, strict=True)
+    work.mkdir(parents=True, exist_ok=True)
+    vq = model.gen_vision_model
+    torch.save({"model": vq.state_dict(), "opt": None, "step": vq_steps}, work / "vq_state.pt")
+    torch.save({"model": model.state_dict(), "opt": None, "step": llm_step, "fresh_optimizer_at": llm_step}, llm_state)
+    logger.info("initialised from %s at LLM step %d (fresh optimizer)", checkpoint, llm_step)
 
 
 def _lr(peak: float, step: int, steps: int, warmup: int) -> float:
@@ -168,10 +189,11 @@ def _lr(peak: float, step: int, steps: int, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
-def train_vq(vq, steps: int, batch: int, seed: int, work: Path, minutes: float, crop: int = 0) -> None:
+def train_vq(vq, steps: int, batch: int, seed: int, work: Path, minutes: float, crop: int = 0) -> int:
+    """Train (or finish training) the VQ; returns how many steps this call ran."""
     state_path = work / "vq_state.pt"
     opt = torch.optim.AdamW(vq.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    start = _resume(state_path, vq, opt, "VQ")
+    start, _ = _resume(state_path, vq, opt, "VQ")
     size = vq.quantize.embedding.weight.shape[0]
     used = torch.zeros(size)
     t_end = time.time() + minutes * 60
@@ -211,6 +233,7 @@ def train_vq(vq, steps: int, batch: int, seed: int, work: Path, minutes: float, 
             if time.time() > t_end and step + 1 < steps:
                 raise TimeoutError(f"VQ stage stopped at step {step + 1} after {minutes} min; rerun to resume")
     vq.eval()
+    return steps - start
 
 
 @torch.no_grad()
@@ -423,7 +446,7 @@ def train_llm(model, processor, pool: Pool, args, work: Path) -> None:
         lr=args.lr,
         betas=(0.9, 0.95),
     )
-    start = _resume(state_path, model, opt, "LLM")
+    start, fresh_at = _resume(state_path, model, opt, "LLM")
     batches = Batches(processor, pool, args.cfg_dropout, args.yes_no, args.easy_negatives)
     t_end = time.time() + args.minutes * 60
     steps = args.llm_steps
@@ -433,6 +456,8 @@ def train_llm(model, processor, pool: Pool, args, work: Path) -> None:
     for step in range(start, stop):
         rng = random.Random(args.seed * 1_000_003 + step)
         lr = _lr(args.lr, step, steps, warmup=200)
+        if fresh_at:  # Adam's moments start empty there: warm up again over 100 steps
+            lr *= min(1.0, (step - fresh_at + 1) / 100)
         for group in opt.param_groups:
             group["lr"] = lr
         gen_idx = [rng.randrange(len(pool.scenes)) for _ in range(args.gen_batch)]
@@ -452,7 +477,10 @@ def train_llm(model, processor, pool: Pool, args, work: Path) -> None:
             )
         last = step + 1 == stop
         if (step + 1) % 200 == 0 or last or time.time() > t_end:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, state_path)
+            torch.save(
+                {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1, "fresh_optimizer_at": fresh_at},
+                state_path,
+            )
         if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             logger.info("eval at step %d: %s", step + 1, evaluate(model, processor, args.eval_n, args.seed))
         if time.time() > t_end and not last:
@@ -500,6 +528,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--easy-negatives", type=float, default=0.0, help="yes/no negatives that are another scene, not one change"
     )
+    parser.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="start from this checkpoint's weights (e.g. janus/shapes/checkpoint) at LLM step --init-step, "
+        "when its --work folder is gone; the VQ is kept as it is",
+    )
+    parser.add_argument("--init-step", type=int, default=0, help="the LLM step the --init-from weights are at")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-n", type=int, default=32)
     parser.add_argument("--minutes", type=float, default=150, help="stop (resumably) after this long")
@@ -515,9 +550,11 @@ def main(argv: list[str] | None = None) -> int:
     processor = VLChatProcessor.from_pretrained(skeleton)
     model = _build_model(cfg)
     vq = model.gen_vision_model
+    if args.init_from:
+        init_from(model, Path(args.init_from), work, args.vq_steps, args.init_step)
     t0 = time.time()
-    train_vq(vq, args.vq_steps, args.vq_batch, args.seed, work, args.minutes, crop=args.vq_crop)
-    logger.info("VQ round trip, judged: %.3f all-correct", vq_roundtrip_accuracy(vq, 256, args.seed))
+    if train_vq(vq, args.vq_steps, args.vq_batch, args.seed, work, args.minutes, crop=args.vq_crop):
+        logger.info("VQ round trip, judged: %.3f all-correct", vq_roundtrip_accuracy(vq, 256, args.seed))
     with torch.no_grad():  # image-token embeddings start as the (normalised) codebook
         model.gen_embed.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=1))
     pool = Pool(vq, args.pool, args.seed, work)
