@@ -79,7 +79,7 @@ def test_training_sequences_are_the_engines_prompts(tmp_path):
     import torch
 
     from janus.engine import CaptionEngine, SynthesisEngine
-    from janus.engine.prompts import DEFAULT_QUESTION, t2i_prompt_ids
+    from janus.engine.prompts import DEFAULT_QUESTION, t2i_prompt_ids, unconditional_ids
     from janus.models import VLChatProcessor
     from janus.shapes import train
 
@@ -100,6 +100,19 @@ def test_training_sequences_are_the_engines_prompts(tmp_path):
     ids, mask, _ = batches.generation([0], random.Random(1))
     assert ids[0].tolist() == SynthesisEngine(model, processor).prompt_ids(caption(scene))
     assert ids[0].tolist() == t2i_prompt_ids(processor, caption(scene))
+
+    # the guided loss's pairs are the engine's two CFG branches, and at scale 1 it is the conditional loss
+    other = Scene("black", "square", "center", "white")
+    batches.pool = type("TwoPool", (), {"scenes": [scene, other], "codes": torch.arange(2 * 576).view(2, 576) % 64})
+    ids, mask, codes = batches.generation_pairs([0, 1])
+    engine = SynthesisEngine(model, processor)
+    for row, s in enumerate((scene, other)):
+        cond = engine.prompt_ids(caption(s))
+        assert ids[row][mask[row].bool()].tolist() == cond
+        assert ids[2 + row][mask[2 + row].bool()].tolist() == unconditional_ids(cond, processor.pad_id)
+    torch.manual_seed(0)
+    _, at_one = train.guided_generation_loss(model, ids, mask, codes, 1.0)
+    assert at_one.item() == pytest.approx(train.generation_loss(model, ids[:2], mask[:2], codes[:2]).item(), rel=1e-5)
 
     prompt_ids, answer_ids = batches.understanding_ids(DEFAULT_QUESTION, caption(scene))
     prepared = CaptionEngine(model, processor).prepare(0, {"image": draw(scene), "question": DEFAULT_QUESTION})
