@@ -129,7 +129,6 @@ def test_auroc_counts_wins_and_half_ties():
     assert auroc([0.9, 0.3], [0.5, 0.1]) == 0.75  # 0.9 beats both, 0.3 beats 0.1 only
 
 
-
 @pytest.mark.timeout(120)
 def test_training_continues_from_a_shipped_checkpoint(tmp_path):
     """`--init-from`: a run whose --work folder is gone starts from a checkpoint's weights, keeps its VQ,

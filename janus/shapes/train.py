@@ -311,29 +311,29 @@ class Batches:
         self.pad = processor.pad_id
         self.eos = self.tok.eos_token_id
 
-    def generation(self, idx: list[int], rng: random.Random, dropout: float | None = None):
-        dropout = self.cfg_dropout if dropout is None else dropout
+    def generation(self, idx: list[int], rng: random.Random):
         prompts = []
         for i in idx:
             ids = t2i_prompt_ids(self.processor, caption(self.pool.scenes[i]))
-            prompts.append(unconditional_ids(ids, self.pad) if rng.random() < dropout else ids)
-        length = max(len(p) for p in prompts)
-        ids = torch.full((len(idx), length), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), length), dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding, as the engine batches prompts
-            ids[row, length - len(p) :] = torch.tensor(p)
-            mask[row, length - len(p) :] = 1
-        return ids, mask, self.pool.codes[idx]
+            prompts.append(unconditional_ids(ids, self.pad) if rng.random() < self.cfg_dropout else ids)
+        return *self._left_padded(prompts), self.pool.codes[idx]
 
     def generation_pairs(self, idx: list[int]):
         """Each scene twice, with its prompt and with the unconditional (pad) prompt, in that order
         (rows i and len(idx) + i): the two branches CFG combines, for ``guided_generation_loss``."""
-        ids, mask, codes = self.generation(idx, random.Random(0), dropout=0.0)
-        uncond = ids.clone()
-        for row, m in zip(uncond, mask, strict=True):  # the prompt's own tokens, not the left padding
-            start = int((m == 0).sum())
-            row[start:] = torch.tensor(unconditional_ids(row[start:].tolist(), self.pad))
-        return torch.cat([ids, uncond]), torch.cat([mask, mask]), torch.cat([codes, codes])
+        cond = [t2i_prompt_ids(self.processor, caption(self.pool.scenes[i])) for i in idx]
+        ids, mask = self._left_padded(cond + [unconditional_ids(c, self.pad) for c in cond])
+        return ids, mask, self.pool.codes[idx + idx]
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) with left padding, as the engine batches prompts."""
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, length - len(p) :] = torch.tensor(p)
+            mask[row, length - len(p) :] = 1
+        return ids, mask
 
     def understanding_ids(self, question: str, answer: str) -> tuple[list[int], list[int]]:
         """(prompt ids with the image tokens expanded, answer ids + EOS) for one image and question."""
@@ -398,10 +398,13 @@ def _generation_logits(model, ids, mask, codes) -> torch.Tensor:
     return model.gen_head(hidden[:, ids.shape[1] - 1 :]).float()
 
 
+def _code_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+
+
 def generation_loss(model, ids, mask, codes) -> torch.Tensor:
     """Teacher-forced next-code prediction: prompt + codes[:-1] in, codes out."""
-    logits = _generation_logits(model, ids, mask, codes)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+    return _code_loss(_generation_logits(model, ids, mask, codes), codes)
 
 
 def guided_generation_loss(model, ids, mask, codes, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -414,10 +417,9 @@ def guided_generation_loss(model, ids, mask, codes, scale: float) -> tuple[torch
     the guided logits themselves teaches both branches to keep CFG's extrapolation on the right code.
     Sampling is unchanged: the engines apply the same formula to the same two branches."""
     logits = _generation_logits(model, ids, mask, codes)
-    both = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
     n = ids.shape[0] // 2
     guided = logits[n:] + scale * (logits[:n] - logits[n:])
-    return both, F.cross_entropy(guided.reshape(-1, guided.shape[-1]), codes[:n].reshape(-1))
+    return _code_loss(logits, codes), _code_loss(guided, codes[:n])
 
 
 def understanding_loss(model, ids, mask, labels, pixels, image_pos) -> torch.Tensor:
