@@ -106,7 +106,7 @@ class _Running:
     rows: list[int]  # cache rows: [cond, uncond] for synthesis, [row] for captions
     length: int  # filled cache positions of each row
     position: int  # the next token's rotary position
-    uniforms: torch.Tensor  # [max_new] this request's random stream
+    uniforms: list[float]  # [max_new] this request's random stream (float64 values, on the host)
     max_new: int
     last: int = 0  # the last token made (the next step's input)
     tokens: list[int] = field(default_factory=list)
@@ -160,6 +160,8 @@ class Scheduler:
         self.allocations = 0  # how many times the cache was allocated (1 while it is kept)
         self.steps = 0
         self.peak_running = 0  # the most requests that ever shared one step
+        self._settings_key: tuple[int, ...] | None = None
+        self._settings_value: tuple[SamplingParams, torch.Tensor | None]
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, request: Any, on_token: TokenCallback | None = None) -> Ticket:
@@ -243,7 +245,7 @@ class Scheduler:
                 )
                 continue
             rows = [self.free.pop(0) for _ in range(self.rows_per_request)]
-            uniforms = row_uniforms([prepared.request.seed], max_new, self.engine.device)[0]
+            uniforms = row_uniforms([prepared.request.seed], max_new, torch.device("cpu"))[0].tolist()
             admitted.append(
                 _Running(ticket, prepared, rows, prepared.length, prepared.length, uniforms, max_new)
             )
@@ -259,7 +261,8 @@ class Scheduler:
             self.free.sort()
             return
         self.running.extend(admitted)
-        self._advance(admitted, first)
+        branches = range(self.rows_per_request)
+        self._advance(admitted, torch.cat([torch.stack([first[r.ticket.id][k] for r in admitted]) for k in branches]))
 
     def _prefill(self, admitted: list[_Running]) -> dict[int, torch.Tensor]:
         """Prefill each group of equal length together; returns each request's last hidden state(s)."""
@@ -291,10 +294,11 @@ class Scheduler:
         # image request in a 16-row pool a step computes 2 rows, not 16 (it made a lone request at a
         # quiet CPU server take 15 s instead of ~5 s)
         top = max(max(run.rows) for run in self.running) + 1
-        rows = torch.zeros(3, top, dtype=torch.long)  # token, position, cache slot; built on the host
+        last, position, length = [0] * top, [0] * top, [0] * top  # built on the host
         for run in self.running:
             for row in run.rows:
-                rows[:, row] = torch.tensor((run.last, run.position, run.length))
+                last[row], position[row], length[row] = run.last, run.position, run.length
+        rows = torch.tensor([last, position, length], dtype=torch.long)
         tokens, positions, slots = rows.to(dev, non_blocking=True)  # one copy to the device a step
         if self.synthesis:
             embeds = e.model.prepare_gen_img_embeds(tokens)[:, None]
@@ -306,30 +310,36 @@ class Scheduler:
             run.length += 1
             run.position += 1
         self.steps += 1
-        self._advance(list(self.running), {run.ticket.id: hidden[run.rows] for run in self.running})
+        runs = list(self.running)
+        index = [run.rows[k] for k in range(self.rows_per_request) for run in runs]
+        self._advance(runs, hidden[torch.tensor(index, device=dev)])
 
-    def _advance(self, runs: list[_Running], hidden: dict[int, torch.Tensor]) -> None:
-        """Choose each request's next token from its rows' hidden states; finish those that are done."""
-        e = self.engine
-        reqs = [r.prepared.request for r in runs]
-        step_u = torch.stack([r.uniforms[len(r.tokens)] for r in runs])
-        if self.synthesis:
-            h = torch.cat(
-                [
-                    torch.stack([hidden[r.ticket.id][0] for r in runs]),
-                    torch.stack([hidden[r.ticket.id][1] for r in runs]),
-                ]
-            )
+    def _settings(self, runs: list[_Running]) -> tuple[SamplingParams, torch.Tensor | None]:
+        """The batch's sampling settings (and CFG weights) as device tensors, built again only when
+        the batch's membership changed: not every step."""
+        key = tuple(r.ticket.id for r in runs)
+        if key != self._settings_key:
+            e, reqs = self.engine, [r.prepared.request for r in runs]
+            top_k = [q.top_k for q in reqs] if self.synthesis else [None] * len(reqs)
             params = SamplingParams.build(
-                [q.temperature for q in reqs], [q.top_k for q in reqs], [q.top_p for q in reqs], e.device
+                [q.temperature for q in reqs], top_k, [q.top_p for q in reqs], e.device
             )
-            cfg = torch.tensor([q.cfg_weight for q in reqs], dtype=torch.float32, device=e.device)[:, None]
+            cfg = None
+            if self.synthesis:
+                cfg = torch.tensor([q.cfg_weight for q in reqs], dtype=torch.float32, device=e.device)[:, None]
+            self._settings_key, self._settings_value = key, (params, cfg)
+        return self._settings_value
+
+    def _advance(self, runs: list[_Running], h: torch.Tensor) -> None:
+        """Choose each request's next token from its rows' hidden states ``h`` (every request's first
+        row in ``runs`` order, then, for synthesis, every request's unconditional row); finish those
+        that are done."""
+        e = self.engine
+        step_u = torch.tensor([r.uniforms[len(r.tokens)] for r in runs], dtype=torch.float64, device=e.device)
+        params, cfg = self._settings(runs)
+        if self.synthesis:
             chosen = e._choose(h, params, step_u, cfg)
         else:
-            h = torch.stack([hidden[r.ticket.id][0] for r in runs])
-            params = SamplingParams.build(
-                [q.temperature for q in reqs], [None] * len(reqs), [q.top_p for q in reqs], e.device
-            )
             chosen = sample(e.decoder.logits(h), params, step_u)
         finished: list[_Running] = []
         eos = e.tokenizer.eos_token_id
