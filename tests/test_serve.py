@@ -113,7 +113,8 @@ def server(serve_port, model_dir, files, s3_images):
         "caption": {
             "model": model,
             "engine": {"max_batch_size": 8, "max_images_per_request": 4},
-            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+            # every token its own delta (the default groups what is decoded within 20 ms)
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "stream_interval_s": 0},
             "deployment": queue,
         },
     }
@@ -331,8 +332,8 @@ def test_streaming_sends_the_same_text_as_chunks_then_done(client):
 
 
 def test_streaming_sends_tokens_as_they_are_decoded(client):
-    """The scheduler streams: a delta per decoded token (whole characters), not the finished answer cut
-    into words; the deltas add up to the answer."""
+    """The scheduler streams: with ``stream_interval_s: 0`` a delta per decoded token (whole characters),
+    not the finished answer cut into words; the deltas add up to the answer."""
     body = {"model": MODEL, "messages": [user(image_part(data_url(png(16))), "Describe it.")], "max_tokens": 12}
     whole = client.post("/v1/chat/completions", json=body).json()
     measured = len(stats("Captioner")["first_token_s"])
@@ -363,6 +364,50 @@ def test_incremental_text_holds_back_half_characters():
     text = IncrementalText(Bytes())
     deltas = [text.add(b) for b in "né ✓".encode()]
     assert deltas == ["n", "", "é", " ", "", "", "✓"] and "".join(deltas) == "né ✓"
+
+
+def test_stream_deltas_group_the_tokens_decoded_within_the_interval():
+    """The first text goes out at once, later text at most every interval (what queued up meanwhile in
+    one piece), the rest with the end; interval 0 keeps one delta per token; the text is always whole."""
+    from pipeline.serve.model_server import IncrementalText, text_deltas
+
+    class Bytes:
+        @staticmethod
+        def decode(tokens, skip_special_tokens=True):
+            return bytes(tokens).decode("utf-8", errors="replace")
+
+    answer = "a red circle on the left"
+
+    sent: dict[float, list[float]] = {}  # interval -> when each delta went out
+
+    async def stream(interval: float) -> list[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+        times = sent.setdefault(interval, [])
+
+        async def decode() -> None:  # a token every 2 ms, then the end
+            for b in answer.encode():
+                queue.put_nowait(b)
+                await asyncio.sleep(0.002)
+            queue.put_nowait(None)
+
+        producer = asyncio.ensure_future(decode())
+        deltas = []
+        async for d in text_deltas(queue, IncrementalText(Bytes()), interval):
+            deltas.append(d)
+            times.append(time.perf_counter())
+        await producer
+        return deltas
+
+    async def all_runs():
+        return await asyncio.wait_for(asyncio.gather(stream(0.0), stream(10.0), stream(0.02)), 10)
+
+    every, ends, grouped = asyncio.run(all_runs())
+    assert all("".join(d) == answer for d in (every, ends, grouped))
+    assert every == list(answer)  # the consumer keeps up: one delta per token
+    assert ends == ["a", answer[1:]]  # the first at once, the rest with the end
+    assert grouped[0] == "a", grouped
+    gaps = np.diff(sent[0.02][:-1])  # every delta but the last waited out the interval
+    assert (gaps >= 0.019).all(), gaps
 
 
 def test_the_official_openai_client(oai, client):

@@ -52,6 +52,10 @@ class BatchingSection(Section):
     max_batch_size: int = Field(8, ge=1)  # requests decoded together
     batch_wait_timeout_s: float = Field(0.05, ge=0)  # batch mode: how long a batch waits to fill
     max_len: int | None = Field(None, ge=64)  # scheduler: tokens a cache slot holds (prompt + answer)
+    #: scheduler: a streamed answer's first text goes out at once, the rest at most this often (the text
+    #: decoded meanwhile in one piece: each piece is a message from the replica, which costs CPU); 0:
+    #: every token as it is decoded
+    stream_interval_s: float = Field(0.02, ge=0, le=1)
 
 
 class BackendSection(Section):
