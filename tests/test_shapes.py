@@ -114,6 +114,16 @@ def test_training_sequences_are_the_engines_prompts(tmp_path):
     _, at_one = train.guided_generation_loss(model, ids, mask, codes, 1.0)
     assert at_one.item() == pytest.approx(train.generation_loss(model, ids[:2], mask[:2], codes[:2]).item(), rel=1e-5)
 
+    # --shape-weight: an image's most frequent code (its background) weighs 1, every other code w; a
+    # model that misses only the shape's codes loses more with w > 1, and w = 1 is the plain mean
+    codes = torch.tensor([[5, 5, 7, 5], [2, 9, 9, 9]])
+    assert train.code_weights(codes, 4.0).tolist() == [[1, 1, 4, 1], [4, 1, 1, 1]]
+    logits = torch.nn.functional.one_hot(codes, 16).float() * 10
+    logits[0, 2] = 0.0  # unsure only where the shape is
+    plain = train._code_loss(logits, codes)
+    assert plain.item() == pytest.approx(train._code_loss(logits, codes, 1.0).item())
+    assert train._code_loss(logits, codes, 4.0).item() > 2 * plain.item()
+
     prompt_ids, answer_ids = batches.understanding_ids(DEFAULT_QUESTION, caption(scene))
     prepared = CaptionEngine(model, processor).prepare(0, {"image": draw(scene), "question": DEFAULT_QUESTION})
     assert prompt_ids == prepared.data.input_ids.tolist()
