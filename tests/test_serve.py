@@ -476,6 +476,37 @@ def test_same_seed_gives_the_batch_jobs_image(client, synthesizer):
 # -- concurrency and batching ---------------------------------------------------------------------
 
 
+def test_requests_that_finish_together_are_read_back_in_one_batch(synthesizer):
+    """Serve reads back (scores) the requests that finished meanwhile in one ``complete_many`` call:
+    one model batch for all their candidates, and each request gets what it gets read alone."""
+    calls = []
+    for reqs in (
+        [{"prompt": "a red circle on the left, blue background", "seed": 1, "best_of": 2}],
+        [{"prompt": "a cat", "seed": 2}],
+        [{"prompt": "a dog", "seed": 3}, {"prompt": "a fox", "seed": 4, "best_of": 2}],
+    ):
+        engine_requests, plan = synthesizer.expand(reqs)
+        calls.append((engine_requests, plan, synthesizer.engine.generate(engine_requests)))
+
+    def read(result):
+        return result.score, result.candidate, list(result.scores), result.tokens.tolist()
+
+    alone = [[read(r) for r in synthesizer.complete(*call)] for call in calls]
+    reader, batches = synthesizer.runner.reader, []
+    features = reader.features
+    reader.features = lambda images: batches.append(len(images)) or features(images)
+    try:
+        together = [[read(r) for r in out] for out in synthesizer.complete_many(calls)]
+    finally:
+        del reader.features
+    assert batches == [6]  # 2 + 1 + 1 + 2 candidates, one model batch
+    assert [len(out) for out in together] == [1, 1, 2]
+    for a, t in zip(sum(alone, []), sum(together, []), strict=True):
+        assert t[1] == a[1] and t[3] == a[3]  # the same candidate kept, the same image
+        assert t[0] == pytest.approx(a[0], rel=1e-4, abs=1e-6)  # scores: a batch's rounding only
+        assert t[2] == pytest.approx(a[2], rel=1e-4, abs=1e-6)
+
+
 def test_64_concurrent_requests_are_all_answered_in_shared_batches(server):
     before = stats("Captioner")
     body = {"model": MODEL, "messages": [user(image_part(data_url(png(8))), "Describe.")], "max_tokens": 3}

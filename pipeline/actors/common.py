@@ -77,6 +77,11 @@ class ModelActor:
     def complete(self, engine_requests: list[Any], plan: Any, results: list[Result]) -> list[Result]:
         return results
 
+    def complete_many(self, calls: list[tuple[list[Any], Any, list[Result]]]) -> list[list[Result]]:
+        """``complete`` for several ``expand`` calls at once (Serve: requests that finished together);
+        an actor that reads its results back with the model overrides it to read them in one batch."""
+        return [self.complete(*call) for call in calls]
+
     def with_defaults(self, request: dict[str, Any]) -> dict[str, Any]:
         """The actor's configured settings under a request's own (e.g. top_k for synthesis)."""
         return request

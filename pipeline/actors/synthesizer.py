@@ -56,6 +56,27 @@ class Synthesizer(ModelActor):
             return self.runner.complete(engine_requests, plan, results)
         return results
 
+    def complete_many(self, calls: list[tuple[list[Any], Any, list]]) -> list[list]:
+        """Several requests' candidates read back (scored) in one model batch, as the batch job reads
+        its rows, instead of one small batch per request: the owners' request indices are offset per
+        call, and the picked results (one per request, in order) split back per call."""
+        if not isinstance(self.runner, CuratedSynthesis) or len(calls) == 1:
+            return [self.complete(*call) for call in calls]
+        candidates: list[Any] = []
+        owners: list[tuple[int, int]] = []
+        results: list = []
+        sizes = []
+        for engine_requests, plan, call_results in calls:
+            size = max(i for i, _ in plan) + 1
+            offset = sum(sizes)
+            owners += [(offset + i, j) for i, j in plan]
+            candidates += engine_requests
+            results += call_results
+            sizes.append(size)
+        picked = self.runner.complete(candidates, owners, results)
+        bounds = np.cumsum([0, *sizes])
+        return [picked[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
     def request(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         return {
             "prompt": batch["prompt"][i],

@@ -7,7 +7,6 @@ requests join the running batch at the next decode step and tokens stream as the
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -43,11 +42,11 @@ async def text_deltas(queue: asyncio.Queue, text: IncrementalText, interval_s: f
     """The text of the tokens put on ``queue`` (``None`` ends it): the first text the moment it is
     decoded, then what was decoded meanwhile at most every ``interval_s``, the rest at the end. Tokens
     that queued up while the consumer was busy go out together, so a slow reader never falls further
-    behind one message per token."""
+    behind one message per token. ``interval_s`` 0: each token's text its own delta, as it was made."""
     pending, sent_at, ended = "", 0.0, False
     while not ended:
         tokens = [await queue.get()]
-        while not queue.empty():
+        while interval_s > 0 and not queue.empty():
             tokens.append(queue.get_nowait())
         ended = tokens[-1] is None
         pending += "".join(text.add(t) for t in tokens if t is not None)
@@ -109,7 +108,10 @@ class ModelServer:
         #: seconds from a streamed request's arrival at this replica to its first text, the latest
         #: 10,000: the scheduler's share of time to first token, without HTTP and the ingress
         self.first_token_s: deque[float] = deque(maxlen=10_000)
-        self._reading = threading.Lock()
+        #: finished requests waiting to be read back (scored): those that finish while a read runs
+        #: are read together in the next one, as one model batch
+        self._to_read: list[tuple[tuple[list[Any], Any, list[Any]], asyncio.Future]] = []
+        self._reader: asyncio.Task | None = None
 
     async def generate(self, request: dict[str, Any]) -> Any:
         """One request -> its SynthesisResult / CaptionResult (sharing the device with its neighbours)."""
@@ -126,11 +128,29 @@ class ModelServer:
                     t.cancel()
         if plan is None:
             return results[0]
-        return (await asyncio.to_thread(self._complete, engine_requests, plan, results))[0]
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._to_read.append(((engine_requests, plan, results), done))
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read_finished())
+        return (await done)[0]
 
-    def _complete(self, engine_requests: list[Any], plan: Any, results: list[Any]) -> list[Any]:
-        with self._reading:  # one reader (its own cache) per replica: requests take turns
-            return self.actor.complete(engine_requests, plan, results)
+    async def _read_finished(self) -> None:
+        """One reader per replica (the engines are not thread-safe): it takes every finished request
+        queued so far and reads them in one ``complete_many`` call in a worker thread, until none wait.
+        Requests that finish at the same step (a cohort of images) are scored in one batch, not one
+        small model call each."""
+        while self._to_read:
+            batch, self._to_read = self._to_read, []
+            try:
+                outs = await asyncio.to_thread(self.actor.complete_many, [call for call, _ in batch])
+            except Exception as exc:  # the requests fail, the replica lives on
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for (_, done), out in zip(batch, outs, strict=True):
+                if not done.done():
+                    done.set_result(out)
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """A caption / chat request's text as it is decoded: ``{"delta": str}`` items, then
