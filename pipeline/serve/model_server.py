@@ -7,6 +7,7 @@ requests join the running batch at the next decode step and tokens stream as the
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -43,7 +44,7 @@ async def text_deltas(queue: asyncio.Queue, text: IncrementalText, interval_s: f
     decoded, then what was decoded meanwhile at most every ``interval_s``, the rest at the end. Tokens
     that queued up while the consumer was busy go out together, so a slow reader never falls further
     behind one message per token. ``interval_s`` 0: each token's text its own delta, as it was made."""
-    pending, sent_at, ended = "", 0.0, False
+    pending, sent_at, ended = "", -math.inf, False  # the first text goes out at once
     while not ended:
         tokens = [await queue.get()]
         while interval_s > 0 and not queue.empty():
