@@ -261,8 +261,8 @@ class Scheduler:
             self.free.sort()
             return
         self.running.extend(admitted)
-        branches = range(self.rows_per_request)
-        self._advance(admitted, torch.cat([torch.stack([first[r.ticket.id][k] for r in admitted]) for k in branches]))
+        # [rows per request, requests, D] -> every request's first row, then every unconditional one
+        self._advance(admitted, torch.stack([first[r.ticket.id] for r in admitted], dim=1).flatten(0, 1))
 
     def _prefill(self, admitted: list[_Running]) -> dict[int, torch.Tensor]:
         """Prefill each group of equal length together; returns each request's last hidden state(s)."""

@@ -60,7 +60,7 @@ class Synthesizer(ModelActor):
         """Several requests' candidates read back (scored) in one model batch, as the batch job reads
         its rows, instead of one small batch per request: the owners' request indices are offset per
         call, and the picked results (one per request, in order) split back per call."""
-        if not isinstance(self.runner, CuratedSynthesis) or len(calls) == 1:
+        if not isinstance(self.runner, CuratedSynthesis):
             return [self.complete(*call) for call in calls]
         candidates: list[Any] = []
         owners: list[tuple[int, int]] = []

@@ -103,7 +103,7 @@ class ModelServer:
         else:
             self.run_batch.set_max_batch_size(batching["max_batch_size"])
             self.run_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
-        self.stream_interval_s = batching.get("stream_interval_s", 0.0)
+        self.stream_interval_s = batching["stream_interval_s"]
         self.requests = 0
         self.largest_batch = 0
         #: seconds from a streamed request's arrival at this replica to its first text, the latest
