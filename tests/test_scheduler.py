@@ -110,6 +110,27 @@ def test_tokens_stream_as_they_are_made(captioner):
     assert captioner.tokenizer.decode(streamed, skip_special_tokens=True) == ticket.result.text
 
 
+def test_on_tokens_follows_each_round_of_tokens(captioner):
+    """The hook the Serve replica hands tokens on with: once after a prefill's first tokens and once after
+    each decode step, when that round's tokens are already with the callbacks, before the request ends."""
+    seen: list[list[int]] = []
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+    scheduler = Scheduler(captioner, slots=2)
+    scheduler.on_tokens = lambda: seen.append([len(streamed[0]), len(streamed[1])])
+    images = _images(2)
+    tickets = [
+        scheduler.submit({"image": images[i], "max_new_tokens": n}, on_token=streamed[i].append)
+        for i, n in enumerate((3, 5))
+    ]
+    done_at: list[int] = []
+    tickets[0].add_done_callback(lambda t: done_at.append(len(seen)))
+    scheduler.run_until_idle()
+    # both prefilled together (one round), then one round per decode step until the longer one ends
+    assert seen == [[1, 1], [2, 2], [3, 3], [3, 4], [3, 5]], seen
+    assert done_at == [3]  # the shorter request ended after its last round was handed on
+    assert all(t.result.num_tokens == n for t, n in zip(tickets, (3, 5), strict=True))
+
+
 def test_the_cache_stays_allocated_between_bursts_and_answers_stay_the_same(synth, synth_alone):
     """A server that goes quiet keeps its cache (allocating it cost a request at a quiet server ~86 ms
     before its first token on a CPU core, 4x its prefill); requests after the pause still get exactly

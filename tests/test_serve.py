@@ -369,7 +369,7 @@ def test_incremental_text_holds_back_half_characters():
 def test_stream_deltas_group_the_tokens_decoded_within_the_interval():
     """The first text goes out at once, later text at most every interval (what queued up meanwhile in
     one piece), the rest with the end; interval 0 keeps one delta per token; the text is always whole."""
-    from pipeline.serve.model_server import IncrementalText, text_deltas
+    from pipeline.serve.model_server import IncrementalText, TokenRelay, text_deltas
 
     class Bytes:
         @staticmethod
@@ -381,18 +381,20 @@ def test_stream_deltas_group_the_tokens_decoded_within_the_interval():
     sent: dict[float, list[float]] = {}  # interval -> when each delta went out
 
     async def stream(interval: float) -> list[str]:
-        queue: asyncio.Queue = asyncio.Queue()
+        relay = TokenRelay(asyncio.get_running_loop(), interval)
+        tokens = relay.stream()
         times = sent.setdefault(interval, [])
 
-        async def decode() -> None:  # a token every 2 ms, then the end
+        async def decode() -> None:  # a token every 2 ms (a step each), then the end
             for b in answer.encode():
-                queue.put_nowait(b)
+                relay.push(tokens, b)
+                relay.flush()
                 await asyncio.sleep(0.002)
-            queue.put_nowait(None)
+            relay.push(tokens, None)
 
         producer = asyncio.ensure_future(decode())
         deltas = []
-        async for d in text_deltas(queue, IncrementalText(Bytes()), interval):
+        async for d in text_deltas(tokens, IncrementalText(Bytes()), per_token=interval == 0):
             deltas.append(d)
             times.append(time.perf_counter())
         await producer
@@ -408,6 +410,75 @@ def test_stream_deltas_group_the_tokens_decoded_within_the_interval():
     assert grouped[0] == "a", grouped
     gaps = np.diff(sent[0.02][:-1])  # every delta but the last waited out the interval
     assert (gaps >= 0.019).all(), gaps
+
+
+def test_token_relay_wakes_the_loop_once_per_step_for_all_streams():
+    """The scheduler's thread pushes each token; the event loop learns of them at the step's flush, in
+    one wake-up for every stream, and a stream's end needs no flush."""
+    import threading
+
+    from pipeline.serve.model_server import TokenRelay
+
+    async def run() -> tuple[list[list[int | None]], int]:
+        loop = asyncio.get_running_loop()
+        relay = TokenRelay(loop)
+        streams = [relay.stream() for _ in range(3)]
+        wakeups = 0
+        real = loop.call_soon_threadsafe
+
+        def counted(*args):
+            nonlocal wakeups
+            wakeups += 1
+            return real(*args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        pushed = threading.Event()
+
+        def scheduler_thread() -> None:  # 2 steps of 3 rows, without a flush after the last one
+            for step in range(2):
+                for i, s in enumerate(streams):
+                    relay.push(s, 10 * step + i)
+                if step == 0:
+                    relay.flush()
+                    pushed.wait(5)
+            for s in streams:
+                relay.push(s, None)  # the end: no flush needed
+
+        thread = threading.Thread(target=scheduler_thread)
+        thread.start()
+        first = [await asyncio.wait_for(s.take(), 5) for s in streams]
+        assert wakeups == 1, wakeups  # one wake-up for the three streams' tokens
+        pushed.set()
+        rest = [await asyncio.wait_for(s.take(), 5) for s in streams]
+        thread.join(5)
+        for r, s in zip(rest, streams, strict=True):
+            if r[-1] is not None:  # the end came after the thread's last tokens were taken
+                r += await asyncio.wait_for(s.take(), 5)
+        return [f + r for f, r in zip(first, rest, strict=True)], wakeups
+
+    got, wakeups = asyncio.run(run())
+    assert got == [[0, 10, None], [1, 11, None], [2, 12, None]]
+    assert wakeups <= 4  # the step's flush and one per end, never one per token
+
+
+def test_incremental_text_concatenates_to_the_whole_decode_with_real_tokenizers():
+    """Windowed decoding (each token decodes the text since the previous delta plus its context) gives
+    exactly the answer's whole decode, for the tokenizers the models ship, spaces and specials included."""
+    from janus.models import VLChatProcessor
+    from pipeline.model_ref import resolve_model_ref
+    from pipeline.serve.model_server import IncrementalText
+
+    tokenizer = VLChatProcessor.from_pretrained(resolve_model_ref("shapes")).tokenizer
+    rng = np.random.default_rng(0)
+    words = tokenizer.encode(" a red circle on the left, blue background. é ✓", add_special_tokens=False)
+    for trial in range(20):
+        if trial % 2:
+            ids = rng.integers(0, len(tokenizer), 60).tolist()  # anything, specials and byte pieces too
+        else:
+            ids = words * 3
+        text = IncrementalText(tokenizer)
+        deltas = [text.add(t) for t in ids] + [text.finish()]
+        assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True), (trial, deltas)
 
 
 def test_the_official_openai_client(oai, client):

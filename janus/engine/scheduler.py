@@ -161,6 +161,9 @@ class Scheduler:
         self.steps = 0
         self.peak_running = 0  # the most requests that ever shared one step
         self._settings_key: tuple[int, ...] | None = None
+        #: called after each round of tokens went to the tickets' callbacks (the first tokens of a
+        #: prefill, each decode step's), before finished requests are built: e.g. to hand them on in one go
+        self.on_tokens: Callable[[], None] | None = None
         self._settings_value: tuple[SamplingParams, torch.Tensor | None]
 
     # -- requests --------------------------------------------------------------------------------
@@ -350,6 +353,11 @@ class Scheduler:
                 run.ticket._token(token)
             if len(run.tokens) >= run.max_new or (not self.synthesis and token == eos):
                 finished.append(run)
+        if self.on_tokens is not None:
+            try:
+                self.on_tokens()
+            except Exception:  # e.g. the event loop it hands tokens to is closed: the requests go on
+                logger.exception("on_tokens hook failed")
         if finished:
             results = self._results(finished)
             for run, result in zip(finished, results, strict=True):
