@@ -28,6 +28,7 @@ import os
 import platform
 import socket
 import sys
+import tempfile
 import time
 from typing import Any
 from urllib.parse import urlparse
@@ -44,6 +45,15 @@ def _png_data_url(side: int = 256) -> str:
     buf = io.BytesIO()
     PIL.Image.fromarray(arr).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def answer_tokens(args: argparse.Namespace, i: int) -> int:
+    """Request ``i``'s ``max_tokens``: ``--max-tokens``, or with ``--max-tokens-range LO HI`` drawn
+    uniformly from [LO, HI], seeded by ``i`` (every mode and every rerun sends the same lengths)."""
+    if not args.max_tokens_range:
+        return args.max_tokens
+    lo, hi = args.max_tokens_range
+    return int(np.random.default_rng([7, i]).integers(lo, hi + 1))
 
 
 def request_body(route: str, model: str, i: int, max_tokens: int) -> tuple[str, dict[str, Any]]:
@@ -97,7 +107,9 @@ async def _load(url: str, route: str, model: str, args: argparse.Namespace) -> d
             async with sem:
                 if time.perf_counter() > deadline:
                     return
-                status, latency, _ = await _send(client, route, model, i, args.max_tokens, stream=False)
+                status, latency, _ = await _send(
+                    client, route, model, i, answer_tokens(args, i), stream=False
+                )
                 statuses[status] = statuses.get(status, 0) + 1
                 if status == 200:
                     latencies.append(latency)
@@ -126,8 +138,30 @@ async def _warmup(url: str, route: str, model: str, args: argparse.Namespace) ->
     """The first calls pay for lazy initialisation; they are not timed."""
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout) as client:
         for i in range(args.warmup):
-            path, body = request_body(route, model, args.requests + i, args.max_tokens)
+            path, body = request_body(route, model, args.requests + i, answer_tokens(args, args.requests + i))
             (await client.post(path, json=body)).raise_for_status()
+
+
+def _server_config(args: argparse.Namespace, mode: str | None) -> str:
+    """The config to serve: ``--config`` with only the loaded route's model (one model on the machine
+    at a time: like for like), ``--model-path`` as its weights and ``mode`` as its batching. A temp
+    file: the caller removes it."""
+    import yaml
+
+    section = "caption" if args.route == "chat" else "synthesis"
+    with open(args.config) as f:
+        data = yaml.safe_load(f)
+    app_args = data["applications"][0]["args"]
+    app_args["synthesis" if section == "caption" else "caption"] = None
+    if mode is not None:
+        app_args[section].setdefault("batching", {})["mode"] = mode
+    if args.model_path:
+        app_args[section]["model"]["path"] = args.model_path
+        app_args[section]["model"]["name"] = "janus-" + os.path.basename(args.model_path.rstrip("/"))
+    fd, path = tempfile.mkstemp(prefix="load_serve.", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(data, f)
+    return path
 
 
 def _start_server(config: str) -> tuple[str, str, str]:
@@ -162,7 +196,8 @@ async def _open_loop(
 
         async def one(i: int) -> None:
             await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
-            status, latency, first = await _send(client, route, model, 10_000 + i, args.max_tokens, stream=True)
+            j = 10_000 + i
+            status, latency, first = await _send(client, route, model, j, answer_tokens(args, j), stream=True)
             statuses[status] = statuses.get(status, 0) + 1
             if status == 200:
                 latencies.append(latency)
@@ -186,9 +221,9 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {q: round(float(np.percentile(v, int(q[1:]))), 4) for q in ("p50", "p95", "p99")}
 
 
-def _engine_step_times(config: str, route: str, batch: int) -> dict[str, float]:
-    """Prefill of one request and one decode step of ``batch`` rows, in this process, same model: the
-    yardstick for time to first token (prefill + 2 decode steps)."""
+def _engine_step_times(args: argparse.Namespace) -> dict[str, float]:
+    """Prefill of one request and one decode step of a full batch (the config's ``max_batch_size``
+    rows), in this process, same model: the yardstick for time to first token (prefill + 2 steps)."""
     import torch
 
     from janus.engine import CaptionEngine
@@ -196,8 +231,13 @@ def _engine_step_times(config: str, route: str, batch: int) -> dict[str, float]:
     from pipeline.actors.common import load_for_actor
     from pipeline.serve.config import check_serve_config
 
-    [(_, cfg), *_] = check_serve_config(config)
-    section = cfg.caption if route == "chat" else cfg.synthesis
+    config = _server_config(args, None)
+    try:
+        [(_, cfg), *_] = check_serve_config(config)
+    finally:
+        os.remove(config)
+    section = cfg.caption
+    batch = section.batching.max_batch_size
     model, processor = load_for_actor(section.model.model_dump())
     engine = CaptionEngine(model, processor)
     image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
@@ -222,25 +262,23 @@ def _engine_step_times(config: str, route: str, batch: int) -> dict[str, float]:
 
 
 def _open_loop_main(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
     from ray import serve
 
     deployment = "Captioner" if args.route == "chat" else "Synthesizer"
-    section = "caption" if args.route == "chat" else "synthesis"
-    base = yaml.safe_load(open(args.config))
-    report: dict[str, Any] = {"route": args.route, "config": args.config, "modes": {}}
+    report: dict[str, Any] = {
+        "route": args.route,
+        "config": args.config,
+        "model_path": getattr(args, "model_label", None) or args.model_path,
+        "max_tokens": args.max_tokens_range or args.max_tokens,
+        "modes": {},
+    }
     base_rate = None  # --same-rates: the first mode's saturation sets every mode's arrival rates
     for mode in args.modes:
-        data = json.loads(json.dumps(base))
-        app_args = data["applications"][0]["args"]
-        app_args[section].setdefault("batching", {})["mode"] = mode
-        other = "synthesis" if section == "caption" else "caption"
-        app_args[other] = None  # one model on the machine at a time: like for like
-        path = f"{args.out or 'load'}.{mode}.yaml"
-        with open(path, "w") as f:
-            yaml.safe_dump(data, f)
-        url, app, model = _start_server(path)
-        os.remove(path)
+        config = _server_config(args, mode)
+        try:
+            url, app, model = _start_server(config)
+        finally:
+            os.remove(config)
         asyncio.run(_warmup(url, args.route, model, args))
         saturation = asyncio.run(_load(url, args.route, model, args))
         peak = saturation["requests_per_s"]
@@ -270,8 +308,7 @@ def _open_loop_main(args: argparse.Namespace) -> dict[str, Any]:
 
         ray.shutdown()
     if args.route == "chat":
-        size = app_args[section].get("batching", {}).get("max_batch_size", 8)
-        report["engine_step_times"] = _engine_step_times(args.config, args.route, size)
+        report["engine_step_times"] = _engine_step_times(args)
     report["device"] = _device()
     return report
 
@@ -332,6 +369,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-seconds", type=float, default=120.0)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument(
+        "--max-tokens-range",
+        type=int,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="chat answers of different lengths: each request's max_tokens uniform in [LO, HI] (seeded)",
+    )
+    parser.add_argument("--model-path", help="serve this model instead of the config's (e.g. tiny)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="the model with fresh random weights (same architecture and cost per token): its answers "
+        "never stop early, each runs to its max_tokens (a load test's ignore-EOS)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", help="also write the result JSON here")
@@ -346,6 +397,32 @@ def main(argv: list[str] | None = None) -> int:
         help="every mode gets the same arrivals: --loads are fractions of the first mode's saturation",
     )
     args = parser.parse_args(argv)
+    if args.random_weights:
+        with tempfile.TemporaryDirectory(prefix="load_serve_model.") as tmp:
+            args.model_label = f"{args.model_path or 'the config model'}, random weights"
+            args.model_path = _random_copy(args, tmp)
+            args.random_weights = False
+            return main_with(args, parser)
+    return main_with(args, parser)
+
+
+def _random_copy(args: argparse.Namespace, directory: str) -> str:
+    """``--model-path`` (default: the config's model for the route) with random weights, in ``directory``."""
+    import yaml
+
+    from janus.testing.checkpoint import write_random_like
+    from pipeline.model_ref import resolve_model_ref
+
+    path = args.model_path
+    if path is None:
+        with open(args.config) as f:
+            app_args = yaml.safe_load(f)["applications"][0]["args"]
+        path = app_args["caption" if args.route == "chat" else "synthesis"]["model"]["path"]
+    name = os.path.basename(str(path).rstrip("/")) + "-random"
+    return str(write_random_like(resolve_model_ref(path), os.path.join(directory, name)))
+
+
+def main_with(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.open_loop:
         report = _open_loop_main(args)
         text = json.dumps(report, indent=2)
@@ -367,7 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     else:
-        url, app, model = _start_server(args.config)
+        config = _server_config(args, None)
+        try:
+            url, app, model = _start_server(config)
+        finally:
+            os.remove(config)
         model = args.model or model
     asyncio.run(_warmup(url, args.route, model, args))
     before = _batching(app, deployment) if app else None

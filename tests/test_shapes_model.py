@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from janus.shapes import Scene, caption, draw, judge, parse_caption
 from janus.shapes.data import random_scene
@@ -95,6 +96,31 @@ def test_captions_say_what_is_drawn(shapes):
     read = [parse_caption(t) for t in texts]
     got = accuracy([correct(r.attributes() if r else {}, s.attributes()) for r, s in zip(read, scenes, strict=True)])
     assert all(got[a] >= bound for a, bound in MIN_CAPTION.items()), (texts, got, MIN_CAPTION)
+
+
+def test_a_random_copy_has_the_shape_but_never_stops_early(shapes, tmp_path):
+    """The load test's model (``load_serve --random-weights``): the shapes model's files and architecture
+    with fresh weights, so every answer runs to its max_new_tokens where the trained one stops at EOS."""
+    from janus.engine import CaptionEngine, load_model_and_processor
+    from janus.testing.checkpoint import write_random_like
+    from pipeline.model_ref import resolve_model_ref
+
+    source = Path(resolve_model_ref("shapes"))
+    copy = write_random_like(source, tmp_path / "shapes-random", seed=1)
+    assert json.loads((copy / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+    assert (copy / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    model, processor = load_model_and_processor(str(copy), dtype="float32", device="cpu")
+    trained = dict(shapes[0].named_parameters())
+    for name, p in model.named_parameters():
+        assert p.shape == trained[name].shape, name
+    assert not torch.equal(model.language_model.lm_head.weight, trained["language_model.lm_head.weight"])
+    image = draw(PROMPTS[0])
+    lengths = [6, 20]
+    requests = [{"image": image, "max_new_tokens": n} for n in lengths]
+    ours = CaptionEngine(model, processor).generate(requests)
+    assert [(r.num_tokens, r.finish_reason) for r in ours] == [(n, "length") for n in lengths]
+    theirs = CaptionEngine(*shapes).generate(requests)
+    assert theirs[1].finish_reason == "stop" and theirs[1].num_tokens < 20  # the trained one stops
 
 
 def test_the_score_prefers_each_images_own_prompt(shapes):

@@ -157,6 +157,33 @@ def write_tiny_checkpoint(
     return out
 
 
+def write_random_like(source: str | os.PathLike, directory: str | os.PathLike, *, seed: int = 0) -> Path:
+    """A copy of the checkpoint at ``source`` (config, tokenizer and processor files) with fresh random
+    weights in place of its own: the same architecture and the same costs per token, but a model that
+    never learnt to stop, so its answers run to ``max_new_tokens`` (a load test's fixed lengths)."""
+    import shutil
+
+    from janus.models.configuration import MultiModalityConfig
+    from janus.models.modeling_vlm import MultiModalityCausalLM
+
+    src, out = Path(source), Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix in (".json", ".model", ".txt"):
+            shutil.copy2(f, out / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    dtype = cfg.get("torch_dtype", "float32")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MultiModalityCausalLM(MultiModalityConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+        _init_tiny_weights(model)
+    state = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
+    if "gen_vision_model.quantize.codebook_used" in state:
+        state["gen_vision_model.quantize.codebook_used"] = state["gen_vision_model.quantize.codebook_used"].float()
+    save_state_dict(state, out, weights_format="safetensors")
+    return out
+
+
 def _init_tiny_weights(model: torch.nn.Module) -> None:
     """Small-std normal init: keeps the tiny model's activations and logits in a sane range."""
     for name, p in model.named_parameters():
