@@ -179,3 +179,36 @@ def test_training_continues_from_a_shipped_checkpoint(tmp_path):
         assert torch.equal(load_file(str(out / "model.safetensors"))[moved[0]], trained[moved[0]])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_plain_cells_are_pulled_to_one_code_per_colour(tmp_path):
+    """`--vq-uniform-weight`: a flat 4x4 cell of colour k is pulled to code k wherever it is; cells on the
+    shape's edge are left alone; the VQ trains with it and without code restarts."""
+    import torch
+
+    from janus.shapes import COLORS, train
+
+    scene = Scene("red", "square", "center", "blue")
+    x = train._to_unit(draw(scene)[None])
+    flat, colour = train.uniform_cells(x)
+    grid = flat.view(24, 24)
+    assert grid[0, 0] and colour[0] == COLORS.index("blue")  # a corner: background
+    assert grid[12, 12] and colour.view(24, 24)[12, 12] == COLORS.index("red")  # the square's middle
+    assert 0 < int((~flat).sum()) < 100  # only the square's outline is mixed
+
+    codebook = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+    z = codebook[colour].clone()
+    assert train.uniform_code_loss(x, z, codebook).item() == 0.0
+    z[0] = codebook[9]
+    assert train.uniform_code_loss(x, z, codebook).item() > 0.0
+
+    torch.manual_seed(0)
+    cfg = train.write_skeleton(tmp_path / "skeleton")
+    vq = train._build_model(cfg).gen_vision_model
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ran = train.train_vq(vq, 2, 2, 0, tmp_path, 5.0, crop=48, restarts=False, uniform_weight=1.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert ran == 2 and (tmp_path / "vq_state.pt").exists()

@@ -49,6 +49,7 @@ from janus.models.processing_vlm import DEFAULT_SYSTEM_PROMPT
 from janus.shapes.data import (
     COLORS,
     IMAGE_SIZE,
+    PALETTE,
     POSITIONS,
     SHAPES,
     Scene,
@@ -152,6 +153,32 @@ def _vq_losses(vq, x: torch.Tensor):
     return losses, ids, flat
 
 
+_PALETTE_UNIT = torch.tensor([PALETTE[c] for c in COLORS], dtype=torch.float32) / 127.5 - 1.0  # [8, 3]
+
+
+def uniform_cells(x: torch.Tensor, cell: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each ``cell`` x ``cell`` patch of ``x`` ([B, 3, H, W] in [-1, 1]), in the order of the VQ's
+    code grid (batch, row, column): whether it is one flat colour, and the nearest palette colour's index."""
+    b, _, h, w = x.shape
+    cells = x.reshape(b, 3, h // cell, cell, w // cell, cell)
+    flat = (cells.amax(dim=(3, 5)) - cells.amin(dim=(3, 5))).abs().amax(1) < 1e-3  # [B, h, w]
+    mean = cells.mean(dim=(3, 5)).permute(0, 2, 3, 1)  # [B, h, w, 3]
+    colour = ((mean[..., None, :] - _PALETTE_UNIT.to(x.device)) ** 2).sum(-1).argmin(-1)
+    return flat.flatten(), colour.flatten()
+
+
+def uniform_code_loss(x: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Pull the encoder output ``z`` ([N, D], normalised, code-grid order) of every flat cell of colour k
+    to code k (normalised ``codebook`` [V, D]), wherever the cell is: a plain patch of a colour is then
+    always one code, not one of the 9-26 per colour that its distance to the shape picked. Fixed,
+    distinct codes per colour: pulling each colour to its own commonest code let every colour share one
+    and collapsed the codebook to a single code."""
+    flat, colour = uniform_cells(x)
+    if not bool(flat.any()):
+        return z.new_zeros(())
+    return F.mse_loss(z[flat], codebook[colour[flat]])
+
+
 def _resume(path: Path, model, opt, stage: str) -> tuple[int, int]:
     """Load a stage's saved state, if any; returns the step to continue from and the step the optimizer's
     moments start at (0, or the step a run started from a checkpoint's weights alone: see ``init_from``)."""
@@ -189,8 +216,20 @@ def _lr(peak: float, step: int, steps: int, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
-def train_vq(vq, steps: int, batch: int, seed: int, work: Path, minutes: float, crop: int = 0) -> int:
-    """Train (or finish training) the VQ; returns how many steps this call ran."""
+def train_vq(
+    vq,
+    steps: int,
+    batch: int,
+    seed: int,
+    work: Path,
+    minutes: float,
+    crop: int = 0,
+    restarts: bool = True,
+    uniform_weight: float = 0.0,
+) -> int:
+    """Train (or finish training) the VQ; returns how many steps this call ran. ``restarts``: codes no
+    batch picked restart at encoder outputs (all codes stay in use); ``uniform_weight``: weight of
+    ``uniform_code_loss`` (one code per plain colour)."""
     state_path = work / "vq_state.pt"
     opt = torch.optim.AdamW(vq.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     start, _ = _resume(state_path, vq, opt, "VQ")
@@ -211,6 +250,9 @@ def train_vq(vq, steps: int, batch: int, seed: int, work: Path, minutes: float, 
             group["lr"] = lr
         losses, ids, flat = _vq_losses(vq, x)
         loss = losses["rec"] + losses["codebook"] + 0.25 * losses["commit"]
+        if uniform_weight:
+            codebook = F.normalize(vq.quantize.embedding.weight, dim=1)
+            loss = loss + uniform_weight * uniform_code_loss(x, flat, codebook)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -218,7 +260,7 @@ def train_vq(vq, steps: int, batch: int, seed: int, work: Path, minutes: float, 
         if (step + 1) % 100 == 0:
             # dead codes restart at encoder outputs of this batch, so the codebook keeps being used
             dead = (used == 0).nonzero().flatten()
-            if len(dead) and step + 1 < steps * 0.8:
+            if restarts and len(dead) and step + 1 < steps * 0.8:
                 gen = torch.Generator().manual_seed(seed * 1000 + step)
                 pick = torch.randint(0, flat.shape[0], (len(dead),), generator=gen)
                 with torch.no_grad():
@@ -567,6 +609,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vq-steps", type=int, default=1500)
     parser.add_argument("--vq-batch", type=int, default=16)
     parser.add_argument("--vq-crop", type=int, default=48, help="train the VQ on crops this size (0: whole)")
+    parser.add_argument(
+        "--vq-no-restarts", action="store_true", help="codes no batch picks die instead of restarting"
+    )
+    parser.add_argument(
+        "--vq-uniform-weight",
+        type=float,
+        default=0.0,
+        help="pull each plain cell of colour k to code k (benchmarks/README.md: 39 codes, 4.4 bits, not 511, 7.4)",
+    )
     parser.add_argument("--pool", type=int, default=16384, help="drawn scenes the LLM trains on")
     parser.add_argument("--llm-steps", type=int, default=3000)
     parser.add_argument("--gen-batch", type=int, default=16)
@@ -623,7 +674,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_from:
         init_from(model, Path(args.init_from), work, args.vq_steps, args.init_step)
     t0 = time.time()
-    if train_vq(vq, args.vq_steps, args.vq_batch, args.seed, work, args.minutes, crop=args.vq_crop):
+    if train_vq(
+        vq,
+        args.vq_steps,
+        args.vq_batch,
+        args.seed,
+        work,
+        args.minutes,
+        crop=args.vq_crop,
+        restarts=not args.vq_no_restarts,
+        uniform_weight=args.vq_uniform_weight,
+    ):
         logger.info("VQ round trip, judged: %.3f all-correct", vq_roundtrip_accuracy(vq, 256, args.seed))
     with torch.no_grad():  # image-token embeddings start as the (normalised) codebook
         model.gen_embed.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=1))
