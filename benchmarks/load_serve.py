@@ -142,22 +142,29 @@ async def _warmup(url: str, route: str, model: str, args: argparse.Namespace) ->
             (await client.post(path, json=body)).raise_for_status()
 
 
+def _route_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--config`` as read (the whole dict) and the section of the model ``--route`` loads."""
+    import yaml
+
+    with open(args.config) as f:
+        data = yaml.safe_load(f)
+    return data, data["applications"][0]["args"]["caption" if args.route == "chat" else "synthesis"]
+
+
 def _server_config(args: argparse.Namespace, mode: str | None) -> str:
     """The config to serve: ``--config`` with only the loaded route's model (one model on the machine
     at a time: like for like), ``--model-path`` as its weights and ``mode`` as its batching. A temp
     file: the caller removes it."""
     import yaml
 
-    section = "caption" if args.route == "chat" else "synthesis"
-    with open(args.config) as f:
-        data = yaml.safe_load(f)
+    data, route = _route_config(args)
     app_args = data["applications"][0]["args"]
-    app_args["synthesis" if section == "caption" else "caption"] = None
+    app_args["synthesis" if args.route == "chat" else "caption"] = None
     if mode is not None:
-        app_args[section].setdefault("batching", {})["mode"] = mode
+        route.setdefault("batching", {})["mode"] = mode
     if args.model_path:
-        app_args[section]["model"]["path"] = args.model_path
-        app_args[section]["model"]["name"] = "janus-" + os.path.basename(args.model_path.rstrip("/"))
+        route["model"]["path"] = args.model_path
+        route["model"]["name"] = "janus-" + os.path.basename(args.model_path.rstrip("/"))
     fd, path = tempfile.mkstemp(prefix="load_serve.", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(data, f)
@@ -424,23 +431,16 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="load_serve_model.") as tmp:
             args.model_label = f"{args.model_path or 'the config model'}, random weights"
             args.model_path = _random_copy(args, tmp)
-            args.random_weights = False
             return main_with(args, parser)
     return main_with(args, parser)
 
 
 def _random_copy(args: argparse.Namespace, directory: str) -> str:
     """``--model-path`` (default: the config's model for the route) with random weights, in ``directory``."""
-    import yaml
-
     from janus.testing.checkpoint import write_random_like
     from pipeline.model_ref import resolve_model_ref
 
-    path = args.model_path
-    if path is None:
-        with open(args.config) as f:
-            app_args = yaml.safe_load(f)["applications"][0]["args"]
-        path = app_args["caption" if args.route == "chat" else "synthesis"]["model"]["path"]
+    path = args.model_path or _route_config(args)[1]["model"]["path"]
     name = os.path.basename(str(path).rstrip("/")) + "-random"
     return str(write_random_like(resolve_model_ref(path), os.path.join(directory, name)))
 

@@ -137,8 +137,9 @@ def _to_unit(images: np.ndarray) -> torch.Tensor:
 # -- stage 1: the VQ tokenizer --------------------------------------------------------------------
 
 
-def _vq_losses(vq, x: torch.Tensor):
-    """LlamaGen's VQ objective with L2-normalised codes: reconstruction + codebook + 0.25 * commitment."""
+def _vq_losses(vq, x: torch.Tensor, uniform: bool = False):
+    """LlamaGen's VQ objective with L2-normalised codes: reconstruction + codebook + 0.25 * commitment;
+    with ``uniform`` also ``uniform_code_loss`` (one code per plain colour)."""
     z = F.normalize(vq.quant_conv(vq.encoder(x)), dim=1)
     codebook = F.normalize(vq.quantize.embedding.weight, dim=1)
     flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
@@ -150,6 +151,8 @@ def _vq_losses(vq, x: torch.Tensor):
         "codebook": F.mse_loss(q, z.detach()),
         "commit": F.mse_loss(z, q.detach()),
     }
+    if uniform:
+        losses["uniform"] = uniform_code_loss(x, flat, codebook)
     return losses, ids, flat
 
 
@@ -248,11 +251,10 @@ def train_vq(
         lr = _lr(1e-3, step, steps, warmup=100)
         for group in opt.param_groups:
             group["lr"] = lr
-        losses, ids, flat = _vq_losses(vq, x)
+        losses, ids, flat = _vq_losses(vq, x, uniform=bool(uniform_weight))
         loss = losses["rec"] + losses["codebook"] + 0.25 * losses["commit"]
         if uniform_weight:
-            codebook = F.normalize(vq.quantize.embedding.weight, dim=1)
-            loss = loss + uniform_weight * uniform_code_loss(x, flat, codebook)
+            loss = loss + uniform_weight * losses["uniform"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

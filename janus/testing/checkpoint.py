@@ -118,9 +118,6 @@ def write_tiny_checkpoint(
     ``shards`` > 1 writes several files plus the index json, as the 7B checkpoint has.
     The understanding side keeps the official 384 px / 576 tokens; only widths and depths shrink.
     """
-    from janus.models.configuration import MultiModalityConfig
-    from janus.models.modeling_vlm import MultiModalityCausalLM
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     n_tokens = write_tiny_tokenizer(out)
@@ -141,19 +138,7 @@ def write_tiny_checkpoint(
     for key, value in (config_overrides or {}).items():
         cfg[key] = value
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MultiModalityCausalLM(
-            MultiModalityConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
-        )
-        _init_tiny_weights(model)
-    state = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
-    if "gen_vision_model.quantize.codebook_used" in state:
-        state["gen_vision_model.quantize.codebook_used"] = state[
-            "gen_vision_model.quantize.codebook_used"
-        ].float()
-    save_state_dict(state, out, weights_format=weights_format, shards=shards)
+    _write_random_weights(cfg, out, seed=seed, dtype=dtype, weights_format=weights_format, shards=shards)
     return out
 
 
@@ -163,16 +148,29 @@ def write_random_like(source: str | os.PathLike, directory: str | os.PathLike, *
     never learnt to stop, so its answers run to ``max_new_tokens`` (a load test's fixed lengths)."""
     import shutil
 
-    from janus.models.configuration import MultiModalityConfig
-    from janus.models.modeling_vlm import MultiModalityCausalLM
-
     src, out = Path(source), Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.suffix in (".json", ".model", ".txt"):
             shutil.copy2(f, out / f.name)
     cfg = json.loads((src / "config.json").read_text())
-    dtype = cfg.get("torch_dtype", "float32")
+    _write_random_weights(cfg, out, seed=seed, dtype=cfg.get("torch_dtype", "float32"))
+    return out
+
+
+def _write_random_weights(
+    cfg: dict[str, Any],
+    out: Path,
+    *,
+    seed: int,
+    dtype: str,
+    weights_format: str = "safetensors",
+    shards: int = 1,
+) -> None:
+    """The model of config ``cfg`` with seeded small random weights, saved in ``out``."""
+    from janus.models.configuration import MultiModalityConfig
+    from janus.models.modeling_vlm import MultiModalityCausalLM
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MultiModalityCausalLM(MultiModalityConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
@@ -180,8 +178,7 @@ def write_random_like(source: str | os.PathLike, directory: str | os.PathLike, *
     state = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
     if "gen_vision_model.quantize.codebook_used" in state:
         state["gen_vision_model.quantize.codebook_used"] = state["gen_vision_model.quantize.codebook_used"].float()
-    save_state_dict(state, out, weights_format="safetensors")
-    return out
+    save_state_dict(state, out, weights_format=weights_format, shards=shards)
 
 
 def _init_tiny_weights(model: torch.nn.Module) -> None:

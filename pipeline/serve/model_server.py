@@ -122,11 +122,14 @@ class TokenRelay:
     def flush(self) -> None:
         """Any thread: wake the loop for the streams that are due (no wake-up when none is)."""
         now = time.perf_counter()
+        ready: list[TokenStream] = []
         with self.lock:
-            ready = [s for s in self._listed if s._due(now, self.interval_s)]
+            waiting = []
+            for s in self._listed:
+                (ready if s._due(now, self.interval_s) else waiting).append(s)
             if not ready:
                 return
-            self._listed = [s for s in self._listed if not s._due(now, self.interval_s)]
+            self._listed = waiting
             for s in ready:
                 s._listed, s._woken_at = False, now
         self.loop.call_soon_threadsafe(_wake, ready)
