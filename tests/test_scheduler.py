@@ -221,3 +221,26 @@ def test_the_cache_is_sized_by_memory(synth, monkeypatch):
     monkeypatch.setattr(sched, "available_memory", lambda device: int(5.5 * per_row / synth.memory_fraction))
     assert Scheduler(synth, slots=64, max_len=1024).slots == 4  # 5 rows fit; synthesis takes pairs
     assert torch.is_grad_enabled()
+
+
+def test_a_model_with_a_smaller_code_grid_makes_its_own_number_of_codes(tmp_path):
+    """A shrunk VQ may set its generated image's size (gen_vision_config ``image_size``): the engine and
+    the scheduler then make grid x grid codes, not Janus' 576, and the same ones."""
+    import json
+
+    from janus.models import MultiModalityCausalLM, VLChatProcessor
+    from janus.testing import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "m", seed=3, vq_ch_mult=(1, 2))  # 2 px per code
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["gen_vision_config"]["params"]["image_size"] = 20  # a 10 x 10 grid
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = MultiModalityCausalLM.from_pretrained(path, dtype=torch.float32)
+    engine = SynthesisEngine(model, VLChatProcessor.from_pretrained(path), max_batch_size=2)
+    assert (engine.grid, engine.image_tokens, engine.image_size) == (10, 100, 20)
+    alone = engine.generate(SYNTH[:2])
+    assert all(r.ok and r.tokens.shape == (100,) and r.image.shape == (20, 20, 3) for r in alone)
+    scheduler = Scheduler(engine, slots=4)
+    results = _run_joining(scheduler, SYNTH[:2], [0, 37])
+    for res, ref in zip(results, alone, strict=True):
+        assert res.ok and np.array_equal(res.tokens, ref.tokens) and np.array_equal(res.image, ref.image)

@@ -9,6 +9,7 @@ checked); normalising the features alone cannot change the argmin against unit-l
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -38,3 +39,14 @@ def test_encode_ids_equal_an_independent_nearest_code_search(tiny_model):
     torch.testing.assert_close(quant, codebook[expected].float().view(b, h, w, c).permute(0, 3, 1, 2))
     with torch.inference_mode():
         torch.testing.assert_close(vq.decode_code(ids.view(b, h * w), shape=[b, c, h, w]), vq.decode(quant))
+
+
+def test_the_code_grid_is_24_by_24_unless_the_config_sets_an_image_size():
+    from janus.models.vq_model import VQConfig
+
+    official = VQConfig.from_params({"image_token_size": 16384, "n_embed": 8})
+    assert (official.downsample, official.grid, official.image_tokens) == (16, 24, 576)
+    shrunk = VQConfig.from_params({"ch_mult": [1, 2, 2, 2], "image_size": 96})
+    assert (shrunk.downsample, shrunk.grid, shrunk.image_tokens) == (8, 12, 144)
+    with pytest.raises(ValueError, match="multiple of the VQ's downsampling"):
+        VQConfig.from_params({"ch_mult": [1, 2, 2, 2], "image_size": 100})

@@ -38,7 +38,7 @@ from .common import (
 )
 from .prompts import unconditional_ids
 from .sampling import SamplingParams, row_uniforms, sample
-from .synthesis import IMAGE_TOKENS, SynthesisEngine, SynthesisResult
+from .synthesis import SynthesisEngine, SynthesisResult
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class Scheduler:
             except RequestError as exc:
                 ticket._finish(self.engine.result_type.failed(INVALID_REQUEST, str(exc)))
                 continue
-            max_new = IMAGE_TOKENS if self.synthesis else prepared.request.max_new_tokens
+            max_new = self.engine.image_tokens if self.synthesis else prepared.request.max_new_tokens
             if prepared.length + max_new > self.max_len:
                 ticket._finish(
                     self.engine.result_type.failed(

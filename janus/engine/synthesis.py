@@ -31,8 +31,7 @@ from .sampling import SamplingParams, row_uniforms, sample
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKENS = 576  # Janus generates a 24 x 24 grid of VQ codes
-GRID = 24
+IMAGE_TOKENS = 576  # Janus generates a 24 x 24 grid of VQ codes (``SynthesisEngine.image_tokens`` per model)
 PROMPT_BUCKET = 64  # with compile=True, prompt lengths are padded up to a multiple of this
 
 
@@ -49,7 +48,7 @@ class SynthesisRequest:
 @dataclass
 class SynthesisResult(Result):
     image: np.ndarray | None = None  # uint8 [H, W, 3]
-    tokens: np.ndarray | None = None  # int32 [576]
+    tokens: np.ndarray | None = None  # int32 [image_tokens] (576 for Janus)
     # what the model reads back from the image (``quality.CuratedSynthesis``); None when not asked
     score: float | None = None  # self-verification: P(yes) / (P(yes) + P(no))
     ratings: dict[str, float] | None = None  # rated questions, expected level 1..5
@@ -86,10 +85,12 @@ class SynthesisEngine(BatchEngine):
             hasattr(head, m) for m in ("output_mlp_projector", "vision_activation", "vision_head")
         )
         self.truncate_prompts = truncate_prompts
-        limit = self.decoder.max_position_embeddings - IMAGE_TOKENS
-        self.max_prompt_tokens = min(max_prompt_tokens or limit, limit)
         vq = model.gen_vision_model.config
-        self.image_size = GRID * 2 ** (len(vq.ch_mult) - 1)
+        # 576 codes (24 x 24) for every official checkpoint; a shrunk VQ may set its own image size
+        self.grid, self.image_tokens = vq.grid, vq.image_tokens
+        self.image_size = vq.grid * vq.downsample
+        limit = self.decoder.max_position_embeddings - self.image_tokens
+        self.max_prompt_tokens = min(max_prompt_tokens or limit, limit)
         self.codebook_dim = vq.codebook_embed_dim
         self.compile = compile
         self._step = (
@@ -142,7 +143,7 @@ class SynthesisEngine(BatchEngine):
     # -- planning ------------------------------------------------------------------------------
     def bytes_per_request(self, prepared: Prepared) -> int:
         """Device memory one request needs: 2 cache rows, fp32 logits work space."""
-        kv = self.decoder.cache_bytes(2, prepared.length + IMAGE_TOKENS, self.dtype)
+        kv = self.decoder.cache_bytes(2, prepared.length + self.image_tokens, self.dtype)
         logits = 2 * self.model.config.image_token_size * 4 * 6
         return kv + logits
 
@@ -176,18 +177,19 @@ class SynthesisEngine(BatchEngine):
             [r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs], dev
         )
         cfg = torch.tensor([r.cfg_weight for r in reqs], dtype=torch.float32, device=dev)[:, None]
-        uniforms = row_uniforms([r.seed for r in reqs], IMAGE_TOKENS, dev)
-        codes = torch.empty(b, IMAGE_TOKENS, dtype=torch.long, device=dev)
+        n_codes = self.image_tokens
+        uniforms = row_uniforms([r.seed for r in reqs], n_codes, dev)
+        codes = torch.empty(b, n_codes, dtype=torch.long, device=dev)
 
         with timed(timings, "prefill_s", dev):
-            self.decoder.setup_caches(2 * b, length + IMAGE_TOKENS, dtype=self.dtype, device=dev)
+            self.decoder.setup_caches(2 * b, length + n_codes, dtype=self.dtype, device=dev)
             embeds = model.language_model.get_input_embeddings()(tokens)
             hidden, positions = self.decoder.prefill(embeds, mask)
             codes[:, 0] = self._choose(hidden, params, uniforms[:, 0], cfg)
         # every step's cache slot made once on the device: no host-to-device copy inside the loop
-        step_slots = torch.arange(length, length + IMAGE_TOKENS, device=dev)
+        step_slots = torch.arange(length, length + n_codes, device=dev)
         with timed(timings, "decode_s", dev):
-            for step in range(1, IMAGE_TOKENS):
+            for step in range(1, n_codes):
                 slot = step_slots[step - 1 : step]
                 if self._step is not None:
                     codes[:, step] = self._step(
@@ -243,7 +245,7 @@ class SynthesisEngine(BatchEngine):
 
     @torch.inference_mode()
     def decode_images(self, codes: torch.Tensor) -> list[np.ndarray]:
-        """[N, 576] codes -> N uint8 images, postprocessed exactly as DeepSeek's example.
+        """[N, image_tokens] codes (576 for Janus) -> N uint8 images, postprocessed exactly as DeepSeek's example.
 
         With ``vq_channels_last`` (the default) the decoder's activations are NHWC: the same convolutions,
         which oneDNN (CPU) and cuDNN (GPU) run much faster in that layout (measured on CPU for the real
@@ -255,7 +257,7 @@ class SynthesisEngine(BatchEngine):
         dtype = vq.post_quant_conv.weight.dtype
         out: list[np.ndarray] = []
         for part in torch.split(codes, self.vq_decode_batch_size):
-            shape = [part.shape[0], self.codebook_dim, GRID, GRID]
+            shape = [part.shape[0], self.codebook_dim, self.grid, self.grid]
             quant = vq.quantize.get_codebook_entry(part.to(torch.int32), shape, True).to(dtype)
             if self.vq_channels_last:
                 quant = quant.contiguous(memory_format=torch.channels_last)

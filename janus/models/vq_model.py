@@ -23,6 +23,23 @@ class VQConfig:
     num_res_blocks: int = 2
     codebook_l2_norm: bool = True
     codebook_show_usage: bool = True
+    # side of a generated image in pixels; None: Janus' 24 x 24 code grid (384 px at the official 16x)
+    image_size: int | None = None
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per code along each side."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def grid(self) -> int:
+        """Codes along each side of a generated image (24 for every official checkpoint)."""
+        return 24 if self.image_size is None else self.image_size // self.downsample
+
+    @property
+    def image_tokens(self) -> int:
+        """Codes per generated image, the autoregressive steps of one synthesis (576 for Janus)."""
+        return self.grid**2
 
     @classmethod
     def from_params(cls, params: dict) -> VQConfig:
@@ -40,7 +57,13 @@ class VQConfig:
         kw.update(params)
         if "ch_mult" in kw:
             kw["ch_mult"] = tuple(kw["ch_mult"])
-        return cls(**kw)
+        cfg = cls(**kw)
+        if cfg.image_size is not None and (cfg.image_size <= 0 or cfg.image_size % cfg.downsample):
+            raise ValueError(
+                f"gen_vision_config image_size {cfg.image_size} is not a positive multiple of the VQ's "
+                f"downsampling ({cfg.downsample} pixels per code)"
+            )
+        return cfg
 
 
 def _norm(channels: int) -> nn.GroupNorm:
