@@ -212,3 +212,29 @@ def test_plain_cells_are_pulled_to_one_code_per_colour(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert ran == 2 and (tmp_path / "vq_state.pt").exists()
+
+
+def test_a_12_by_12_code_grid_trains_and_encodes_to_144_codes(tmp_path):
+    """`--grid 12`: one more downsampling level (8 px per code) and the image size in the VQ's config;
+    the shipped 24 x 24 config is written as before."""
+    import torch
+
+    from janus.shapes import train
+
+    assert train.vq_params(24)["ch_mult"] == [1, 2, 2] and "image_size" not in train.vq_params(24)
+    assert train.vq_params(12)["ch_mult"] == [1, 2, 2, 2] and train.vq_params(12)["image_size"] == 96
+    with pytest.raises(ValueError, match="power of two"):
+        train.vq_params(10)
+    torch.manual_seed(0)
+    cfg = train.write_skeleton(tmp_path / "skeleton", grid=12)
+    vq = train._build_model(cfg).gen_vision_model
+    assert (vq.config.grid, vq.config.image_tokens) == (12, 144)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert train.train_vq(vq, 2, 2, 0, tmp_path, 5.0, crop=48, uniform_weight=1.0) == 2
+        vq.eval()
+        assert train.vq_codes(vq, np.stack([draw(Scene("red", "circle", "left", "blue"))] * 3)).shape == (3, 144)
+        assert 0.0 <= train.vq_roundtrip_accuracy(vq, 4, 0) <= 1.0
+    finally:
+        torch.set_num_threads(threads)

@@ -1,8 +1,8 @@
 """Train the shapes Janus from scratch on this machine: ``python -m janus.shapes.train``.
 
 Two stages, both seeded, both resumable (state is saved under ``--work`` every few hundred steps):
-1. the VQ tokenizer (Janus' VQ-16 architecture, shrunk: 96 px images <-> a 24 x 24 code grid) learns to
-   reconstruct drawn scenes;
+1. the VQ tokenizer (Janus' VQ-16 architecture, shrunk: 96 px images <-> a 24 x 24 code grid, or 12 x 12
+   with ``--grid 12``: a quarter of the codes for the LLM to write) learns to reconstruct drawn scenes;
 2. the whole multimodal model minus the (frozen) VQ learns both directions at once: text -> image codes
    (Janus' generation path, with 10% of prompts dropped to the pad-token prompt so that classifier-free
    guidance has an unconditional branch to push away from), and image -> text (captions, and yes/no
@@ -66,7 +66,20 @@ logger = logging.getLogger("janus.shapes.train")
 #: the model's size: Janus-Pro's architecture, every width and depth shrunk
 LLM = {"hidden": 256, "llm_layers": 4, "llm_heads": 4, "intermediate": 768, "max_position_embeddings": 2048}
 VISION = {"image_size": IMAGE_SIZE, "width": 128, "layers": 2, "heads": 4, "patch_size": 16}
-VQ = {"ch": 32, "ch_mult": [1, 2, 2], "z_channels": 32, "num_res_blocks": 1, "image_token_size": 512}
+VQ = {"ch": 32, "z_channels": 32, "num_res_blocks": 1, "image_token_size": 512}
+GRID = 24  # codes along a generated image's side, as in Janus (``--grid``: 12 is 8 px per code)
+
+
+def vq_params(grid: int = GRID) -> dict:
+    """The VQ's config params for a ``grid`` x ``grid`` code grid of a 96 px image: one 2x downsampling
+    level per halving (24: 4 px per code, three levels as shipped; 12: 8 px, four levels)."""
+    levels = int(math.log2(IMAGE_SIZE // grid)) if grid and IMAGE_SIZE % grid == 0 else -1
+    if levels < 1 or IMAGE_SIZE // grid != 2**levels:
+        raise ValueError(f"--grid {grid} must be {IMAGE_SIZE} px divided by a power of two (48, 24, 12, 6)")
+    params = dict(VQ, ch_mult=[1] + [2] * levels)
+    if grid != GRID:  # the shipped 24 x 24 config stays as it was
+        params["image_size"] = IMAGE_SIZE
+    return params
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // VISION["patch_size"]) ** 2
 BPE_VOCAB = 512
 CAPTION_QUESTIONS = (DEFAULT_QUESTION, "Describe this image.", "What is in this image?")
@@ -82,7 +95,7 @@ def tokenizer_corpus() -> tuple[str, ...]:
     return tuple(texts)
 
 
-def official_shapes_config(vocab_size: int) -> dict:
+def official_shapes_config(vocab_size: int, grid: int = GRID) -> dict:
     from janus.testing import official_config
 
     return official_config(
@@ -92,20 +105,20 @@ def official_shapes_config(vocab_size: int) -> dict:
         llm_heads=LLM["llm_heads"],
         intermediate=LLM["intermediate"],
         vision={k: v for k, v in VISION.items()},
-        vq=dict(VQ),
+        vq=vq_params(grid),
         dtype="bfloat16",
         max_position_embeddings=LLM["max_position_embeddings"],
     )
 
 
-def write_skeleton(out: Path) -> dict:
+def write_skeleton(out: Path, grid: int = GRID) -> dict:
     """Tokenizer, processor configs and config.json of the shapes checkpoint (everything but weights)."""
     from janus.testing import write_processor_configs, write_tiny_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     n_tokens = write_tiny_tokenizer(out, corpus=tokenizer_corpus(), vocab_size=BPE_VOCAB)
     write_processor_configs(out, image_size=IMAGE_SIZE, num_image_tokens=NUM_IMAGE_TOKENS)
-    cfg = official_shapes_config(-(-n_tokens // 64) * 64)
+    cfg = official_shapes_config(-(-n_tokens // 64) * 64, grid)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return cfg
 
@@ -152,7 +165,7 @@ def _vq_losses(vq, x: torch.Tensor, uniform: bool = False):
         "commit": F.mse_loss(z, q.detach()),
     }
     if uniform:
-        losses["uniform"] = uniform_code_loss(x, flat, codebook)
+        losses["uniform"] = uniform_code_loss(x, flat, codebook, vq.config.downsample)
     return losses, ids, flat
 
 
@@ -170,13 +183,13 @@ def uniform_cells(x: torch.Tensor, cell: int = 4) -> tuple[torch.Tensor, torch.T
     return flat.flatten(), colour.flatten()
 
 
-def uniform_code_loss(x: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+def uniform_code_loss(x: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor, cell: int = 4) -> torch.Tensor:
     """Pull the encoder output ``z`` ([N, D], normalised, code-grid order) of every flat cell of colour k
     to code k (normalised ``codebook`` [V, D]), wherever the cell is: a plain patch of a colour is then
     always one code, not one of the 9-26 per colour that its distance to the shape picked. Fixed,
     distinct codes per colour: pulling each colour to its own commonest code let every colour share one
     and collapsed the codebook to a single code."""
-    flat, colour = uniform_cells(x)
+    flat, colour = uniform_cells(x, cell)
     if not bool(flat.any()):
         return z.new_zeros(())
     return F.mse_loss(z[flat], codebook[colour[flat]])
@@ -245,8 +258,9 @@ def train_vq(
         x = _to_unit(_images([random_scene(rng) for _ in range(batch)], rng))
         if crop and step < 0.9 * steps:
             # convolutions learn as well from crops, 4x cheaper; the last 10% of steps see whole images,
-            # so the bottleneck's attention block gets used to the full 24 x 24 grid
-            y0, x0 = (int(v) * 4 for v in rng.integers(0, (IMAGE_SIZE - crop) // 4 + 1, size=2))
+            # so the bottleneck's attention block gets used to the whole code grid; crops keep to code cells
+            cell = vq.config.downsample
+            y0, x0 = (int(v) * cell for v in rng.integers(0, (IMAGE_SIZE - crop) // cell + 1, size=2))
             x = x[:, :, y0 : y0 + crop, x0 : x0 + crop]
         lr = _lr(1e-3, step, steps, warmup=100)
         for group in opt.param_groups:
@@ -285,7 +299,7 @@ def vq_codes(vq, images: np.ndarray, batch: int = 64) -> torch.Tensor:
     out = []
     for i in range(0, len(images), batch):
         _, _, (_, _, ids) = vq.encode(_to_unit(images[i : i + batch]))
-        out.append(ids.view(-1, 576))
+        out.append(ids.view(len(images[i : i + batch]), -1))
     return torch.cat(out)
 
 
@@ -296,7 +310,8 @@ def vq_roundtrip_accuracy(vq, n: int, seed: int) -> float:
     scenes = [random_scene(rng) for _ in range(n)]
     images = _images(scenes, rng)
     codes = vq_codes(vq, images)
-    pixels = vq.decode_code(codes, shape=[n, vq.config.codebook_embed_dim, 24, 24])
+    grid = IMAGE_SIZE // vq.config.downsample
+    pixels = vq.decode_code(codes, shape=[n, vq.config.codebook_embed_dim, grid, grid])
     arr = np.clip((pixels.permute(0, 2, 3, 1).numpy() + 1) / 2 * 255, 0, 255).astype(np.uint8)
     return float(np.mean([correct(judge(a), s.attributes())["all"] for a, s in zip(arr, scenes, strict=True)]))
 
@@ -434,7 +449,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _generation_logits(model, ids, mask, codes) -> torch.Tensor:
-    """Teacher-forced image-code logits [B, 576, V]: prompt + codes[:-1] in (through gen_head)."""
+    """Teacher-forced image-code logits [B, codes, V]: prompt + codes[:-1] in (through gen_head)."""
     lm = model.language_model
     embeds = torch.cat([lm.get_input_embeddings()(ids), model.prepare_gen_img_embeds(codes[:, :-1])], dim=1)
     full_mask = torch.cat([mask, torch.ones_like(codes[:, :-1])], dim=1)
@@ -443,7 +458,7 @@ def _generation_logits(model, ids, mask, codes) -> torch.Tensor:
 
 
 def code_weights(codes: torch.Tensor, shape_weight: float) -> torch.Tensor:
-    """Per-code loss weights [B, 576]: 1 for an image's background code (its most frequent one),
+    """Per-code loss weights [B, codes]: 1 for an image's background code (its most frequent one),
     ``shape_weight`` for every other code: the shape, its edges, and the first code of the shape, where
     the image's position is decided. The background is ~88% of the codes and the easiest to predict;
     colour, shape and position live in the rest."""
@@ -612,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vq-batch", type=int, default=16)
     parser.add_argument("--vq-crop", type=int, default=48, help="train the VQ on crops this size (0: whole)")
     parser.add_argument(
+        "--grid", type=int, default=GRID, help="codes along a generated image's side (24: 4 px per code; 12: 8 px)"
+    )
+    parser.add_argument(
         "--vq-no-restarts", action="store_true", help="codes no batch picks die instead of restarting"
     )
     parser.add_argument(
@@ -667,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     work = Path(args.work)
     skeleton = work / "skeleton"
-    cfg = write_skeleton(skeleton)
+    cfg = write_skeleton(skeleton, args.grid)
     from janus.models import VLChatProcessor
 
     processor = VLChatProcessor.from_pretrained(skeleton)
