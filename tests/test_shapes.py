@@ -235,6 +235,11 @@ def test_a_12_by_12_code_grid_trains_and_encodes_to_144_codes(tmp_path):
         assert train.train_vq(vq, 2, 2, 0, tmp_path, 5.0, crop=48, uniform_weight=1.0) == 2
         vq.eval()
         assert train.vq_codes(vq, np.stack([draw(Scene("red", "circle", "left", "blue"))] * 3)).shape == (3, 144)
-        assert 0.0 <= train.vq_roundtrip_accuracy(vq, 4, 0) <= 1.0
+        assert 0.0 <= train.vq_roundtrip_accuracy(vq, 4, 0, jitter=False) <= 1.0
+        # --exact-shapes: generation targets are the scenes drawn exactly, understanding keeps the jitter
+        pool = train.Pool(vq, 6, 0, exact=True)
+        exact = np.stack([draw(s) for s in pool.scenes])
+        assert torch.equal(pool.codes, train.vq_codes(vq, exact))
+        assert not np.array_equal(pool.images, exact)
     finally:
         torch.set_num_threads(threads)

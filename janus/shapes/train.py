@@ -138,7 +138,8 @@ def _build_model(cfg: dict):
     return model.float()
 
 
-def _images(scenes: list[Scene], rng: np.random.Generator) -> np.ndarray:
+def _images(scenes: list[Scene], rng: np.random.Generator | None) -> np.ndarray:
+    """The scenes drawn; ``rng``: with small position/size jitter, None: exactly (one image per scene)."""
     return np.stack([draw(s, IMAGE_SIZE, rng) for s in scenes])
 
 
@@ -242,10 +243,12 @@ def train_vq(
     crop: int = 0,
     restarts: bool = True,
     uniform_weight: float = 0.0,
+    jitter: bool = True,
 ) -> int:
     """Train (or finish training) the VQ; returns how many steps this call ran. ``restarts``: codes no
     batch picked restart at encoder outputs (all codes stay in use); ``uniform_weight``: weight of
-    ``uniform_code_loss`` (one code per plain colour)."""
+    ``uniform_code_loss`` (one code per plain colour); ``jitter``: on scenes drawn with jitter (else
+    exactly, the images the LLM learns to write with ``--exact-shapes``)."""
     state_path = work / "vq_state.pt"
     opt = torch.optim.AdamW(vq.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     start, _ = _resume(state_path, vq, opt, "VQ")
@@ -255,7 +258,7 @@ def train_vq(
     vq.train()
     for step in range(start, steps):
         rng = np.random.default_rng([seed, 1, step])
-        x = _to_unit(_images([random_scene(rng) for _ in range(batch)], rng))
+        x = _to_unit(_images([random_scene(rng) for _ in range(batch)], rng if jitter else None))
         if crop and step < 0.9 * steps:
             # convolutions learn as well from crops, 4x cheaper; the last 10% of steps see whole images,
             # so the bottleneck's attention block gets used to the whole code grid; crops keep to code cells
@@ -304,11 +307,11 @@ def vq_codes(vq, images: np.ndarray, batch: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vq_roundtrip_accuracy(vq, n: int, seed: int) -> float:
+def vq_roundtrip_accuracy(vq, n: int, seed: int, jitter: bool = True) -> float:
     """How often the judge reads a drawn scene correctly after encode + decode through the VQ."""
     rng = np.random.default_rng([seed, 2])
     scenes = [random_scene(rng) for _ in range(n)]
-    images = _images(scenes, rng)
+    images = _images(scenes, rng if jitter else None)
     codes = vq_codes(vq, images)
     grid = IMAGE_SIZE // vq.config.downsample
     pixels = vq.decode_code(codes, shape=[n, vq.config.codebook_embed_dim, grid, grid])
@@ -321,17 +324,20 @@ def vq_roundtrip_accuracy(vq, n: int, seed: int) -> float:
 
 class Pool:
     """Drawn training scenes, their pixels and their VQ codes, made once (the codes cached in ``work``:
-    encoding 16k images takes minutes, drawing them again does not)."""
+    encoding 16k images takes minutes, drawing them again does not). The pixels (understanding's input)
+    are drawn with jitter; the codes (generation's targets) too, or with ``exact`` from the scenes drawn
+    exactly: one right image per prompt, its colours, shape and position, nothing else to model."""
 
-    def __init__(self, vq, n: int, seed: int, work: Path | None = None):
+    def __init__(self, vq, n: int, seed: int, work: Path | None = None, exact: bool = False):
         rng = np.random.default_rng([seed, 3])
         self.scenes = [random_scene(rng) for _ in range(n)]
         self.images = _images(self.scenes, rng)
-        cache = work / f"pool_codes_{seed}_{n}.pt" if work is not None else None
+        name = f"pool_codes_{seed}_{n}{'_exact' if exact else ''}.pt"
+        cache = work / name if work is not None else None
         if cache is not None and cache.exists():
             self.codes = torch.load(cache, weights_only=True)
         else:
-            self.codes = vq_codes(vq, self.images)
+            self.codes = vq_codes(vq, _images(self.scenes, None) if exact else self.images)
             if cache is not None:
                 torch.save(self.codes, cache)
 
@@ -638,6 +644,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="pull each plain cell of colour k to code k (benchmarks/README.md: 39 codes, 4.4 bits, not 511, 7.4)",
     )
+    parser.add_argument(
+        "--exact-shapes",
+        action="store_true",
+        help="the VQ and the generation targets see scenes drawn without jitter (understanding keeps it)",
+    )
     parser.add_argument("--pool", type=int, default=16384, help="drawn scenes the LLM trains on")
     parser.add_argument("--llm-steps", type=int, default=3000)
     parser.add_argument("--gen-batch", type=int, default=16)
@@ -704,11 +715,13 @@ def main(argv: list[str] | None = None) -> int:
         crop=args.vq_crop,
         restarts=not args.vq_no_restarts,
         uniform_weight=args.vq_uniform_weight,
+        jitter=not args.exact_shapes,
     ):
-        logger.info("VQ round trip, judged: %.3f all-correct", vq_roundtrip_accuracy(vq, 256, args.seed))
+        accuracy = vq_roundtrip_accuracy(vq, 256, args.seed, jitter=not args.exact_shapes)
+        logger.info("VQ round trip, judged: %.3f all-correct", accuracy)
     with torch.no_grad():  # image-token embeddings start as the (normalised) codebook
         model.gen_embed.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=1))
-    pool = Pool(vq, args.pool, args.seed, work)
+    pool = Pool(vq, args.pool, args.seed, work, exact=args.exact_shapes)
     logger.info("pool of %d scenes encoded in %.0fs", len(pool.scenes), time.time() - t0)
     args.minutes -= (time.time() - t0) / 60
     train_llm(model, processor, pool, args, work)
