@@ -91,7 +91,7 @@ class Synthesizer(ModelActor):
         size, q = self.engine.image_size, self.quality
         out = {
             "image": np.zeros((n, size, size, 3), dtype=np.uint8),
-            "tokens": np.zeros((n, 576), dtype=np.int32),
+            "tokens": np.zeros((n, self.engine.image_tokens), dtype=np.int32),
             "seconds": np.zeros(n, dtype=np.float64),
             "phash": np.zeros(n, dtype=np.int64),
             "score": np.full(n, np.nan, dtype=np.float32),
