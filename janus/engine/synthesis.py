@@ -31,7 +31,6 @@ from .sampling import SamplingParams, row_uniforms, sample
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKENS = 576  # Janus generates a 24 x 24 grid of VQ codes (``SynthesisEngine.image_tokens`` per model)
 PROMPT_BUCKET = 64  # with compile=True, prompt lengths are padded up to a multiple of this
 
 

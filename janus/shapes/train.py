@@ -72,14 +72,16 @@ GRID = 24  # codes along a generated image's side, as in Janus (``--grid``: 12 i
 
 def vq_params(grid: int = GRID) -> dict:
     """The VQ's config params for a ``grid`` x ``grid`` code grid of a 96 px image: one 2x downsampling
-    level per halving (24: 4 px per code, three levels as shipped; 12: 8 px, four levels)."""
-    levels = int(math.log2(IMAGE_SIZE // grid)) if grid and IMAGE_SIZE % grid == 0 else -1
-    if levels < 1 or IMAGE_SIZE // grid != 2**levels:
+    level per halving (24: 4 px per code, three levels; 12: 8 px, four levels, as shipped)."""
+    per_code = IMAGE_SIZE // grid if grid > 0 and IMAGE_SIZE % grid == 0 else 0
+    if per_code < 2 or per_code & (per_code - 1):
         raise ValueError(f"--grid {grid} must be {IMAGE_SIZE} px divided by a power of two (48, 24, 12, 6)")
-    params = dict(VQ, ch_mult=[1] + [2] * levels)
-    if grid != GRID:  # the shipped 24 x 24 config stays as it was
+    params = dict(VQ, ch_mult=[1] + [2] * (per_code.bit_length() - 1))
+    if grid != GRID:  # Janus' 24 x 24 grid needs no image size in the config (written as before)
         params["image_size"] = IMAGE_SIZE
     return params
+
+
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // VISION["patch_size"]) ** 2
 BPE_VOCAB = 512
 CAPTION_QUESTIONS = (DEFAULT_QUESTION, "Describe this image.", "What is in this image?")
@@ -255,14 +257,14 @@ def train_vq(
     size = vq.quantize.embedding.weight.shape[0]
     used = torch.zeros(size)
     t_end = time.time() + minutes * 60
+    cell = vq.config.downsample  # crops keep to code cells
     vq.train()
     for step in range(start, steps):
         rng = np.random.default_rng([seed, 1, step])
         x = _to_unit(_images([random_scene(rng) for _ in range(batch)], rng if jitter else None))
         if crop and step < 0.9 * steps:
             # convolutions learn as well from crops, 4x cheaper; the last 10% of steps see whole images,
-            # so the bottleneck's attention block gets used to the whole code grid; crops keep to code cells
-            cell = vq.config.downsample
+            # so the bottleneck's attention block gets used to the whole code grid
             y0, x0 = (int(v) * cell for v in rng.integers(0, (IMAGE_SIZE - crop) // cell + 1, size=2))
             x = x[:, :, y0 : y0 + crop, x0 : x0 + crop]
         lr = _lr(1e-3, step, steps, warmup=100)
@@ -313,7 +315,7 @@ def vq_roundtrip_accuracy(vq, n: int, seed: int, jitter: bool = True) -> float:
     scenes = [random_scene(rng) for _ in range(n)]
     images = _images(scenes, rng if jitter else None)
     codes = vq_codes(vq, images)
-    grid = IMAGE_SIZE // vq.config.downsample
+    grid = vq.config.grid
     pixels = vq.decode_code(codes, shape=[n, vq.config.codebook_embed_dim, grid, grid])
     arr = np.clip((pixels.permute(0, 2, 3, 1).numpy() + 1) / 2 * 255, 0, 255).astype(np.uint8)
     return float(np.mean([correct(judge(a), s.attributes())["all"] for a, s in zip(arr, scenes, strict=True)]))
