@@ -130,6 +130,80 @@ def test_training_sequences_are_the_engines_prompts(tmp_path):
     assert processor.tokenizer.decode(answer_ids, skip_special_tokens=True) == " " + caption(scene)
 
 
+def test_yes_no_negatives_and_attribute_questions_are_what_the_flags_ask(tmp_path):
+    """--negative-attributes: a one-change negative changes only those attributes; --attribute-questions:
+    a row asks one attribute alone and its answer is that attribute in the caption's words."""
+    import torch
+
+    from janus.engine.prompts import SCORE_QUESTION
+    from janus.models import VLChatProcessor
+    from janus.shapes import train
+
+    r = random.Random(0)
+    scenes = all_scenes(held_out=False)
+    for _ in range(500):
+        scene = scenes[r.randrange(len(scenes))]
+        other = train._perturbed(scene, r, ("shape", "position"))
+        changed = [k for k, v in scene.attributes().items() if other.attributes()[k] != v]
+        assert len(changed) == 1 and changed[0] in ("shape", "position") and not other.held_out
+
+    skeleton = tmp_path / "skeleton"
+    train.write_skeleton(skeleton)
+    processor = VLChatProcessor.from_pretrained(skeleton)
+    scene = Scene("red", "circle", "left", "blue")
+
+    class OnePool:
+        scenes = [scene]
+        images = np.stack([draw(scene)])
+        codes = torch.zeros(1, 576, dtype=torch.long)
+
+    def answers(batches, seed):
+        ids, _, labels, _, _ = batches.understanding([0] * 8, random.Random(seed))
+        tok = processor.tokenizer
+        out = []
+        for row, lab in zip(ids, labels, strict=True):
+            start = int((lab != -100).nonzero()[0])
+            out.append((tok.decode(row[:start]), tok.decode(lab[start:][lab[start:] != -100], skip_special_tokens=True)))
+        return out
+
+    asked = answers(train.Batches(processor, OnePool(), yes_no=0.0, attribute_questions=1.0), 0)
+    seen = set()
+    for prompt, answer in asked:
+        field = next(f for f, q in train.ATTRIBUTE_QUESTIONS.items() if q in prompt)
+        assert answer == " " + train.attribute_answer(scene, field)
+        seen.add(field)
+    assert len(seen) >= 2
+    assert train.attribute_answer(scene, "position") == "on the left"
+    assert train.attribute_answer(Scene("red", "circle", "center", "blue"), "position") == "in the center"
+
+    pairs = answers(train.Batches(processor, OnePool(), yes_no=1.0, negative_fields=("position",)), 1)
+    assert [a for _, a in pairs] == [" yes", " no"] * 8  # each image asked twice
+    for (own, _), (other, _) in zip(pairs[::2], pairs[1::2], strict=True):
+        assert SCORE_QUESTION.format(prompt=caption(scene)) in own
+        assert "a red circle" in other and "blue background" in other and "on the left" not in other
+
+    # --prompt-readout: the score question's quoted prompt, then a request for one of its words back
+    batches = train.Batches(processor, OnePool(), yes_no=1.0, negative_fields=("shape",), prompt_readout=1.0)
+    rows = answers(batches, 3)
+    assert {a for _, a in rows} >= {" circle"} and len({a for _, a in rows}) > 1  # the prompt's, not the image's
+    for prompt, answer in rows:
+        assert train.READOUT_QUESTIONS["shape"].split('"')[0] in prompt and f"a red{answer} on the left" in prompt
+
+    # --partial-prompts: shorter prompts in the caption's words; the pair still differs in the changed
+    # attribute, and the shape (the noun) is always there
+    assert train.partial_caption(scene, {"shape"}) == "a circle"
+    assert train.partial_caption(scene, {"shape", "position"}) == "a circle on the left"
+    assert train.partial_caption(scene, {"color", "shape", "background"}) == "a red circle, blue background"
+    assert train.partial_caption(scene, set(train.ATTRIBUTES)) == caption(scene)
+    batches = train.Batches(processor, OnePool(), yes_no=1.0, negative_fields=("shape",), partial_prompts=1.0)
+    pairs = answers(batches, 2)
+    quoted = [prompt.split('"')[1] for prompt, _ in pairs]
+    assert len(set(quoted[::2])) > 1  # different subsets
+    for own, other in zip(quoted[::2], quoted[1::2], strict=True):
+        assert own.startswith("a ") and "circle" in own and "circle" not in other
+        assert own.replace("circle", "") == other.replace("square", "").replace("triangle", "")
+
+
 def test_auroc_counts_wins_and_half_ties():
     from janus.shapes.judge import auroc
 

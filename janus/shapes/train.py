@@ -10,6 +10,11 @@ Two stages, both seeded, both resumable (state is saved under ``--work`` every f
    a phase in which most understanding examples are that question, asked in pairs about one image (its
    own scene: yes; another scene or one attribute changed: no; ``--yes-no``, ``--easy-negatives``):
    asked singly, half the time each, the 4-layer LLM learnt captions and answered the question 50/50.
+   Three more kinds of understanding example, for teaching the question to read shape and position
+   (benchmarks/README.md, "Quality columns": fine-tuning the shipped model with them did not): one
+   attribute asked alone (``--attribute-questions``), the quoted prompt read back
+   (``--prompt-readout``), and pairs about shorter prompts (``--partial-prompts``); which attributes a
+   one-change negative may change: ``--negative-attributes``.
 The result is written in the official on-disk format (config.json, safetensors, tokenizer, processor
 configs) and loaded like any Janus-Pro checkpoint. Held-out combinations (purple triangles, orange
 circles) are never drawn, encoded or mentioned in any training example.
@@ -85,6 +90,14 @@ def vq_params(grid: int = GRID) -> dict:
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // VISION["patch_size"]) ** 2
 BPE_VOCAB = 512
 CAPTION_QUESTIONS = (DEFAULT_QUESTION, "Describe this image.", "What is in this image?")
+#: one attribute asked alone (``--attribute-questions``): its answer is read out at the answer position,
+#: the position the yes/no score is read from
+ATTRIBUTE_QUESTIONS = {
+    "color": "What colour is the shape?",
+    "shape": "What shape is it?",
+    "position": "Where is the shape?",
+    "background": "What colour is the background?",
+}
 CFG_DROPOUT = 0.1
 
 
@@ -344,10 +357,38 @@ class Pool:
                 torch.save(self.codes, cache)
 
 
-def _perturbed(scene: Scene, rng: random.Random) -> Scene:
-    """The scene with exactly one attribute changed (never into a held-out combination)."""
+ATTRIBUTES = ("color", "shape", "position", "background")
+
+
+#: the score question's own words with another ending: name what the quoted prompt asks for
+#: (``--prompt-readout``); the answer is in the prompt's words, whatever the image shows
+READOUT_QUESTIONS = {
+    field: SCORE_QUESTION.split("?")[0] + f"? Please name the {what} it asks for."
+    for field, what in (("color", "colour"), ("shape", "shape"), ("position", "place"), ("background", "background"))
+}
+
+
+def attribute_answer(scene: Scene, field: str) -> str:
+    """The answer to ``ATTRIBUTE_QUESTIONS[field]``, in the caption's words."""
+    if field == "position":
+        return "in the center" if scene.position == "center" else f"on the {scene.position}"
+    return getattr(scene, field)
+
+
+def partial_caption(scene: Scene, keep: set[str]) -> str:
+    """The caption with only the attributes in ``keep`` (the shape always: it is the noun), in the
+    caption's order and words: e.g. "a triangle on the left" or "a red triangle, blue background"."""
+    if keep >= set(ATTRIBUTES):
+        return caption(scene)
+    text = "a" + (f" {scene.color}" if "color" in keep else "") + f" {scene.shape}"
+    text += f" {attribute_answer(scene, 'position')}" if "position" in keep else ""
+    return text + (f", {scene.background} background" if "background" in keep else "")
+
+
+def _perturbed(scene: Scene, rng: random.Random, fields: tuple[str, ...] = ATTRIBUTES) -> Scene:
+    """The scene with exactly one of ``fields`` changed (never into a held-out combination)."""
     while True:
-        field = rng.choice(("color", "shape", "position", "background"))
+        field = rng.choice(fields)
         values = {"color": COLORS, "shape": SHAPES, "position": tuple(POSITIONS), "background": COLORS}[field]
         attrs = scene.attributes()
         attrs[field] = rng.choice([v for v in values if v != attrs[field]])
@@ -368,9 +409,17 @@ class Batches:
         cfg_dropout: float = CFG_DROPOUT,
         yes_no: float | None = None,
         easy: float = 0.0,
+        negative_fields: tuple[str, ...] = ATTRIBUTES,
+        attribute_questions: float = 0.0,
+        partial_prompts: float = 0.0,
+        prompt_readout: float = 0.0,
     ):
         self.processor = processor
+        self.prompt_readout = prompt_readout
+        self.partial_prompts = partial_prompts
+        self.attribute_questions = attribute_questions
         self.easy = easy
+        self.negative_fields = negative_fields
         self.cfg_dropout = cfg_dropout
         self.yes_no = yes_no
         self.tok = processor.tokenizer
@@ -427,6 +476,18 @@ class Batches:
                 rows.append(self.understanding_ids(question, answer))
                 images.append(i)
                 continue
+            if self.prompt_readout and rng.random() < self.prompt_readout:
+                asked = scene if rng.random() < 0.5 else _perturbed(scene, rng, self.negative_fields)
+                field = rng.choice(self.negative_fields)
+                question = READOUT_QUESTIONS[field].format(prompt=caption(asked))
+                rows.append(self.understanding_ids(question, attribute_answer(asked, field)))
+                images.append(i)
+                continue
+            if self.attribute_questions and rng.random() < self.attribute_questions:
+                field = rng.choice(ATTRIBUTES)
+                rows.append(self.understanding_ids(ATTRIBUTE_QUESTIONS[field], attribute_answer(scene, field)))
+                images.append(i)
+                continue
             if rng.random() >= self.yes_no:
                 rows.append(self.understanding_ids(rng.choice(CAPTION_QUESTIONS), caption(scene)))
                 images.append(i)
@@ -435,9 +496,15 @@ class Batches:
                 other = self.pool.scenes[rng.randrange(len(self.pool.scenes))]
                 other = other if other != scene else _perturbed(scene, rng)
             else:  # exactly one attribute changed: what the score must rank
-                other = _perturbed(scene, rng)
+                other = _perturbed(scene, rng, self.negative_fields)
+            keep = set(ATTRIBUTES)
+            if self.partial_prompts and rng.random() < self.partial_prompts:
+                # a shorter prompt: the shape, the attribute that differs, each other one by a coin toss
+                differs = {k for k, v in scene.attributes().items() if other.attributes()[k] != v}
+                keep = {"shape"} | differs | {k for k in ATTRIBUTES if rng.random() < 0.5}
             for asked, answer in ((scene, SCORE_ANSWERS[0]), (other, SCORE_ANSWERS[1])):
-                rows.append(self.understanding_ids(SCORE_QUESTION.format(prompt=caption(asked)), answer))
+                prompt = partial_caption(asked, keep)
+                rows.append(self.understanding_ids(SCORE_QUESTION.format(prompt=prompt), answer))
                 images.append(i)
         idx = images
         length = max(len(p) + len(a) for p, a in rows)
@@ -563,7 +630,10 @@ def train_llm(model, processor, pool: Pool, args, work: Path) -> None:
         betas=(0.9, 0.95),
     )
     start, fresh_at = _resume(state_path, model, opt, "LLM")
-    batches = Batches(processor, pool, args.cfg_dropout, args.yes_no, args.easy_negatives)
+    batches = Batches(
+        processor, pool, args.cfg_dropout, args.yes_no, args.easy_negatives, tuple(args.negative_attributes),
+        args.attribute_questions, args.partial_prompts, args.prompt_readout,
+    )
     t_end = time.time() + args.minutes * 60
     steps = args.llm_steps
     model.train()
@@ -666,6 +736,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--easy-negatives", type=float, default=0.0, help="yes/no negatives that are another scene, not one change"
+    )
+    parser.add_argument(
+        "--negative-attributes",
+        nargs="+",
+        choices=ATTRIBUTES,
+        default=list(ATTRIBUTES),
+        help="the attributes a one-change yes/no negative may change (default: any of the four)",
+    )
+    parser.add_argument(
+        "--attribute-questions",
+        type=float,
+        default=0.0,
+        help="understanding rows that ask one attribute alone (e.g. 'What shape is it?'), before --yes-no "
+        "splits the rest",
+    )
+    parser.add_argument(
+        "--partial-prompts",
+        type=float,
+        default=0.0,
+        help="yes/no pairs asked about a shorter prompt (the shape, the attribute that differs, the others "
+        "by a coin toss), so the answer must come from the words wherever they stand",
+    )
+    parser.add_argument(
+        "--prompt-readout",
+        type=float,
+        default=0.0,
+        help="understanding rows that quote a prompt as the score question does and ask for one of its "
+        "--negative-attributes back (the prompt's word, not the image's): it teaches the answer position "
+        "to read the quoted words",
     )
     parser.add_argument(
         "--guided-loss",
