@@ -74,6 +74,14 @@ def test_held_out_combinations_are_never_trained_on():
         assert f"{color} {shape}" not in corpus
 
 
+def _one_scene_pool(scene: Scene):
+    """A training pool of one drawn scene (what ``Batches`` reads: scenes, images, codes)."""
+    import torch
+
+    fields = {"scenes": [scene], "images": np.stack([draw(scene)]), "codes": torch.zeros(1, 576, dtype=torch.long)}
+    return type("OnePool", (), fields)
+
+
 def test_training_sequences_are_the_engines_prompts(tmp_path):
     """The shapes model learns on exactly the token layout the engines use at run time."""
     import torch
@@ -89,12 +97,7 @@ def test_training_sequences_are_the_engines_prompts(tmp_path):
     model = train._build_model(cfg)
     scene = Scene("red", "circle", "left", "blue")
 
-    class OnePool:
-        scenes = [scene]
-        images = np.stack([draw(scene)])
-        codes = torch.zeros(1, 576, dtype=torch.long)
-
-    batches = train.Batches(processor, OnePool())
+    batches = train.Batches(processor, _one_scene_pool(scene))
     rng = random.Random(1)
     assert rng.random() >= train.CFG_DROPOUT  # this seed keeps the prompt (no CFG dropout)
     ids, mask, _ = batches.generation([0], random.Random(1))
@@ -133,8 +136,6 @@ def test_training_sequences_are_the_engines_prompts(tmp_path):
 def test_yes_no_negatives_and_attribute_questions_are_what_the_flags_ask(tmp_path):
     """--negative-attributes: a one-change negative changes only those attributes; --attribute-questions:
     a row asks one attribute alone and its answer is that attribute in the caption's words."""
-    import torch
-
     from janus.engine.prompts import SCORE_QUESTION
     from janus.models import VLChatProcessor
     from janus.shapes import train
@@ -152,11 +153,6 @@ def test_yes_no_negatives_and_attribute_questions_are_what_the_flags_ask(tmp_pat
     processor = VLChatProcessor.from_pretrained(skeleton)
     scene = Scene("red", "circle", "left", "blue")
 
-    class OnePool:
-        scenes = [scene]
-        images = np.stack([draw(scene)])
-        codes = torch.zeros(1, 576, dtype=torch.long)
-
     def answers(batches, seed):
         ids, _, labels, _, _ = batches.understanding([0] * 8, random.Random(seed))
         tok = processor.tokenizer
@@ -166,7 +162,7 @@ def test_yes_no_negatives_and_attribute_questions_are_what_the_flags_ask(tmp_pat
             out.append((tok.decode(row[:start]), tok.decode(lab[start:][lab[start:] != -100], skip_special_tokens=True)))
         return out
 
-    asked = answers(train.Batches(processor, OnePool(), yes_no=0.0, attribute_questions=1.0), 0)
+    asked = answers(train.Batches(processor, _one_scene_pool(scene), yes_no=0.0, attribute_questions=1.0), 0)
     seen = set()
     for prompt, answer in asked:
         field = next(f for f, q in train.ATTRIBUTE_QUESTIONS.items() if q in prompt)
@@ -176,14 +172,14 @@ def test_yes_no_negatives_and_attribute_questions_are_what_the_flags_ask(tmp_pat
     assert train.attribute_answer(scene, "position") == "on the left"
     assert train.attribute_answer(Scene("red", "circle", "center", "blue"), "position") == "in the center"
 
-    pairs = answers(train.Batches(processor, OnePool(), yes_no=1.0, negative_fields=("position",)), 1)
+    pairs = answers(train.Batches(processor, _one_scene_pool(scene), yes_no=1.0, negative_fields=("position",)), 1)
     assert [a for _, a in pairs] == [" yes", " no"] * 8  # each image asked twice
     for (own, _), (other, _) in zip(pairs[::2], pairs[1::2], strict=True):
         assert SCORE_QUESTION.format(prompt=caption(scene)) in own
         assert "a red circle" in other and "blue background" in other and "on the left" not in other
 
     # --prompt-readout: the score question's quoted prompt, then a request for one of its words back
-    batches = train.Batches(processor, OnePool(), yes_no=1.0, negative_fields=("shape",), prompt_readout=1.0)
+    batches = train.Batches(processor, _one_scene_pool(scene), yes_no=1.0, negative_fields=("shape",), prompt_readout=1.0)
     rows = answers(batches, 3)
     assert {a for _, a in rows} >= {" circle"} and len({a for _, a in rows}) > 1  # the prompt's, not the image's
     for prompt, answer in rows:
@@ -195,7 +191,7 @@ def test_yes_no_negatives_and_attribute_questions_are_what_the_flags_ask(tmp_pat
     assert train.partial_caption(scene, {"shape", "position"}) == "a circle on the left"
     assert train.partial_caption(scene, {"color", "shape", "background"}) == "a red circle, blue background"
     assert train.partial_caption(scene, set(train.ATTRIBUTES)) == caption(scene)
-    batches = train.Batches(processor, OnePool(), yes_no=1.0, negative_fields=("shape",), partial_prompts=1.0)
+    batches = train.Batches(processor, _one_scene_pool(scene), yes_no=1.0, negative_fields=("shape",), partial_prompts=1.0)
     pairs = answers(batches, 2)
     quoted = [prompt.split('"')[1] for prompt, _ in pairs]
     assert len(set(quoted[::2])) > 1  # different subsets

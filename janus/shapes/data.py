@@ -71,10 +71,14 @@ class Scene:
         return {"color": self.color, "shape": self.shape, "position": self.position, "background": self.background}
 
 
+def place(scene: Scene) -> str:
+    """Where the shape is, in the grammar's words: "in the center" or "on the <position>"."""
+    return "in the center" if scene.position == "center" else f"on the {scene.position}"
+
+
 def caption(scene: Scene) -> str:
     """The scene in the fixed grammar (the prompt that asks for it, and the caption that describes it)."""
-    where = "in the center" if scene.position == "center" else f"on the {scene.position}"
-    return f"a {scene.color} {scene.shape} {where}, {scene.background} background"
+    return f"a {scene.color} {scene.shape} {place(scene)}, {scene.background} background"
 
 
 _WORD = r"([a-z]+)"

@@ -62,6 +62,7 @@ from janus.shapes.data import (
     caption,
     draw,
     parse_caption,
+    place,
     random_scene,
 )
 from janus.shapes.judge import auroc, correct, judge
@@ -370,9 +371,7 @@ READOUT_QUESTIONS = {
 
 def attribute_answer(scene: Scene, field: str) -> str:
     """The answer to ``ATTRIBUTE_QUESTIONS[field]``, in the caption's words."""
-    if field == "position":
-        return "in the center" if scene.position == "center" else f"on the {scene.position}"
-    return getattr(scene, field)
+    return place(scene) if field == "position" else getattr(scene, field)
 
 
 def partial_caption(scene: Scene, keep: set[str]) -> str:
@@ -381,7 +380,7 @@ def partial_caption(scene: Scene, keep: set[str]) -> str:
     if keep >= set(ATTRIBUTES):
         return caption(scene)
     text = "a" + (f" {scene.color}" if "color" in keep else "") + f" {scene.shape}"
-    text += f" {attribute_answer(scene, 'position')}" if "position" in keep else ""
+    text += f" {place(scene)}" if "position" in keep else ""
     return text + (f", {scene.background} background" if "background" in keep else "")
 
 
@@ -631,8 +630,15 @@ def train_llm(model, processor, pool: Pool, args, work: Path) -> None:
     )
     start, fresh_at = _resume(state_path, model, opt, "LLM")
     batches = Batches(
-        processor, pool, args.cfg_dropout, args.yes_no, args.easy_negatives, tuple(args.negative_attributes),
-        args.attribute_questions, args.partial_prompts, args.prompt_readout,
+        processor,
+        pool,
+        args.cfg_dropout,
+        args.yes_no,
+        args.easy_negatives,
+        negative_fields=tuple(args.negative_attributes),
+        attribute_questions=args.attribute_questions,
+        partial_prompts=args.partial_prompts,
+        prompt_readout=args.prompt_readout,
     )
     t_end = time.time() + args.minutes * 60
     steps = args.llm_steps
