@@ -594,7 +594,10 @@ def test_64_concurrent_requests_are_all_answered_in_shared_batches(server):
     requests = after["requests"] - before["requests"]
     steps = after["model_calls"] - before["model_calls"]
     assert requests == 64
-    assert steps < 64 and after["largest_batch"] > 1  # several requests decoded in each step
+    # one at a time, 64 requests of 3 tokens take 64 x 2 decode steps (the first token comes from the
+    # prefill); how many share a step depends on how fast the proxy hands them on (on a busy CI box
+    # 2 per step on average), so the bound is "fewer steps than one at a time", plus the peak batch
+    assert steps < 64 * 2 and after["largest_batch"] > 1, (steps, after["largest_batch"])
 
 
 def test_a_full_queue_answers_503_with_retry_after(server):
