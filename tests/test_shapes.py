@@ -313,3 +313,23 @@ def test_a_12_by_12_code_grid_trains_and_encodes_to_144_codes(tmp_path):
         assert not np.array_equal(pool.images, exact)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_pairs_start_at_the_step_pairs_from_names(tmp_path):
+    """--pairs-from: before that step the understanding rows are phases 1-2's (captions and single
+    questions, the same rows as --yes-no unset), from it on the yes/no pairs."""
+    import torch
+
+    from janus.models import VLChatProcessor
+    from janus.shapes import train
+
+    skeleton = tmp_path / "skeleton"
+    train.write_skeleton(skeleton)
+    processor = VLChatProcessor.from_pretrained(skeleton)
+    pool = _one_scene_pool(Scene("red", "circle", "left", "blue"))
+    late = train.Batches(processor, pool, yes_no=1.0, pairs_from=100)
+    single = train.Batches(processor, pool)  # --yes-no unset
+    before = late.understanding([0] * 8, random.Random(5), step=99)[0]
+    assert before.shape[0] == 8 and torch.equal(before, single.understanding([0] * 8, random.Random(5))[0])
+    assert late.understanding([0] * 8, random.Random(5), step=100)[0].shape[0] == 16  # each image asked twice
+    assert late.understanding([0] * 8, random.Random(5))[0].shape[0] == 16  # no step: the flags as given

@@ -412,8 +412,10 @@ class Batches:
         attribute_questions: float = 0.0,
         partial_prompts: float = 0.0,
         prompt_readout: float = 0.0,
+        pairs_from: int = 0,
     ):
         self.processor = processor
+        self.pairs_from = pairs_from
         self.prompt_readout = prompt_readout
         self.partial_prompts = partial_prompts
         self.attribute_questions = attribute_questions
@@ -457,15 +459,17 @@ class Batches:
         ids, _ = self.processor.add_image_token((ids == self.processor.image_id).nonzero().flatten(), ids)
         return ids.tolist(), self.tok.encode(" " + answer, add_special_tokens=False) + [self.eos]
 
-    def understanding(self, idx: list[int], rng: random.Random):
+    def understanding(self, idx: list[int], rng: random.Random, step: int | None = None):
         """Captions, and yes/no questions in pairs: the same image asked about its own scene and about
         another (a random scene with probability ``easy``, else one attribute changed), so the only
         thing that tells the two answers apart is the question (without pairing, a small model settles
-        at answering 50/50). ``yes_no=None``: phases 1-2's layout, single questions, kept bit for bit."""
+        at answering 50/50). ``yes_no=None``, or a training ``step`` before ``pairs_from``: phases 1-2's
+        layout, single questions, kept bit for bit."""
         rows, images = [], []
+        yes_no = None if step is not None and step < self.pairs_from else self.yes_no
         for i in idx:
             scene = self.pool.scenes[i]
-            if self.yes_no is None:  # phases 1 and 2 of the shipped model: half captions, single questions
+            if yes_no is None:  # phases 1 and 2 of the shipped model: half captions, single questions
                 if rng.random() < 0.5:
                     question, answer = rng.choice(CAPTION_QUESTIONS), caption(scene)
                 else:
@@ -487,7 +491,7 @@ class Batches:
                 rows.append(self.understanding_ids(ATTRIBUTE_QUESTIONS[field], attribute_answer(scene, field)))
                 images.append(i)
                 continue
-            if rng.random() >= self.yes_no:
+            if rng.random() >= yes_no:
                 rows.append(self.understanding_ids(rng.choice(CAPTION_QUESTIONS), caption(scene)))
                 images.append(i)
                 continue
@@ -639,6 +643,7 @@ def train_llm(model, processor, pool: Pool, args, work: Path) -> None:
         attribute_questions=args.attribute_questions,
         partial_prompts=args.partial_prompts,
         prompt_readout=args.prompt_readout,
+        pairs_from=args.pairs_from,
     )
     t_end = time.time() + args.minutes * 60
     steps = args.llm_steps
@@ -662,7 +667,7 @@ def train_llm(model, processor, pool: Pool, args, work: Path) -> None:
                 loss_gen = loss_gen + args.guided_loss * loss_guided
             else:
                 loss_gen = generation_loss(model, *batches.generation(gen_idx, rng), args.shape_weight)
-            loss_und = understanding_loss(model, *batches.understanding(und_idx, rng))
+            loss_und = understanding_loss(model, *batches.understanding(und_idx, rng, step))
         loss = loss_gen + loss_und
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -739,6 +744,15 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="understanding rows that are yes/no pairs (default: phases 1-2's layout, half single questions)",
+    )
+    parser.add_argument(
+        "--pairs-from",
+        type=int,
+        default=0,
+        help="the LLM step at which --yes-no's pairs (and the other score examples) start; before it, phases "
+        "1-2's layout: captions, and single yes/no questions a small model answers 50/50, which leaves its "
+        "attention free to learn shape and position once the pairs start (pairs from step 0 locked it onto "
+        "colour and background)",
     )
     parser.add_argument(
         "--easy-negatives", type=float, default=0.0, help="yes/no negatives that are another scene, not one change"
