@@ -31,7 +31,7 @@ import torch
 from benchmarks.eval_shapes import parser, shapes_model, write_report
 from janus.engine import CaptionEngine, SynthesisEngine, load_model_and_processor
 from janus.engine.quality import CuratedSynthesis, QualityOptions, Reader
-from janus.shapes.data import COLORS, POSITIONS, SHAPES, Scene, caption, draw, random_scene
+from janus.shapes.data import ATTRIBUTES, VALUES, Scene, caption, draw, random_scene
 from janus.shapes.judge import auroc, correct, judge
 
 RESULTS = Path(__file__).parent / "results"
@@ -39,10 +39,9 @@ THRESHOLDS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 0.95)
 
 
 def changed(scene: Scene, attribute: str, rng: random.Random) -> Scene:
-    values = {"color": COLORS, "shape": SHAPES, "position": tuple(POSITIONS), "background": COLORS}[attribute]
     while True:
         attrs = scene.attributes()
-        attrs[attribute] = rng.choice([v for v in values if v != attrs[attribute]])
+        attrs[attribute] = rng.choice([v for v in VALUES[attribute] if v != attrs[attribute]])
         if attrs["color"] != attrs["background"]:
             return Scene(**attrs)
 
@@ -54,7 +53,7 @@ def ranking(reader: Reader, images: list[np.ndarray], wanted: list[Scene], seed:
     judged_ok = [correct(judge(im), s.attributes())["all"] for im, s in zip(images, wanted, strict=True)]
     out: dict[str, Any] = {}
     negatives_all = []
-    for attribute in ("color", "shape", "position", "background"):
+    for attribute in ATTRIBUTES:
         other = reader.scores(features, [caption(changed(s, attribute, rng)) for s in wanted])
         negatives_all.extend(other.tolist())
         out[attribute] = round(auroc(own.tolist(), other.tolist()), 4)

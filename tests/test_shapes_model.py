@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from janus.shapes import Scene, caption, draw, judge, parse_caption
-from janus.shapes.data import random_scene
+from janus.shapes.data import ATTRIBUTES, random_scene
 from janus.shapes.judge import auroc, correct
 from tests.support.jobs import output_rows
 
@@ -136,8 +136,7 @@ def test_the_score_prefers_each_images_own_prompt(shapes):
     features = reader.features([draw(s, rng=rng) for s in scenes])
     own = reader.scores(features, [caption(s) for s in scenes])
     pick = random.Random(5)
-    attributes = ("color", "shape", "position", "background")
-    other = reader.scores(features, [caption(changed(s, attributes[i % 4], pick)) for i, s in enumerate(scenes)])
+    other = reader.scores(features, [caption(changed(s, ATTRIBUTES[i % 4], pick)) for i, s in enumerate(scenes)])
     got = auroc(own.tolist(), other.tolist())
     assert got >= MIN_SCORE_AUROC, (got, own, other)
 

@@ -37,6 +37,14 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "bottom": (0.5, 0.75),
     "center": (0.5, 0.5),
 }
+#: each attribute of a scene (``Scene.attributes()``'s keys, in the caption's order) and its values
+VALUES: dict[str, tuple[str, ...]] = {
+    "color": COLORS,
+    "shape": SHAPES,
+    "position": tuple(POSITIONS),
+    "background": BACKGROUNDS,
+}
+ATTRIBUTES = tuple(VALUES)
 HELD_OUT = frozenset({("purple", "triangle"), ("orange", "circle")})
 SIZE = 0.35  # shape extent as a fraction of the image side
 JITTER_POSITION = 0.025  # +- fraction of the side

@@ -54,11 +54,11 @@ from janus.engine.prompts import (
 from janus.engine.quality import Reader
 from janus.models.processing_vlm import DEFAULT_SYSTEM_PROMPT
 from janus.shapes.data import (
+    ATTRIBUTES,
     COLORS,
     IMAGE_SIZE,
     PALETTE,
-    POSITIONS,
-    SHAPES,
+    VALUES,
     Scene,
     all_scenes,
     caption,
@@ -360,9 +360,6 @@ class Pool:
                 torch.save(self.codes, cache)
 
 
-ATTRIBUTES = ("color", "shape", "position", "background")
-
-
 #: the score question's own words with another ending: name what the quoted prompt asks for
 #: (``--prompt-readout``); the answer is in the prompt's words, whatever the image shows
 READOUT_QUESTIONS = {
@@ -390,9 +387,8 @@ def _perturbed(scene: Scene, rng: random.Random, fields: tuple[str, ...] = ATTRI
     """The scene with exactly one of ``fields`` changed (never into a held-out combination)."""
     while True:
         field = rng.choice(fields)
-        values = {"color": COLORS, "shape": SHAPES, "position": tuple(POSITIONS), "background": COLORS}[field]
         attrs = scene.attributes()
-        attrs[field] = rng.choice([v for v in values if v != attrs[field]])
+        attrs[field] = rng.choice([v for v in VALUES[field] if v != attrs[field]])
         if attrs["color"] == attrs["background"]:
             continue
         other = Scene(**attrs)
