@@ -82,6 +82,17 @@ def _one_scene_pool(scene: Scene):
     return type("OnePool", (), fields)
 
 
+@pytest.fixture(scope="module")
+def skeleton_processor(tmp_path_factory):
+    """The processor of a shapes skeleton (tokenizer and image processor, no weights), made once."""
+    from janus.models import VLChatProcessor
+    from janus.shapes import train
+
+    skeleton = tmp_path_factory.mktemp("shapes") / "skeleton"
+    train.write_skeleton(skeleton)
+    return VLChatProcessor.from_pretrained(skeleton)
+
+
 def test_training_sequences_are_the_engines_prompts(tmp_path):
     """The shapes model learns on exactly the token layout the engines use at run time."""
     import torch
@@ -133,11 +144,10 @@ def test_training_sequences_are_the_engines_prompts(tmp_path):
     assert processor.tokenizer.decode(answer_ids, skip_special_tokens=True) == " " + caption(scene)
 
 
-def test_yes_no_negatives_and_attribute_questions_are_what_the_flags_ask(tmp_path):
+def test_yes_no_negatives_and_attribute_questions_are_what_the_flags_ask(skeleton_processor):
     """--negative-attributes: a one-change negative changes only those attributes; --attribute-questions:
     a row asks one attribute alone and its answer is that attribute in the caption's words."""
     from janus.engine.prompts import SCORE_QUESTION
-    from janus.models import VLChatProcessor
     from janus.shapes import train
 
     r = random.Random(0)
@@ -148,9 +158,7 @@ def test_yes_no_negatives_and_attribute_questions_are_what_the_flags_ask(tmp_pat
         changed = [k for k, v in scene.attributes().items() if other.attributes()[k] != v]
         assert len(changed) == 1 and changed[0] in ("shape", "position") and not other.held_out
 
-    skeleton = tmp_path / "skeleton"
-    train.write_skeleton(skeleton)
-    processor = VLChatProcessor.from_pretrained(skeleton)
+    processor = skeleton_processor
     scene = Scene("red", "circle", "left", "blue")
 
     def answers(batches, seed):
@@ -315,17 +323,14 @@ def test_a_12_by_12_code_grid_trains_and_encodes_to_144_codes(tmp_path):
         torch.set_num_threads(threads)
 
 
-def test_pairs_start_at_the_step_pairs_from_names(tmp_path):
+def test_pairs_start_at_the_step_pairs_from_names(skeleton_processor):
     """--pairs-from: before that step the understanding rows are phases 1-2's (captions and single
     questions, the same rows as --yes-no unset), from it on the yes/no pairs."""
     import torch
 
-    from janus.models import VLChatProcessor
     from janus.shapes import train
 
-    skeleton = tmp_path / "skeleton"
-    train.write_skeleton(skeleton)
-    processor = VLChatProcessor.from_pretrained(skeleton)
+    processor = skeleton_processor
     pool = _one_scene_pool(Scene("red", "circle", "left", "blue"))
     late = train.Batches(processor, pool, yes_no=1.0, pairs_from=100)
     single = train.Batches(processor, pool)  # --yes-no unset
