@@ -13,7 +13,6 @@ benchmarks/results/caption_scheduler.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -26,12 +25,13 @@ from benchmarks.bench_engines import CONFIGS, caption_images
 from janus.engine import CaptionEngine, load_model_and_processor
 from janus.engine.scheduler import Scheduler
 from janus.testing import write_tiny_checkpoint
+from janus.utils.cli import OneLineParser
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--slots", type=int, default=16)

@@ -27,12 +27,13 @@ import fsspec
 import ray
 from moto.server import ThreadedMotoServer
 
+from janus.utils.cli import OneLineParser
 from tests.support.jobs import committed_shards, million_row_job, session_env, start_cli
 from tests.support.memory import MemoryWatch, streaming_finished_at
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--out", default="benchmarks/results/driver_memory.json")
     args = ap.parse_args(argv)

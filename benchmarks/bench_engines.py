@@ -42,6 +42,7 @@ import torch
 
 from janus.engine.common import sync
 from janus.testing.reference import reference_caption, reference_generate, t2i_prompt
+from janus.utils.cli import OneLineParser
 
 IMAGE_TOKENS = 576
 
@@ -549,7 +550,7 @@ def git_state() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

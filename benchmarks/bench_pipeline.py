@@ -31,6 +31,7 @@ import torch
 from janus.engine import SynthesisEngine
 from janus.models import MultiModalityCausalLM, VLChatProcessor
 from janus.testing import write_tiny_checkpoint
+from janus.utils.cli import OneLineParser
 
 
 def bare_loop(
@@ -76,7 +77,7 @@ def commit_times(out: Path) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, default=32)

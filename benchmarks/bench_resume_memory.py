@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from janus.utils.cli import OneLineParser
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -71,7 +73,7 @@ def measure(root: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--rows-per-shard", type=int, default=10_000)
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: measure this directory

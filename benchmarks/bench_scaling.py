@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from janus.testing import write_tiny_checkpoint
+from janus.utils.cli import OneLineParser
 from tests.support import REPO
 from tests.support.jobs import cli_summary
 from tests.support.local_cluster import WORKER_RESOURCE, LocalCluster
@@ -73,7 +74,7 @@ def run_once(cluster: LocalCluster, model: str, prompts: Path, out: Path, actors
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=96)
     ap.add_argument("--actors", default="1,2,4")
     ap.add_argument("--out", default="benchmarks/results/scaling_cpu.json")

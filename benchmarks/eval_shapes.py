@@ -26,6 +26,7 @@ import torch
 from janus.engine import CaptionEngine, SynthesisEngine, load_model_and_processor
 from janus.shapes.data import Scene, caption, draw, parse_caption, random_scene
 from janus.shapes.judge import correct, judge
+from janus.utils.cli import OneLineParser
 from pipeline.model_ref import resolve_model_ref
 
 RESULTS = Path(__file__).parent / "results"
@@ -82,7 +83,7 @@ def sheet(images: list[np.ndarray], prompts: list[str], path: Path, cols: int = 
 
 def parser(doc: str, out: str) -> argparse.ArgumentParser:
     """The options both shapes evaluations take."""
-    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap = OneLineParser(description=doc.split("\n")[0])
     ap.add_argument("--model", default="shapes", help="checkpoint (default: the packaged shapes model)")
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)

@@ -37,6 +37,8 @@ import httpx
 import numpy as np
 import PIL.Image
 
+from janus.utils.cli import OneLineParser
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -388,7 +390,7 @@ def _device() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="configs/serve_tiny.yaml")

@@ -11,19 +11,14 @@ import json
 import logging
 import sys
 
+from janus.utils.cli import OneLineParser
+
 PROG = "janus-pipeline"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (and exit code 2), like every other bad input."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Janus-Pro batch jobs and serving on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog=PROG, description="Janus-Pro batch jobs and serving on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, help_text in (
         ("synthesize", "text prompts -> images (CFG), written as tar + Parquet shards"),
         ("caption", "images -> captions, written as Parquet shards"),

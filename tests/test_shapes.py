@@ -338,3 +338,13 @@ def test_pairs_start_at_the_step_pairs_from_names(skeleton_processor):
     assert before.shape[0] == 8 and torch.equal(before, single.understanding([0] * 8, random.Random(5))[0])
     assert late.understanding([0] * 8, random.Random(5), step=100)[0].shape[0] == 16  # each image asked twice
     assert late.understanding([0] * 8, random.Random(5))[0].shape[0] == 16  # no step: the flags as given
+
+
+def test_a_bad_trainer_flag_is_one_line_and_exit_code_2(capsys):
+    from janus.shapes import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--pairs-from", "abc"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and "--pairs-from: invalid int value: 'abc'" in err, err

@@ -26,7 +26,6 @@ Never imported at run time: only this command and the tests of the shipped check
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -68,6 +67,7 @@ from janus.shapes.data import (
     random_scene,
 )
 from janus.shapes.judge import auroc, correct, judge
+from janus.utils.cli import OneLineParser
 
 logger = logging.getLogger("janus.shapes.train")
 
@@ -705,7 +705,7 @@ def export(model, cfg: dict, skeleton: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m janus.shapes.train", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m janus.shapes.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="janus/shapes/checkpoint", help="where the checkpoint is written")
     parser.add_argument("--work", default="out/shapes-train", help="resumable training state")
     parser.add_argument("--seed", type=int, default=0)
