@@ -15,8 +15,8 @@ Two stages, both seeded, both resumable (state is saved under ``--work`` every f
    attribute asked alone (``--attribute-questions``), the quoted prompt read back
    (``--prompt-readout``), and pairs about shorter prompts (``--partial-prompts``); which attributes a
    one-change negative may change: ``--negative-attributes``; ``--pairs-from``: the step at which the pairs
-   start (from step 3000 they taught shape and position but not colour; from step 0, colour and
-   background only).
+   start (from step 3000 they taught shape and position but not colour, and all four once colour was
+   in 40% of the one-change negatives; from step 0, colour and background only).
 The result is written in the official on-disk format (config.json, safetensors, tokenizer, processor
 configs) and loaded like any Janus-Pro checkpoint. Held-out combinations (purple triangles, orange
 circles) are never drawn, encoded or mentioned in any training example.
