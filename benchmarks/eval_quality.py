@@ -31,19 +31,11 @@ import torch
 from benchmarks.eval_shapes import parser, shapes_model, write_report
 from janus.engine import CaptionEngine, SynthesisEngine, load_model_and_processor
 from janus.engine.quality import CuratedSynthesis, QualityOptions, Reader
-from janus.shapes.data import ATTRIBUTES, VALUES, Scene, caption, draw, random_scene
+from janus.shapes.data import ATTRIBUTES, Scene, caption, draw, one_changed, random_scene
 from janus.shapes.judge import auroc, correct, judge
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 0.95)
-
-
-def changed(scene: Scene, attribute: str, rng: random.Random) -> Scene:
-    while True:
-        attrs = scene.attributes()
-        attrs[attribute] = rng.choice([v for v in VALUES[attribute] if v != attrs[attribute]])
-        if attrs["color"] != attrs["background"]:
-            return Scene(**attrs)
 
 
 def ranking(reader: Reader, images: list[np.ndarray], wanted: list[Scene], seed: int) -> dict[str, Any]:
@@ -54,7 +46,7 @@ def ranking(reader: Reader, images: list[np.ndarray], wanted: list[Scene], seed:
     out: dict[str, Any] = {}
     negatives_all = []
     for attribute in ATTRIBUTES:
-        other = reader.scores(features, [caption(changed(s, attribute, rng)) for s in wanted])
+        other = reader.scores(features, [caption(one_changed(s, rng, attribute=attribute)) for s in wanted])
         negatives_all.extend(other.tolist())
         out[attribute] = round(auroc(own.tolist(), other.tolist()), 4)
         ok = [i for i, good in enumerate(judged_ok) if good]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from janus.shapes import HELD_OUT, PALETTE, Scene, caption, draw, judge, parse_caption
-from janus.shapes.data import all_scenes, random_scene
+from janus.shapes.data import ATTRIBUTES, all_scenes, one_changed, random_scene
 from janus.shapes.judge import correct
 
 
@@ -57,6 +57,28 @@ def test_the_judge_says_so_when_there_is_no_shape():
     assert verdict["background"] == "green" and verdict["color"] is None and verdict["shape"] is None
     noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     assert not correct(judge(noise), Scene("red", "circle", "left", "blue").attributes())["all"]
+
+
+def test_one_changed_changes_exactly_the_named_attribute():
+    """The score's negatives (benchmarks.eval_quality): the named attribute, always to another value, never
+    a shape in its background's colour; held-out combinations are allowed there (only the words matter)."""
+    r = random.Random(1)
+    scenes = all_scenes(held_out=None)
+    seen_held_out = False
+    for i in range(2000):
+        scene = scenes[r.randrange(len(scenes))]
+        attribute = ATTRIBUTES[i % 4]
+        other = one_changed(scene, r, attribute=attribute)
+        diff = [k for k, v in scene.attributes().items() if other.attributes()[k] != v]
+        assert diff == [attribute] and other.color != other.background
+        seen_held_out |= other.held_out
+    assert seen_held_out
+    # a named attribute costs one draw per try, none to pick the attribute: the recorded evaluations keep
+    # their prompts (benchmarks/results/eval_quality*.json were measured with these draws)
+    a, b = random.Random(3), random.Random(3)
+    scene = Scene("red", "circle", "left", "blue")
+    got = [one_changed(scene, a, attribute="shape").shape for _ in range(20)]
+    assert got == [b.choice(["square", "triangle"]) for _ in range(20)]
 
 
 def test_held_out_combinations_are_never_trained_on():

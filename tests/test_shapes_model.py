@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from janus.shapes import Scene, caption, draw, judge, parse_caption
-from janus.shapes.data import ATTRIBUTES, random_scene
+from janus.shapes.data import ATTRIBUTES, one_changed, random_scene
 from janus.shapes.judge import auroc, correct
 from tests.support.jobs import output_rows
 
@@ -126,7 +126,6 @@ def test_a_random_copy_has_the_shape_but_never_stops_early(shapes, tmp_path):
 def test_the_score_prefers_each_images_own_prompt(shapes):
     """The self-verification score (P(yes) to "Does this image show ...?") of drawn scenes: each image's
     own prompt against the same prompt with one attribute changed, the four attributes in turn."""
-    from benchmarks.eval_quality import changed
     from janus.engine import CaptionEngine
     from janus.engine.quality import Reader
 
@@ -136,7 +135,7 @@ def test_the_score_prefers_each_images_own_prompt(shapes):
     features = reader.features([draw(s, rng=rng) for s in scenes])
     own = reader.scores(features, [caption(s) for s in scenes])
     pick = random.Random(5)
-    other = reader.scores(features, [caption(changed(s, ATTRIBUTES[i % 4], pick)) for i, s in enumerate(scenes)])
+    other = reader.scores(features, [caption(one_changed(s, pick, attribute=ATTRIBUTES[i % 4])) for i, s in enumerate(scenes)])
     got = auroc(own.tolist(), other.tolist())
     assert got >= MIN_SCORE_AUROC, (got, own, other)
 

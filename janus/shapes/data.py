@@ -9,6 +9,7 @@ Every purple triangle and every orange circle is held out of training (compositi
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass
 
@@ -133,6 +134,27 @@ def random_scene(rng: np.random.Generator, held_out: bool = False) -> Scene:
         if background == color:
             continue
         return Scene(color, shape, tuple(POSITIONS)[rng.integers(len(POSITIONS))], background)
+
+
+def one_changed(
+    scene: Scene,
+    rng: random.Random,
+    attribute: str | None = None,
+    fields: tuple[str, ...] = ATTRIBUTES,
+    held_out_ok: bool = True,
+) -> Scene:
+    """The scene with exactly one attribute changed: ``attribute``, or one drawn from ``fields`` on each
+    try. Never a shape in its own background's colour; never a held-out combination unless
+    ``held_out_ok``. The negatives of the yes/no training pairs and of the score's AUROC."""
+    while True:
+        field = attribute if attribute is not None else rng.choice(fields)
+        attrs = scene.attributes()
+        attrs[field] = rng.choice([v for v in VALUES[field] if v != attrs[field]])
+        if attrs["color"] == attrs["background"]:
+            continue
+        other = Scene(**attrs)
+        if held_out_ok or not other.held_out:
+            return other
 
 
 def draw(scene: Scene, size: int = IMAGE_SIZE, rng: np.random.Generator | None = None) -> np.ndarray:

@@ -57,11 +57,11 @@ from janus.shapes.data import (
     COLORS,
     IMAGE_SIZE,
     PALETTE,
-    VALUES,
     Scene,
     all_scenes,
     caption,
     draw,
+    one_changed,
     parse_caption,
     place,
     random_scene,
@@ -385,15 +385,7 @@ def partial_caption(scene: Scene, keep: set[str]) -> str:
 
 def _perturbed(scene: Scene, rng: random.Random, fields: tuple[str, ...] = ATTRIBUTES) -> Scene:
     """The scene with exactly one of ``fields`` changed (never into a held-out combination)."""
-    while True:
-        field = rng.choice(fields)
-        attrs = scene.attributes()
-        attrs[field] = rng.choice([v for v in VALUES[field] if v != attrs[field]])
-        if attrs["color"] == attrs["background"]:
-            continue
-        other = Scene(**attrs)
-        if not other.held_out:
-            return other
+    return one_changed(scene, rng, fields=fields, held_out_ok=False)
 
 
 class Batches:
