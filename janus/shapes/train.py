@@ -6,7 +6,7 @@ Two stages, both seeded, both resumable (state is saved under ``--work`` every f
 2. the whole multimodal model minus the (frozen) VQ learns both directions at once: text -> image codes
    (Janus' generation path, with 10% of prompts dropped to the pad-token prompt so that classifier-free
    guidance has an unconditional branch to push away from), and image -> text (captions, and yes/no
-   answers to "does this image show ...?", the self-verification question). The shipped model ends with
+   answers to "does this image show ...?", the self-verification question). The shipped model has
    a phase in which most understanding examples are that question, asked in pairs about one image (its
    own scene: yes; another scene or one attribute changed: no; ``--yes-no``, ``--easy-negatives``):
    asked singly, half the time each, the 4-layer LLM learnt captions and answered the question 50/50.
@@ -16,7 +16,9 @@ Two stages, both seeded, both resumable (state is saved under ``--work`` every f
    (``--prompt-readout``), and pairs about shorter prompts (``--partial-prompts``); which attributes a
    one-change negative may change: ``--negative-attributes``; ``--pairs-from``: the step at which the pairs
    start (from step 3000 they taught shape and position but not colour, and all four once colour was
-   in 40% of the one-change negatives; from step 0, colour and background only).
+   in 40% of the one-change negatives; from step 0, colour and background only). The shipped weights:
+   pairs from step 3000 with colour weighted up, then two short tails from those weights
+   (``--init-from``/``--init-step``) with fewer pairs and more captions (README.md has the commands).
 The result is written in the official on-disk format (config.json, safetensors, tokenizer, processor
 configs) and loaded like any Janus-Pro checkpoint. Held-out combinations (purple triangles, orange
 circles) are never drawn, encoded or mentioned in any training example.
