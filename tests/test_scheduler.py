@@ -131,6 +131,26 @@ def test_on_tokens_follows_each_round_of_tokens(captioner):
     assert all(t.result.num_tokens == n for t, n in zip(tickets, (3, 5), strict=True))
 
 
+def test_rounds_are_timed_for_the_first_token_yardstick(captioner):
+    """Serve sets a request's time to first token against what its batch cost (prefill + 2 decode
+    steps): the scheduler times each admission round with how many it prefilled and each decode step
+    with how many rows it ran, and stamps when a request left the queue."""
+    scheduler = Scheduler(captioner, slots=2)
+    images = _images(3)
+    first = scheduler.submit({"image": images[0], "max_new_tokens": 4})
+    scheduler.step()  # A alone: one admission of 1, one decode step of 1
+    pair = [scheduler.submit({"image": im, "max_new_tokens": 3}) for im in images[1:]]
+    scheduler.run_until_idle()  # one joins A at once; the other when A's slot frees
+    assert [n for n, _ in scheduler.prefill_rounds] == [1, 1, 1]
+    assert scheduler.prefills == 3
+    rows = [n for n, _ in scheduler.decode_rounds]
+    assert len(rows) == scheduler.steps and rows[:3] == [1, 2, 2], rows
+    assert all(t > 0 for _, t in [*scheduler.prefill_rounds, *scheduler.decode_rounds])
+    for ticket in [first, *pair]:
+        assert ticket.submitted_at <= ticket.admitted_at <= ticket.first_token_at
+    assert pair[1].admitted_at > pair[0].first_token_at  # it waited in the queue for a free slot
+
+
 def test_the_cache_stays_allocated_between_bursts_and_answers_stay_the_same(synth, synth_alone):
     """A server that goes quiet keeps its cache (allocating it cost a request at a quiet server ~86 ms
     before its first token on a CPU core, 4x its prefill); requests after the pause still get exactly

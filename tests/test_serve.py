@@ -349,8 +349,16 @@ def test_streaming_sends_tokens_as_they_are_decoded(client):
     assert len(content) > tokens // 2, (len(content), tokens)  # about one per token (a few join up)
     # the replica timed the stream's first text (arrival there -> first delta): what load_serve reports
     # as the scheduler's share of time to first token
-    first = stats("Captioner")["first_token_s"][measured:]
+    after = stats("Captioner")
+    first = after["first_token_s"][measured:]
     assert len(first) == 1 and 0 < first[0] < 30
+    # ... in parts (arrival -> queued -> taken for prefill -> first token -> with the loop -> its text
+    # sent), which add up
+    [parts] = after["first_token_parts"][measured:]
+    assert all(p >= 0 for p in parts) and sum(parts) == pytest.approx(first[0], abs=1e-6)
+    # and what the batch cost, for the same-run yardstick: its admission round prefilled one request
+    assert after["prefills"] >= 1 and after["prefill_rounds"][-1][0] >= 1
+    assert after["steps"] == len(after["decode_rounds"]) and after["decode_rounds"][-1][1] > 0
 
 
 def test_incremental_text_holds_back_half_characters():

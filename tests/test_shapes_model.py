@@ -123,6 +123,40 @@ def test_a_random_copy_has_the_shape_but_never_stops_early(shapes, tmp_path):
     assert theirs[1].finish_reason == "stop" and theirs[1].num_tokens < 20  # the trained one stops
 
 
+def test_ignore_eos_runs_past_the_answer_the_same_in_both_engines(shapes):
+    """``ignore_eos`` (vLLM's load-test switch): the trained model's answer, then on to max_new_tokens,
+    identical from the static engine and from the scheduler with another request joining mid-way; the
+    text skips the EOS tokens and ``num_tokens`` counts them."""
+    from janus.engine import CaptionEngine
+    from janus.engine.common import INVALID_REQUEST
+    from janus.engine.scheduler import Scheduler
+
+    engine = CaptionEngine(*shapes)
+    eos = engine.tokenizer.eos_token_id
+    images = [draw(s) for s in PROMPTS[:2]]
+    stops = engine.generate([{"image": im, "max_new_tokens": 40} for im in images])
+    requests = [{"image": im, "max_new_tokens": 40, "ignore_eos": True} for im in images]
+    static = engine.generate(requests)
+    scheduler = Scheduler(engine, slots=2)
+    tickets = [scheduler.submit(requests[0])]
+    for _ in range(20):  # past the first answer's EOS
+        scheduler.step()
+    tickets.append(scheduler.submit(requests[1]))
+    scheduler.run_until_idle()
+    for stop, want, ticket in zip(stops, static, tickets, strict=True):
+        assert stop.finish_reason == "stop" and stop.num_tokens < 20
+        assert (want.num_tokens, want.finish_reason) == (40, "length")
+        assert want.text.startswith(stop.text) and len(want.text) > len(stop.text)
+        got = ticket.result
+        assert (got.text, got.num_tokens, got.finish_reason) == (want.text, want.num_tokens, want.finish_reason)
+        assert ticket.tokens[stop.num_tokens] == eos and len(ticket.tokens) == 40  # streamed past the EOS
+    bad = {"image": images[0], "ignore_eos": "yes"}
+    alone = scheduler.submit(bad)
+    scheduler.run_until_idle()
+    for res in (engine.generate([bad])[0], alone.result):
+        assert res.code == INVALID_REQUEST and "ignore_eos" in res.error, res
+
+
 def test_the_score_prefers_each_images_own_prompt(shapes):
     """The self-verification score (P(yes) to "Does this image show ...?") of drawn scenes: each image's
     own prompt against the same prompt with one attribute changed, the four attributes in turn."""
@@ -234,5 +268,17 @@ def test_serve_draws_and_reads_with_the_shapes_model(serve_port):
             images.append(np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB")))
         assert_right(images, wanted)
         assert r.status_code == 200 and parse_caption(r.json()["choices"][0]["message"]["content"]) == scene
+        # vLLM's ignore_eos, as load tests ask for answers of a set length: the same answer, then on to
+        # max_tokens; a value that is not a boolean is the client's error
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+            long = client.post("/v1/chat/completions", json={**chat, "max_tokens": 40, "ignore_eos": True})
+            bad = client.post("/v1/chat/completions", json={**chat, "ignore_eos": "yes"})
+        assert long.status_code == 200, long.text
+        answer = r.json()["choices"][0]["message"]["content"]
+        assert r.json()["usage"]["completion_tokens"] < 24 and r.json()["choices"][0]["finish_reason"] == "stop"
+        assert long.json()["usage"]["completion_tokens"] == 40
+        assert long.json()["choices"][0]["finish_reason"] == "length"
+        assert long.json()["choices"][0]["message"]["content"].startswith(answer.rstrip())
+        assert bad.status_code == 400 and "ignore_eos" in bad.text
     finally:
         serve.delete("shapes")

@@ -36,6 +36,9 @@ class CaptionRequest:
     # alternating from the user's and ending with it; one image tag per image, wherever it belongs.
     conversation: list[dict[str, str]] | None = None
     system_prompt: str | None = None  # None = the processor's (DeepSeek's) system prompt
+    # keep going past EOS to ``max_new_tokens`` (vLLM's ``ignore_eos``): load tests with answers of a
+    # set length; the text skips the EOS tokens, ``num_tokens`` counts them
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -102,6 +105,9 @@ class CaptionEngine(BatchEngine):
             raise RequestError(f"bad numeric field: {exc}") from None
         if req.max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        if not isinstance(req.ignore_eos, (bool, np.bool_)):
+            raise RequestError(f"ignore_eos must be true or false, got {req.ignore_eos!r}")
+        req.ignore_eos = bool(req.ignore_eos)
 
         if req.conversation is not None:
             conversation = self._conversation(req.conversation, len(images))
@@ -171,6 +177,7 @@ class CaptionEngine(BatchEngine):
         inputs = self.processor.batchify([p.data for p in batch]).to(dev)
         eos = self.tokenizer.eos_token_id
         limits = torch.tensor([r.max_new_tokens for r in reqs], device=dev)
+        stops = torch.tensor([not r.ignore_eos for r in reqs], device=dev)  # rows that end at EOS
         max_new = max(r.max_new_tokens for r in reqs)
         length = inputs.input_ids.shape[1]
         params = SamplingParams.build([r.temperature for r in reqs], [None] * b, [r.top_p for r in reqs], dev)
@@ -188,7 +195,7 @@ class CaptionEngine(BatchEngine):
                 tok = sample(logits, params, uniforms[:, step])
                 tok = torch.where(finished, torch.full_like(tok, eos), tok)
                 out[:, step] = tok
-                finished |= (tok == eos) | (limits <= step + 1)
+                finished |= ((tok == eos) & stops) | (limits <= step + 1)
                 steps = step + 1
                 if step + 1 == max_new or (step % 8 == 7 and bool(finished.all())):
                     break
@@ -208,7 +215,7 @@ class CaptionEngine(BatchEngine):
         for p, row in zip(batch, rows, strict=True):
             req = p.request
             row = row[: req.max_new_tokens]
-            stop = eos in row
+            stop = not req.ignore_eos and eos in row
             toks = row[: row.index(eos)] if stop else row
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
             results.append(

@@ -58,6 +58,7 @@ class Ticket:
         self.result: Result | None = None
         self.cancelled = False
         self.submitted_at = time.perf_counter()
+        self.admitted_at: float | None = None  # taken from the queue to be prepared and prefilled
         self.first_token_at: float | None = None
         self._done = threading.Event()
         self._callbacks: list[Callable[[Ticket], None]] = []
@@ -109,6 +110,7 @@ class _Running:
     uniforms: list[float]  # [max_new] this request's random stream (float64 values, on the host)
     max_new: int
     last: int = 0  # the last token made (the next step's input)
+    eos: int | None = None  # the token that ends it (None: only max_new does; images, ignore_eos)
     tokens: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
@@ -158,8 +160,14 @@ class Scheduler:
         self._cache: torch.Tensor | None = None  # the decoder's cache this scheduler allocated, if any
         self.keep_cache = keep_cache
         self.allocations = 0  # how many times the cache was allocated (1 while it is kept)
-        self.steps = 0
+        self.steps = 0  # decode steps made
+        self.prefills = 0  # admission rounds made (one prefill each, of one or more requests)
         self.peak_running = 0  # the most requests that ever shared one step
+        #: the latest rounds' durations (seconds), to set a request's time to first token against what
+        #: the same batch costs: admissions (prepare + prefill + first token) as (requests, seconds),
+        #: decode steps (one token for every running request) as (requests, seconds)
+        self.prefill_rounds: deque[tuple[int, float]] = deque(maxlen=10_000)
+        self.decode_rounds: deque[tuple[int, float]] = deque(maxlen=10_000)
         self._settings_key: tuple[int, ...] | None = None
         #: called after each round of tokens went to the tickets' callbacks (the first tokens of a
         #: prefill, each decode step's), before finished requests are built: e.g. to hand them on in one go
@@ -189,7 +197,9 @@ class Scheduler:
         self._admit()
         if self.running:
             self.peak_running = max(self.peak_running, len(self.running))
+            t0, n = time.perf_counter(), len(self.running)
             self._decode()
+            self.decode_rounds.append((n, time.perf_counter() - t0))
         if self.idle and not self.keep_cache:
             self.release()
 
@@ -227,11 +237,13 @@ class Scheduler:
     def _admit(self) -> None:
         """Prepare and prefill waiting requests into free slots, in arrival order."""
         admitted: list[_Running] = []
+        t0 = time.perf_counter()
         while len(self.free) >= self.rows_per_request:
             with self._lock:
                 if not self.waiting:
                     break
                 ticket = self.waiting.popleft()
+            ticket.admitted_at = time.perf_counter()
             try:
                 prepared = self.engine.prepare(ticket.id, ticket.request)
             except RequestError as exc:
@@ -249,9 +261,10 @@ class Scheduler:
                 continue
             rows = [self.free.pop(0) for _ in range(self.rows_per_request)]
             uniforms = row_uniforms([prepared.request.seed], max_new, torch.device("cpu"))[0].tolist()
-            admitted.append(
-                _Running(ticket, prepared, rows, prepared.length, prepared.length, uniforms, max_new)
-            )
+            run = _Running(ticket, prepared, rows, prepared.length, prepared.length, uniforms, max_new)
+            if not self.synthesis and not prepared.request.ignore_eos:
+                run.eos = self.engine.tokenizer.eos_token_id
+            admitted.append(run)
         if not admitted:
             return
         self._allocate()
@@ -266,6 +279,8 @@ class Scheduler:
         self.running.extend(admitted)
         # [rows per request, requests, D] -> every request's first row, then every unconditional one
         self._advance(admitted, torch.stack([first[r.ticket.id] for r in admitted], dim=1).flatten(0, 1))
+        self.prefill_rounds.append((len(admitted), time.perf_counter() - t0))
+        self.prefills += 1
 
     def _prefill(self, admitted: list[_Running]) -> dict[int, torch.Tensor]:
         """Prefill each group of equal length together; returns each request's last hidden state(s)."""
@@ -345,13 +360,13 @@ class Scheduler:
         else:
             chosen = sample(e.decoder.logits(h), params, step_u)
         finished: list[_Running] = []
-        eos = e.tokenizer.eos_token_id
         for run, token in zip(runs, chosen.tolist(), strict=True):
             run.tokens.append(token)
             run.last = token
-            if not (not self.synthesis and token == eos):
+            stop = token == run.eos
+            if not stop:
                 run.ticket._token(token)
-            if len(run.tokens) >= run.max_new or (not self.synthesis and token == eos):
+            if stop or len(run.tokens) >= run.max_new:
                 finished.append(run)
         if self.on_tokens is not None:
             try:
@@ -376,10 +391,9 @@ class Scheduler:
                 )
                 for i, (r, image) in enumerate(zip(finished, images, strict=True))
             ]
-        eos = e.tokenizer.eos_token_id
         out = []
         for r in finished:
-            stop = r.tokens[-1] == eos
+            stop = r.tokens[-1] == r.eos
             toks = r.tokens[:-1] if stop else r.tokens
             out.append(
                 CaptionResult(

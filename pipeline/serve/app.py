@@ -322,6 +322,7 @@ class JanusAPI:
             "temperature": req.temperature or 0.0,
             "top_p": req.top_p,
             "seed": secrets.randbelow(SEED_LIMIT) if req.seed is None else req.seed,
+            "ignore_eos": req.ignore_eos,
         }
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = req.stream_options is not None and req.stream_options.include_usage

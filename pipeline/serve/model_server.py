@@ -73,6 +73,7 @@ class TokenStream:
         self._ended = False
         #: handed on every step until the first text is out (a first token can be half a character)
         self.eager = True
+        self.first_taken_at: float | None = None  # when the loop first took tokens of this stream
 
     async def take(self) -> list[int | None]:
         """Every token handed on since the last call (waits for at least one)."""
@@ -81,6 +82,8 @@ class TokenStream:
                 items = list(self._items)
                 self._items.clear()
             if items:
+                if self.first_taken_at is None:
+                    self.first_taken_at = time.perf_counter()
                 return items
             self._event.clear()
             await self._event.wait()
@@ -157,6 +160,14 @@ async def text_deltas(stream: TokenStream, text: IncrementalText, per_token: boo
                 yield delta
 
 
+def _first_token_parts(arrived: float, ticket: Ticket, stream: TokenStream, sent: float) -> tuple[float, ...]:
+    """A streamed request's time to first text in the replica, in parts (see ``first_token_parts``)."""
+    admitted = ticket.admitted_at or ticket.submitted_at
+    made = ticket.first_token_at or sent
+    taken = stream.first_taken_at or sent
+    return (ticket.submitted_at - arrived, admitted - ticket.submitted_at, made - admitted, taken - made, sent - taken)
+
+
 async def _result(ticket: Ticket) -> Any:
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()
@@ -210,6 +221,11 @@ class ModelServer:
         #: seconds from a streamed request's arrival at this replica to its first text, the latest
         #: 10,000: the scheduler's share of time to first token, without HTTP and the ingress
         self.first_token_s: deque[float] = deque(maxlen=10_000)
+        #: the same, in parts (seconds): arrival -> queued, queued -> taken for prefill, taken -> first
+        #: token made (prepare + prefill), made -> with the event loop (hand-over), with the loop -> its
+        #: first text sent (a token that ends inside a character, or a special one, has no text yet).
+        #: The first four add up to the time to first token
+        self.first_token_parts: deque[tuple[float, ...]] = deque(maxlen=10_000)
         #: finished requests waiting to be read back (scored): those that finish while a read runs
         #: are read together in the next one, as one model batch
         self._to_read: list[tuple[tuple[list[Any], Any, list[Any]], asyncio.Future]] = []
@@ -278,7 +294,9 @@ class ModelServer:
         try:
             async for delta in text_deltas(tokens, text, per_token=self.stream_interval_s <= 0):
                 if t0:  # the first text of this request
-                    self.first_token_s.append(time.perf_counter() - t0)
+                    now = time.perf_counter()
+                    self.first_token_s.append(now - t0)
+                    self.first_token_parts.append(_first_token_parts(t0, ticket, tokens, now))
                     t0 = 0.0
                 yield {"delta": delta}
             yield {"result": ticket.result}
@@ -318,4 +336,15 @@ class ModelServer:
             "model_calls": self.actor.calls if self.loop is None else self.loop.scheduler.steps,
             "largest_batch": self.largest_batch if self.loop is None else self.loop.scheduler.peak_running,
             "first_token_s": list(self.first_token_s),
+            "first_token_parts": list(self.first_token_parts),
+            **(
+                {  # the latest rounds (up to 10,000 each) and how many were made in all
+                    "prefill_rounds": list(self.loop.scheduler.prefill_rounds),
+                    "prefills": self.loop.scheduler.prefills,
+                    "decode_rounds": list(self.loop.scheduler.decode_rounds),
+                    "steps": self.loop.scheduler.steps,
+                }
+                if self.loop is not None
+                else {}
+            ),
         }

@@ -63,6 +63,8 @@ class ChatCompletionRequest(_Body):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's extension: decode to max_tokens past the end-of-answer token (load tests with set lengths)
+    ignore_eos: bool = False
 
     @field_validator("n")
     @classmethod
