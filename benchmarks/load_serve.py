@@ -13,8 +13,11 @@ most ``--requests`` requests, and no new request after ``--max-seconds``.
 Open loop (``--open-loop``): for each batching mode (``@serve.batch`` and the scheduler; same model,
 replicas and machine, one after the other in one run), first the saturation throughput (closed loop at
 ``--concurrency``), then Poisson arrivals at ``--loads`` fractions of it: p50/p95/p99 end-to-end latency,
-throughput, and for chat the time to first token (requests stream). Writes one JSON and a
-latency-vs-load plot (PNG) next to it.
+throughput, and for chat the time to first token (requests stream) with the replica's share in parts
+and the same run's prefill + 2 decode steps. ``--alone N`` adds the floor: the first N requests one at
+a time. Chat answers of different lengths: ``--max-tokens-range 8 128 --ignore-eos`` (the trained
+model decodes on to each request's ``max_tokens``). Writes one JSON and a latency-vs-load plot (PNG)
+next to it.
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ def answer_tokens(args: argparse.Namespace, i: int) -> int:
     return int(np.random.default_rng([7, i]).integers(lo, hi + 1))
 
 
-def request_body(route: str, model: str, i: int, max_tokens: int) -> tuple[str, dict[str, Any]]:
+def request_body(
+    route: str, model: str, i: int, max_tokens: int, ignore_eos: bool = False
+) -> tuple[str, dict[str, Any]]:
     if route == "chat":
         image = {"type": "image_url", "image_url": {"url": _png_data_url()}}
         text = {"type": "text", "text": f"Describe this image. ({i})"}
@@ -66,6 +71,7 @@ def request_body(route: str, model: str, i: int, max_tokens: int) -> tuple[str, 
             "model": model,
             "messages": [{"role": "user", "content": [image, text]}],
             "max_tokens": max_tokens,
+            **({"ignore_eos": True} if ignore_eos else {}),
         }
         return "/v1/chat/completions", body
     return "/v1/images/generations", {
@@ -76,10 +82,10 @@ def request_body(route: str, model: str, i: int, max_tokens: int) -> tuple[str, 
 
 
 async def _send(
-    client: httpx.AsyncClient, route: str, model: str, i: int, max_tokens: int, stream: bool
+    client: httpx.AsyncClient, route: str, model: str, i: int, args: argparse.Namespace, stream: bool
 ) -> tuple[int, float, float | None]:
     """One request: (HTTP status or 0, seconds to the end, seconds to the first content when streamed)."""
-    path, body = request_body(route, model, i, max_tokens)
+    path, body = request_body(route, model, i, answer_tokens(args, i), args.ignore_eos)
     t0 = time.perf_counter()
     first = None
     try:
@@ -109,9 +115,7 @@ async def _load(url: str, route: str, model: str, args: argparse.Namespace) -> d
             async with sem:
                 if time.perf_counter() > deadline:
                     return
-                status, latency, _ = await _send(
-                    client, route, model, i, answer_tokens(args, i), stream=False
-                )
+                status, latency, _ = await _send(client, route, model, i, args, stream=False)
                 statuses[status] = statuses.get(status, 0) + 1
                 if status == 200:
                     latencies.append(latency)
@@ -140,7 +144,8 @@ async def _warmup(url: str, route: str, model: str, args: argparse.Namespace) ->
     """The first calls pay for lazy initialisation; they are not timed."""
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout) as client:
         for i in range(args.warmup):
-            path, body = request_body(route, model, args.requests + i, answer_tokens(args, args.requests + i))
+            j = args.requests + i
+            path, body = request_body(route, model, j, answer_tokens(args, j), args.ignore_eos)
             (await client.post(path, json=body)).raise_for_status()
 
 
@@ -206,7 +211,7 @@ async def _open_loop(
         async def one(i: int) -> None:
             await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
             j = 10_000 + i
-            status, latency, first = await _send(client, route, model, j, answer_tokens(args, j), stream=True)
+            status, latency, first = await _send(client, route, model, j, args, stream=True)
             statuses[status] = statuses.get(status, 0) + 1
             if status == 200:
                 latencies.append(latency)
@@ -223,6 +228,22 @@ async def _open_loop(
         "latency_s": _percentiles(latencies),
         **({"ttft_s": _percentiles(ttfts)} if ttfts else {}),
     }
+
+
+async def _alone(url: str, route: str, model: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The open loop's first ``n`` requests one at a time (streamed, as there): each latency is what
+    the request costs with nobody to share with, the floor any batching can reach at a percentile. On
+    a CPU a decode step's cost grows with the rows it runs, so sharing can only add to it."""
+    latencies, ttfts = [], []
+    async with httpx.AsyncClient(base_url=url, timeout=args.timeout) as client:
+        for i in range(n):
+            status, latency, first = await _send(client, route, model, 10_000 + i, args, stream=True)
+            if status == 200:
+                latencies.append(latency)
+                if first is not None:
+                    ttfts.append(first)
+    return {"requests": n, "ok": len(latencies), "latency_s": _percentiles(latencies),
+            **({"ttft_s": _percentiles(ttfts)} if ttfts else {})}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -302,6 +323,7 @@ def _open_loop_main(args: argparse.Namespace) -> dict[str, Any]:
         "config": args.config,
         "model_path": getattr(args, "model_label", None) or args.model_path,
         "max_tokens": args.max_tokens_range or args.max_tokens,
+        "ignore_eos": args.ignore_eos,
         "modes": {},
     }
     if args.route == "chat":  # measured first, on a machine without a server running yet
@@ -322,19 +344,18 @@ def _open_loop_main(args: argparse.Namespace) -> dict[str, Any]:
         runs = []
         for load in args.loads:
             n = max(8, min(args.requests, int(peak * load * args.max_seconds)))
-            seen = len(_batching(app, deployment).get("first_token_s", []))
+            before = _batching(app, deployment)
             runs.append(
                 {"load": load, **asyncio.run(_open_loop(url, args.route, model, peak * load, n, args))}
             )
-            # the replica's own share of time to first token: arrival there -> first text sent
-            server = _batching(app, deployment).get("first_token_s", [])[seen:]
-            if server:
-                runs[-1]["server_ttft_s"] = _percentiles(server)
+            runs[-1].update(_replica_first_token(before, _batching(app, deployment)))
             print(json.dumps({"mode": mode, **runs[-1]}), file=sys.stderr)
+        alone = asyncio.run(_alone(url, args.route, model, args.alone, args)) if args.alone else None
         report["modes"][mode] = {
             "saturation": saturation,
+            **({"alone": alone} if alone else {}),
             "open_loop": runs,
-            "batching": {k: v for k, v in _batching(app, deployment).items() if k != "first_token_s"},
+            "batching": {k: v for k, v in _batching(app, deployment).items() if not isinstance(v, list)},
             "rates_from": "first mode's saturation" if args.same_rates else "own saturation",
         }
         serve.shutdown()
@@ -358,7 +379,7 @@ def _plot(report: dict[str, Any], path: str) -> None:
         for mode in report["modes"].values()
         for r in mode["open_loop"]
         for q in ("p50", "p95")
-    ]
+    ] + [(0.0, d["alone"]["latency_s"]["p95"]) for d in report["modes"].values() if "alone" in d]
     top = max(v for _, v in points) * 1.1 or 1.0
     colours = {"batch": (220, 30, 30), "scheduler": (30, 70, 220)}
     for i, (mode, data) in enumerate(report["modes"].items()):
@@ -369,10 +390,53 @@ def _plot(report: dict[str, Any], path: str) -> None:
             ]
             pen.line(xy, fill=colours.get(mode, (0, 0, 0)), width=width)
         pen.text((m + 10, 25 + 14 * i), f"{mode}: p50 (thick), p95 (thin)", fill=colours.get(mode, (0, 0, 0)))
+    alone = [d["alone"]["latency_s"]["p95"] for d in report["modes"].values() if "alone" in d]
+    if alone:  # the floor: the same requests one at a time, p95 (the lowest of the modes')
+        y = (h - m) - min(alone) / top * (h - m - 20)
+        for x in range(m, w - 20, 12):
+            pen.line([(x, y), (x + 6, y)], fill=(90, 90, 90), width=1)
+        pen.text((m + 10, 25 + 14 * len(report["modes"])), "dashed: p95 one request at a time", fill=(90, 90, 90))
     base = next(iter(report["modes"].values())).get("rates_from", "own saturation")
     pen.text((m, h - m + 8), f"offered load, fraction of {base} (0 .. 1)", fill="black")
     pen.text((4, 4), f"{report['route']} latency, s (0 .. {top:.1f})", fill="black")
     img.save(path)
+
+
+def _replica_first_token(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What one open-loop run's streams took in the replica to their first token (arrival there -> the
+    token with the event loop) and first text (-> first delta sent; random weights often make a first
+    token that is half a character), the parts' medians, and the issue's yardstick measured in the same
+    run: the median prefill of a request admitted alone + 2 x the median decode step, both of this run's
+    batches (the in-process yardstick ``engine_step_times`` is measured before any server runs)."""
+    if "first_token_s" not in after:
+        return {}
+    out: dict[str, Any] = {}
+    server = after["first_token_s"][len(before["first_token_s"]) :]
+    if server:
+        out["server_ttft_s"] = _percentiles(server)
+        parts = np.array(after["first_token_parts"][len(before["first_token_parts"]) :])
+        names = ("to_queue", "queued", "prefill", "hand_over", "to_text")
+        out["server_ttft_parts_p50_s"] = {k: round(float(np.median(parts[:, i])), 4) for i, k in enumerate(names)}
+        # the issue's time to first token: the token is with the event loop (text may need more tokens)
+        out["server_first_token_s"] = _percentiles(parts[:, :4].sum(axis=1).tolist())
+    if "steps" not in after:
+        return out
+
+    def window(key: str, total: str) -> list[tuple[int, float]]:
+        new = after[total] - before[total]
+        return after[key][len(after[key]) - min(new, len(after[key])) :] if new else []
+
+    alone = [t for n, t in window("prefill_rounds", "prefills") if n == 1]
+    decode = window("decode_rounds", "steps")
+    if alone and decode:
+        prefill, step = float(np.median(alone)), float(np.median([t for _, t in decode]))
+        out["same_run_yardstick"] = {
+            "prefill_one_s": round(prefill, 4),
+            "decode_step_s": round(step, 4),
+            "decode_rows_p50": float(np.median([n for n, _ in decode])),
+            "yardstick_s": round(prefill + 2 * step, 4),
+        }
+    return out
 
 
 def _batching(app: str, deployment: str) -> dict[str, Any]:
@@ -415,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the model with fresh random weights (same architecture and cost per token): its answers "
         "never stop early, each runs to its max_tokens (a load test's ignore-EOS)",
     )
+    parser.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="chat requests ask for ignore_eos (vLLM's extension): each answer runs to its max_tokens "
+        "with the trained weights, whose text streams as real words (random weights mostly make tokens "
+        "that end inside a character, so their text is held back to the end)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", help="also write the result JSON here")
@@ -423,6 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--modes", nargs="+", default=["batch", "scheduler"], choices=("batch", "scheduler"))
     parser.add_argument("--loads", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument(
+        "--alone",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also send the open loop's first N requests one at a time: the latency floor",
+    )
     parser.add_argument(
         "--same-rates",
         action="store_true",

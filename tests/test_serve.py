@@ -361,6 +361,31 @@ def test_streaming_sends_tokens_as_they_are_decoded(client):
     assert after["steps"] == len(after["decode_rounds"]) and after["decode_rounds"][-1][1] > 0
 
 
+def test_load_serve_reads_one_runs_first_tokens_and_yardstick_from_two_stats():
+    """``load_serve`` sets each open-loop run's replica time to first token against the same run's
+    prefill (rounds of one request only) + 2 decode steps, from the stats before and after the run, also
+    when the replica's lists (the latest 10,000) dropped older rounds."""
+    from benchmarks.load_serve import _replica_first_token
+
+    before = {"first_token_s": [9.0], "first_token_parts": [(0, 0, 9.0, 0, 0)], "prefills": 50_000,
+              "prefill_rounds": [(1, 9.0)] * 3, "steps": 70_000, "decode_rounds": [(8, 9.0)] * 3}
+    after = {
+        "first_token_s": [9.0, 0.015, 0.017],
+        "first_token_parts": [(0, 0, 9.0, 0, 0), (0.0, 0.001, 0.012, 0.001, 0.001), (0.0, 0.003, 0.012, 0.001, 0.001)],
+        "prefills": 50_003,  # this run: two rounds of one request, one of two (not a prefill of one)
+        "prefill_rounds": [(1, 9.0)] * 3 + [(1, 0.010), (2, 0.030), (1, 0.012)],
+        "steps": 70_004,  # this run: 4 steps; the list holds only its latest 5
+        "decode_rounds": [(8, 9.0), (1, 0.002), (2, 0.003), (2, 0.003), (3, 0.004)],
+    }
+    out = _replica_first_token(before, after)
+    assert out["server_ttft_s"]["p50"] == pytest.approx(0.016)
+    assert out["server_first_token_s"]["p50"] == pytest.approx(0.015)  # without the wait for text
+    assert out["server_ttft_parts_p50_s"] == {"to_queue": 0.0, "queued": 0.002, "prefill": 0.012,
+                                              "hand_over": 0.001, "to_text": 0.001}
+    assert out["same_run_yardstick"] == {"prefill_one_s": 0.011, "decode_step_s": 0.003,
+                                         "decode_rows_p50": 2.0, "yardstick_s": 0.017}
+
+
 def test_incremental_text_holds_back_half_characters():
     from pipeline.serve.model_server import IncrementalText
 
