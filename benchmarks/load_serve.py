@@ -374,13 +374,12 @@ def _plot(report: dict[str, Any], path: str) -> None:
     img = PIL.Image.new("RGB", (w, h), "white")
     pen = ImageDraw.Draw(img)
     pen.rectangle((m, 20, w - 20, h - m), outline="black")
+    # the floor: the same requests one at a time, p95 (the lowest of the modes')
+    alone = [d["alone"]["latency_s"]["p95"] for d in report["modes"].values() if "alone" in d]
     points = [
-        (r["load"], r["latency_s"][q])
-        for mode in report["modes"].values()
-        for r in mode["open_loop"]
-        for q in ("p50", "p95")
-    ] + [(0.0, d["alone"]["latency_s"]["p95"]) for d in report["modes"].values() if "alone" in d]
-    top = max(v for _, v in points) * 1.1 or 1.0
+        r["latency_s"][q] for mode in report["modes"].values() for r in mode["open_loop"] for q in ("p50", "p95")
+    ] + alone
+    top = max(points) * 1.1 or 1.0
     colours = {"batch": (220, 30, 30), "scheduler": (30, 70, 220)}
     for i, (mode, data) in enumerate(report["modes"].items()):
         for q, width in (("p50", 3), ("p95", 1)):
@@ -390,8 +389,7 @@ def _plot(report: dict[str, Any], path: str) -> None:
             ]
             pen.line(xy, fill=colours.get(mode, (0, 0, 0)), width=width)
         pen.text((m + 10, 25 + 14 * i), f"{mode}: p50 (thick), p95 (thin)", fill=colours.get(mode, (0, 0, 0)))
-    alone = [d["alone"]["latency_s"]["p95"] for d in report["modes"].values() if "alone" in d]
-    if alone:  # the floor: the same requests one at a time, p95 (the lowest of the modes')
+    if alone:
         y = (h - m) - min(alone) / top * (h - m - 20)
         for x in range(m, w - 20, 12):
             pen.line([(x, y), (x + 6, y)], fill=(90, 90, 90), width=1)
