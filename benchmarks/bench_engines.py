@@ -502,7 +502,7 @@ def profile_contenders(contenders: dict[str, Callable], full: Any, small: Any, t
 
     A separate mode because a 576-step profile holds GBs of events and would skew the timings. Only
     the engine is profiled: profiling the reference loop (transformers' LlamaModel with a dynamic
-    cache, 576 steps) grew past 23 GB of RAM under torch 2.14 on CPU and was OOM-killed.
+    cache, 576 steps) grows past 23 GB of RAM under torch 2.14 on CPU.
     """
     from torch.profiler import ProfilerActivity, profile
 

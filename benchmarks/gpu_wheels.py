@@ -5,7 +5,7 @@
                                                # packages and .whl importable: is the list complete?
 
 The lent H200 machine runs Python 3.12 with PyTorch, transformers and the packages in
-``DEVICE_PACKAGES`` (its image's list, 2026-11-17), but not Ray, FastAPI or pydantic, which the
+``DEVICE_PACKAGES`` (its image's list), but not Ray, FastAPI or pydantic, which the
 ray_data and serve sections need. ``CARRY`` names what they need beyond that image, at the versions
 installed here (the versions the project is tested with); ``--check`` found the list. Two wheels lose
 what never runs there (``STRIP``): Ray its Java jars (31 of its 79 MB), botocore every service model
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / ".whl"
 LIMIT_BYTES = 62 * 2**20  # of the 64 MiB a device call carries; the repository is ~1 MiB
 
-#: Python packages of the GPU machine's image (its list of 2026-11-17): these are not carried.
+#: Python packages of the GPU machine's image: these are not carried.
 DEVICE_PACKAGES = """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch
 build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage

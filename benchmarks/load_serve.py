@@ -256,7 +256,7 @@ def _engine_step_times(args: argparse.Namespace) -> dict[str, float]:
     the decode step of a full batch (the config's ``max_batch_size`` rows) and the prefill of one
     request that joins a running batch, as an arrival at a busy replica does (the step it joins in,
     less a plain step; the median of 5 joins). Dividing one step that prefills a whole batch by its
-    size, as this did before, gave each request the batched prefill's lower cost per request."""
+    size would give each request the batched prefill's lower cost per request."""
     import torch
 
     from janus.engine import CaptionEngine

@@ -36,7 +36,7 @@ MIN_IMAGE = {"background": 0.875, "color": 0.875, "shape": 0.75, "position": 0.8
 MIN_CAPTION = {"background": 0.875, "color": 0.875, "position": 0.875, "shape": 0.75}  # measured 1 1 1 .93
 #: AUROC of the score, own prompt against one attribute changed (the four in turn), on drawn scenes, less a
 #: margin: measured 0.97 on 128 (colour 0.98, shape 0.90, position 1.00, background 0.99; benchmarks/README.md
-#: "Quality columns"); 0.5 is chance, and the previous checkpoint, which read only colour and background, got 0.75
+#: "Quality columns"); 0.5 is chance, and a score that reads only colour and background gets about 0.75
 MIN_SCORE_AUROC = 0.85
 PROMPTS = [
     Scene("red", "circle", "left", "blue"),

@@ -126,7 +126,7 @@ class Scheduler:
     ``keep_cache``: the KV cache, allocated at the first request, stays allocated while the scheduler
     is idle (``release()`` frees it), as a serving engine keeps its preallocated cache. Zeroing the
     cache of 8 caption slots costs ~86 ms on a CPU core, 4x a request's prefill: freeing it whenever the
-    pool emptied made every request that arrived at a quiet server pay it before its first token.
+    pool empties makes every request that arrives at a quiet server pay it before its first token.
     ``keep_cache=False`` frees it each time the last request leaves (a process that shares the device).
     """
 
