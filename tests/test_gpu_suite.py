@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.gpu import sections as sections_package
 from benchmarks.gpu_suite import GPU_PLAN, SECTIONS, Recorder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,12 +46,15 @@ def section(out: Path, name: str) -> dict:
 @pytest.mark.timeout(DRY_RUN_LIMIT_S + 60)
 def test_the_dry_run_writes_every_section(tmp_path):
     run_suite(tmp_path, limit_s=DRY_RUN_LIMIT_S)
-    # what the device returns: at most 8 files in $OUT (suite.log, written by gpu_suite.sh, is the 8th)
+    # one JSON per section and summary.json (gpu_suite.sh adds suite.log); the device returns at most 8
+    # files of $OUT, so summary.json also holds every section's record
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [*(f"{s}.json" for s in SECTIONS), "summary.json"]
     )
     summary = strict((tmp_path / "summary.json").read_text())
     assert list(summary["sections"]) == list(SECTIONS)
+    for name, s in summary["sections"].items():
+        assert s["record"] == strict((tmp_path / f"{name}.json").read_text())
     assert all(s["status"] == "ok" and s["items_failed"] == 0 for s in summary["sections"].values())
     assert {g["goal"].split(":")[0] for g in summary["goals"]} == {"synthesis_1b", "synthesis_7b"}
 
@@ -101,3 +105,18 @@ def test_a_section_records_failures_and_skips_and_goes_on(tmp_path):
     assert data["not a number"] is None
     assert [i["status"] for i in data["items"]] == ["skipped", "failed", "ok"]
     assert "ZeroDivisionError" in data["items"][1]["traceback"] and data["status"] == "failed"
+
+
+def test_a_module_in_the_sections_package_is_a_section(tmp_path, monkeypatch):
+    """Adding a section is adding one file: the runner finds it and runs it in its order."""
+    (tmp_path / "extra.py").write_text(
+        "from benchmarks.gpu.plan import Section\n"
+        "SECTIONS = (Section('extra', order=45, budget_s=5, about='x', run=lambda rec, plan, work: None),)\n"
+    )
+    monkeypatch.setattr(sections_package, "__path__", [*sections_package.__path__, str(tmp_path)])
+    try:
+        found = list(sections_package.discover())
+    finally:
+        sys.modules.pop(f"{sections_package.__name__}.extra", None)
+    assert found == [*SECTIONS[:4], "extra", *SECTIONS[4:]]
+    assert found[:4] == ["environment", "correctness", "synthesis_1b", "synthesis_7b"]
