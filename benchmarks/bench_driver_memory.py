@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 import uuid
@@ -27,6 +26,7 @@ import fsspec
 import ray
 from moto.server import ThreadedMotoServer
 
+from benchmarks.machine import cpu
 from janus.utils.cli import OneLineParser
 from tests.support.jobs import committed_shards, million_row_job, session_env, start_cli
 from tests.support.memory import MemoryWatch, streaming_finished_at
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak_bytes_per_key": round((peak - streaming[0]) / args.rows, 1),
     }
     meta = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": cpu(),
         "load_average_at_start": load,
     }
     print(json.dumps(result, indent=2))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.machine import cpu
 from janus.engine import SynthesisEngine
 from janus.models import MultiModalityCausalLM, VLChatProcessor
 from janus.testing import write_tiny_checkpoint
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             f"python -m benchmarks.bench_pipeline --rows {args.rows} --batch {args.batch} --threads {args.threads}"
         ),
         "threads": args.threads,
-        "device": "cpu",
+        "device": f"cpu: {cpu()}",
         "model": "tiny (2L x 64 LLM, VQ ch 32, 384 px)",
         "rows": len(rows),
         "batch": args.batch,

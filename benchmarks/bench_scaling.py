@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from benchmarks.machine import cpu
 from janus.testing import write_tiny_checkpoint
 from janus.utils.cli import OneLineParser
 from tests.support import REPO
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         "setup": "local cluster: head (2 CPUs) + 2 workers, separate raylets on 127.0.0.1",
         "model": "tiny (vq_ch_mult 1,2: 48 px, 576 image tokens), float32, CPU actors of 1 CPU",
         "batch": 8,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": cpu(),
         "load_average_at_start": load,
     }
     print(f"{'actors':>6} {'rows':>5} {'wall s':>7} {'rows/s':>7} {'steady rows/s':>14}")

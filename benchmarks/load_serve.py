@@ -28,7 +28,6 @@ import base64
 import io
 import json
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import httpx
 import numpy as np
 import PIL.Image
 
+from benchmarks.machine import cpu
 from janus.utils.cli import OneLineParser
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -448,7 +448,7 @@ def _device() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    return f"CPU ({cpu()})"
 
 
 def main(argv: list[str] | None = None) -> int:

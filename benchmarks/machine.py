@@ -1,0 +1,29 @@
+"""The CPU a benchmark ran on, as its results record it: model, cores and the matrix extensions that
+decide what bf16 costs (AMX tiles, AVX-512 BF16 / VNNI), read from /proc/cpuinfo where there is one."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+#: the cpuinfo flags that change what a bf16 matmul costs on a CPU
+MATRIX_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f")
+
+
+def cpu() -> str:
+    """E.g. ``AMD EPYC, 2 cores, avx512_bf16 avx512_vnni avx512f, no AMX``."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    matrix = [f for f in MATRIX_FLAGS if f in flags]
+    amx = "" if "amx_tile" in flags else ", no AMX"
+    return f"{model}, {os.cpu_count()} cores, {' '.join(matrix) or 'no AVX-512'}{amx}"
