@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import janus.engine.captioning as captioning
-import janus.engine.synthesis as synthesis
+import janus.engine.runner as runner
 from janus.engine import CaptionEngine, SynthesisEngine
 from janus.models import MultiModalityCausalLM, VLChatProcessor
 from janus.testing import write_tiny_checkpoint
@@ -76,7 +76,7 @@ def engine_along(engine, monkeypatch, prompt: str, history: list[int]) -> torch.
         seen.append(logits.float()[0].clone())
         return torch.tensor([history[len(seen) - 1]], device=logits.device)
 
-    monkeypatch.setattr(synthesis, "sample", forced)
+    monkeypatch.setattr(runner, "sample", forced)
     assert engine.generate([{"prompt": prompt, "temperature": 0, "cfg_weight": CFG}])[0].ok
     monkeypatch.undo()
     return torch.stack(seen)

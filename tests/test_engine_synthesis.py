@@ -101,7 +101,7 @@ def test_cfg_mixed_before_the_head_matches_the_head_then_mix(small):
     model, processor = small
     fused = SynthesisEngine(model, processor, cfg_before_head=True)
     plain = SynthesisEngine(model, processor, cfg_before_head=False)
-    assert fused.cfg_before_head and not plain.cfg_before_head
+    assert fused.runner.cfg_before_head and not plain.runner.cfg_before_head
     torch.manual_seed(0)
     hidden = torch.randn(8, model.language_model.config.hidden_size)
     cfg = torch.tensor([[1.0], [3.0], [5.0], [7.5]])

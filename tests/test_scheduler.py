@@ -183,13 +183,13 @@ def test_a_step_computes_only_the_rows_in_use(synth, synth_alone, monkeypatch):
     a lone request at a quiet CPU server take 15 s instead of ~4 s); a second request takes the next
     lowest rows, and once the first leaves, its rows go idle but the second's are still computed."""
     widths: list[int] = []
-    original = synth.decoder.decode_slots
+    original = synth.decoder.decode_window
 
     def spy(embeds, *args, **kwargs):
         widths.append(embeds.shape[0])
         return original(embeds, *args, **kwargs)
 
-    monkeypatch.setattr(synth.decoder, "decode_slots", spy)
+    monkeypatch.setattr(synth.decoder, "decode_window", spy)
     scheduler = Scheduler(synth, slots=16)
     results = _run_joining(scheduler, [SYNTH[0], SYNTH[2]], [0, 100])
     assert widths[:100] == [2] * 100 and set(widths[100:]) == {4}

@@ -18,7 +18,8 @@ import torch
 
 from .common import BatchEngine, Prepared, RequestError, Result, check_sampling, coerce_request, timed
 from .prompts import DEFAULT_MAX_NEW_TOKENS, DEFAULT_QUESTION, chat_prompt, question_turns
-from .sampling import SamplingParams, row_uniforms, sample
+from .runner import Runner, Settings
+from .sampling import row_uniforms, sample
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,44 @@ class CaptionResult(Result):
     finish_reason: str | None = None  # "stop" (EOS) or "length"
 
 
+class CaptionRunner(Runner):
+    """Text: one row per request, stops at EOS (unless ``ignore_eos``) or ``max_new_tokens``."""
+
+    result_type = CaptionResult
+
+    def max_new(self, prepared: Prepared) -> int:
+        return prepared.request.max_new_tokens
+
+    def eos(self, prepared: Prepared) -> int | None:
+        return None if prepared.request.ignore_eos else self.processor.tokenizer.eos_token_id
+
+    def prompt_embeds(self, batch: list[Prepared], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.processor.batchify([p.data for p in batch]).to(self.device)
+        return self.model.prepare_inputs_embeds(**inputs).to(self.dtype), inputs.attention_mask
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.language_model.get_input_embeddings()(tokens).to(self.dtype)
+
+    def finish(self, batch: list[Prepared], tokens: list[list[int]], timings: list[dict]) -> list[Result]:
+        results: list[Result] = []
+        for p, toks, timing in zip(batch, tokens, timings, strict=True):
+            toks = list(toks[: self.max_new(p)])
+            eos = self.eos(p)
+            stop = eos is not None and eos in toks
+            if stop:
+                toks = toks[: toks.index(eos)]
+            results.append(
+                CaptionResult(
+                    text=self.processor.tokenizer.decode(toks, skip_special_tokens=True),
+                    num_tokens=len(toks),
+                    prompt_tokens=p.length,
+                    finish_reason="stop" if stop else "length",
+                    timings=timing,
+                )
+            )
+        return results
+
+
 class CaptionEngine(BatchEngine):
     """Images (+ question) -> text. Plain Python in and out; one engine per actor."""
 
@@ -67,6 +106,7 @@ class CaptionEngine(BatchEngine):
         super().__init__(model, processor, max_batch_size=max_batch_size, memory_fraction=memory_fraction)
         self.max_images_per_request = max_images_per_request
         self.image_tag = processor.image_tag
+        self.runner = CaptionRunner(self)
         self.compile = compile
         # static shapes (the whole cache is attended, masked): one compiled graph per batch shape
         self._step = torch.compile(self._decode_one, mode="reduce-overhead", fullgraph=True) if compile else None
@@ -172,64 +212,46 @@ class CaptionEngine(BatchEngine):
     def run_batch(self, batch: list[Prepared]) -> list[CaptionResult]:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        dev, b = self.device, len(batch)
-        reqs = [p.request for p in batch]
-        inputs = self.processor.batchify([p.data for p in batch]).to(dev)
-        eos = self.tokenizer.eos_token_id
-        limits = torch.tensor([r.max_new_tokens for r in reqs], device=dev)
-        stops = torch.tensor([not r.ignore_eos for r in reqs], device=dev)  # rows that end at EOS
-        max_new = max(r.max_new_tokens for r in reqs)
-        length = inputs.input_ids.shape[1]
-        params = SamplingParams.build([r.temperature for r in reqs], [None] * b, [r.top_p for r in reqs], dev)
-        uniforms = row_uniforms([r.seed for r in reqs], max_new, dev)
-        out = torch.full((b, max_new), eos, dtype=torch.long, device=dev)
+        dev, b, runner = self.device, len(batch), self.runner
+        limits = torch.tensor([runner.max_new(p) for p in batch], device=dev)
+        # rows that end at their EOS; -1 (no token) for those that only stop at their limit
+        eos = torch.tensor([-1 if runner.eos(p) is None else runner.eos(p) for p in batch], device=dev)
+        max_new = int(limits.max())
+        settings = runner.settings([p.request for p in batch])
+        uniforms = row_uniforms([p.request.seed for p in batch], max_new, dev)
+        out = torch.zeros((b, max_new), dtype=torch.long, device=dev)
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
 
         with timed(timings, "prefill_s", dev):
-            hidden, positions = self.prefill(inputs, self.model.prepare_inputs_embeds(**inputs), max_new)
-        logits = self.decoder.logits(hidden)
+            embeds, mask = runner.prompt_embeds(batch)
+            length = embeds.shape[1]
+            self.decoder.setup_caches(b, length + max_new, dtype=self.dtype, device=dev)
+            hidden, positions = self.decoder.prefill(embeds, mask)
+        logits = runner.logits(hidden, settings)
         step_slots = torch.arange(length, length + max_new, device=dev)  # made once, not per step
         steps = 0
         with timed(timings, "decode_s", dev):
             for step in range(max_new):
-                tok = sample(logits, params, uniforms[:, step])
-                tok = torch.where(finished, torch.full_like(tok, eos), tok)
-                out[:, step] = tok
-                finished |= ((tok == eos) & stops) | (limits <= step + 1)
+                tok = sample(logits, settings.params, uniforms[:, step])
+                out[:, step] = torch.where(finished, out[:, step], tok)
+                finished |= (tok == eos) | (limits <= step + 1)
                 steps = step + 1
                 if step + 1 == max_new or (step % 8 == 7 and bool(finished.all())):
                     break
                 slot = step_slots[step : step + 1]
                 if self._step is not None:
-                    logits = self._step(tok, positions, slot)
+                    logits = self._step(tok, positions, slot, settings)
                 else:
-                    logits = self._decode_one(tok, positions, slot, kv_len=length + step + 1)
+                    logits = self._decode_one(tok, positions, slot, settings, kv_len=length + step + 1)
                 positions = positions + 1
         if not self.compile:  # compiled steps (CUDA graphs) keep the cache's addresses across batches
             self.decoder.release()
         timings["total_s"] = time.perf_counter() - t0
         timings["batch_size"] = b
         timings["decode_steps"] = steps
-        rows = out[:, :steps].cpu().tolist()
-        results = []
-        for p, row in zip(batch, rows, strict=True):
-            req = p.request
-            row = row[: req.max_new_tokens]
-            stop = not req.ignore_eos and eos in row
-            toks = row[: row.index(eos)] if stop else row
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            results.append(
-                CaptionResult(
-                    text=text,
-                    num_tokens=len(toks),
-                    prompt_tokens=p.length,
-                    finish_reason="stop" if stop else "length",
-                    timings=dict(timings),
-                )
-            )
-        return results
+        return runner.finish(batch, out[:, :steps].tolist(), [dict(timings) for _ in batch])
 
-    def _decode_one(self, tok, positions, slot, kv_len: int | None = None) -> torch.Tensor:
+    def _decode_one(self, tok, positions, slot, settings: Settings, kv_len: int | None = None) -> torch.Tensor:
         """One token per row -> the next logits (``kv_len`` None: the static, compilable shape)."""
-        embeds = self.model.language_model.get_input_embeddings()(tok)[:, None]
-        return self.decoder.logits(self.decoder.decode_step(embeds, positions, slot, kv_len=kv_len))
+        embeds = self.runner.embed(tok)[:, None]
+        return self.runner.logits(self.decoder.decode_step(embeds, positions, slot, kv_len=kv_len), settings)

@@ -29,6 +29,8 @@ class Result:
     error: str | None = None
     code: str | None = None  # INVALID_REQUEST or OUT_OF_MEMORY when the request failed
     timings: dict[str, float] = field(default_factory=dict)
+    decode_passes: int | None = None  # forward passes that chose its tokens (the prefill's included)
+    decode_method: str | None = None  # "off" (one token per pass), "jacobi" or "coupled"
 
     @property
     def ok(self) -> bool:

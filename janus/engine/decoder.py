@@ -111,22 +111,30 @@ class KVCacheDecoder:
         self.key_valid[rows, :t] = True
         return self._prefill_rows(embeds, rows, 0)[:, -1]
 
-    def decode_slots(
+    def decode_window(
         self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_len: int
     ) -> torch.Tensor:
-        """One token for each of the first B cache rows (``embeds`` [B, 1, D]; B may be less than the
-        cache's rows: the scheduler keeps its requests in the lowest rows and leaves the empty ones
-        out), each written at its own ``slots[row]`` (its length so far) and attending to its own
-        filled prefix; returns hidden [B, D]. Rows keep their own lengths, so a request can join or
-        leave at any step (``scheduler.py``)."""
-        b = embeds.shape[0]
-        rows = torch.arange(b, device=embeds.device)
-        self.key_valid[rows, slots] = True
-        mask = self.key_valid[:b, None, None, :kv_len]  # [b, 1, 1, kv]
+        """W tokens for each of the first B cache rows in one forward pass (``embeds`` [B, W, D]): row b's
+        window is written at cache slots ``slots[b] .. slots[b] + W - 1`` with rotary positions from
+        ``positions[b]``, each token attending to its row's filled prefix and to the window's tokens
+        before it (causal within the window); returns hidden [B, W, D].
+
+        Rows keep their own lengths, so a request can join or leave at any step (``scheduler.py``),
+        and a multi-token method (``speculative.py``) can verify W drafted tokens per pass, then keep
+        each row's accepted part with ``rollback``. B may be less than the cache's rows: requests sit
+        in the lowest rows and the empty ones are left out. ``kv_len`` must cover every window."""
+        b, w = embeds.shape[:2]
+        dev = embeds.device
+        rows = torch.arange(b, device=dev)[:, None]
+        at = slots[:, None] + torch.arange(w, device=dev)[None, :]  # [B, W] each token's cache slot
+        self.key_valid[rows, at] = True
+        keys = torch.arange(kv_len, device=dev)
+        # a query sees its row's valid keys up to its own slot (rolled-back slots are invalid)
+        mask = (self.key_valid[:b, None, :kv_len] & (keys[None, None, :] <= at[:, :, None]))[:, None]
 
         def attend(i, attn, q, k, v):
-            self.k_cache[i][rows, :, slots] = k[:, :, 0].to(self.k_cache.dtype)
-            self.v_cache[i][rows, :, slots] = v[:, :, 0].to(self.v_cache.dtype)
+            self.k_cache[i][rows, :, at] = k.transpose(1, 2).to(self.k_cache.dtype)
+            self.v_cache[i][rows, :, at] = v.transpose(1, 2).to(self.v_cache.dtype)
             return F.scaled_dot_product_attention(
                 q,
                 self.k_cache[i][:b, :, :kv_len],
@@ -136,7 +144,20 @@ class KVCacheDecoder:
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
 
-        return self._layers(embeds, positions[:, None], attend)[:, -1]
+        return self._layers(embeds, positions[:, None] + torch.arange(w, device=dev)[None, :], attend)
+
+    def decode_slots(
+        self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """One token for each of the first B cache rows (``embeds`` [B, 1, D]) at its own slot: the
+        one-token window; returns hidden [B, D]."""
+        return self.decode_window(embeds, positions, slots, kv_len)[:, -1]
+
+    def rollback(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Forget cache row ``rows[i]``'s slots from ``lengths[i]`` on (a rejected draft's keys): they
+        are never attended again and the next window overwrites them."""
+        keep = torch.arange(self.key_valid.shape[1], device=rows.device)[None, :] < lengths[:, None]
+        self.key_valid[rows] &= keep
 
     def decode_step(
         self, embeds: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, kv_len: int | None = None

@@ -77,9 +77,47 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor)
     logits = logits.float()
     if params.all_greedy:
         return logits.argmax(dim=-1)
-    cdf = probabilities(logits, params).double().cumsum(-1)
-    target = (uniforms * cdf[:, -1])[:, None]
-    picked = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
+    picked = inverse_cdf(probabilities(logits, params), uniforms)
     if not params.any_greedy:
         return picked
     return torch.where(params.temperature <= 0, logits.argmax(dim=-1), picked)
+
+
+# -- counter-based uniforms: a value per (seed, stream, position, index), computed where it is needed --
+
+_MASK32 = 0xFFFF_FFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (Wellons' lowbias32) on int64 tensors holding values < 2**32: every product
+    stays below 2**63, so the result is the same on any device and in any batch."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(
+    seeds: torch.Tensor, stream: int, positions: torch.Tensor, index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float64 uniforms in (0, 1), one per (seed, stream, position[, index]): ``seeds`` [n] int64,
+    ``positions`` [n, ...] int64, ``index`` [...] broadcast after them -> [n, ..., *index.shape].
+
+    A method that may look at the same position several times (speculative decoding) needs values it
+    can address, not a stream it consumes in order: the value for a row's position is the same whatever
+    else ran, so a row's result does not depend on its batch."""
+    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    z = _hash32(lo ^ _hash32(hi ^ _hash32(torch.full_like(lo, stream))))
+    z = z.view(-1, *([1] * (positions.dim() - 1)))
+    z = _hash32(z ^ _hash32(positions & _MASK32))
+    if index is not None:
+        z = _hash32(z.reshape(*z.shape, *([1] * index.dim())) ^ _hash32(index & _MASK32))
+    return (z.double() + 0.5) / 2.0**32
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` [..., V] (need not sum to one) for ``uniforms`` [...]."""
+    cdf = probs.double().cumsum(-1)
+    target = (uniforms * cdf[..., -1])[..., None]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)

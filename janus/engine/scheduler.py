@@ -2,11 +2,18 @@
 
 A fixed pool of KV-cache rows (slots) is allocated once. Each ``step``: finished and cancelled requests
 leave and free their slots; waiting requests are prefilled into free slots (a synthesis request takes
-two, conditional and unconditional; a caption one); then one decode step runs for every row. Rows start
-at different times, so each keeps its own length and positions and attends only to its own filled
-prefix (``KVCacheDecoder.decode_slots``). The static engines stay the simple path and the oracle: for
-the same request and seed the tokens are the same whoever shares the batch and whenever it joined,
-because each request samples from its own random stream (``sampling.py``) at its own step.
+two, conditional and unconditional; a caption one); then one forward pass runs for every request
+(``decoding.decode_pass``). Rows start at different times, so each keeps its own length and positions
+and attends only to its own filled prefix (``KVCacheDecoder.decode_window``). The static engines stay
+the simple path and the oracle: for the same request and seed the tokens are the same whoever shares
+the batch and whenever it joined, because each request samples from its own random stream
+(``sampling.py``) at its own step. The task's model side is the engine's runner (``runner.py``), so
+the scheduler is the same for images and text.
+
+Speculative decoding (``speculative.py``, the engine's ``speculative`` option): a request admitted
+while at most ``max_rows`` requests run (itself included) is decoded speculatively to its end, several
+codes per pass; the others plainly. A request's image depends on its method (recorded in its result),
+never on who else runs.
 
 Plain Python, no Ray: ``Scheduler.step`` is driven by a loop (``BackgroundScheduler`` runs one in a
 thread); ``Ticket`` is a request's handle: its tokens as they come, its result, and cancellation.
@@ -14,7 +21,6 @@ thread); ``Ticket`` is a request's handle: its tokens as they come, its result, 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -25,93 +31,28 @@ from typing import Any
 
 import torch
 
-from .captioning import CaptionEngine, CaptionResult
 from .common import (
     CANCELLED,
     INTERNAL,
     INVALID_REQUEST,
     OUT_OF_MEMORY,
-    Prepared,
     RequestError,
     Result,
     available_memory,
 )
-from .prompts import unconditional_ids
-from .sampling import SamplingParams, row_uniforms, sample
-from .synthesis import SynthesisEngine, SynthesisResult
+from .decoding import Sequence, block_index, choose_first, decode_pass
+from .runner import Settings
+from .sampling import row_uniforms
+from .ticket import Ticket, TokenCallback
 
 logger = logging.getLogger(__name__)
 
-TokenCallback = Callable[[int], None]
-
-
-class Ticket:
-    """One submitted request: its tokens as they are made, its result when done, and cancellation."""
-
-    _ids = itertools.count()
-
-    def __init__(self, request: Any, on_token: TokenCallback | None = None):
-        self.id = next(self._ids)
-        self.request = request
-        self.on_token = on_token
-        self.tokens: list[int] = []
-        self.result: Result | None = None
-        self.cancelled = False
-        self.submitted_at = time.perf_counter()
-        self.admitted_at: float | None = None  # taken from the queue to be prepared and prefilled
-        self.first_token_at: float | None = None
-        self._done = threading.Event()
-        self._callbacks: list[Callable[[Ticket], None]] = []
-        self._lock = threading.Lock()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """The client went away: the scheduler frees the request's slots at its next step."""
-        self.cancelled = True
-
-    def wait(self, timeout: float | None = None) -> Result:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} is not done after {timeout} s")
-        return self.result  # type: ignore[return-value]
-
-    def add_done_callback(self, fn: Callable[[Ticket], None]) -> None:
-        with self._lock:
-            if not self.done:
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
-    def _token(self, token: int) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        self.tokens.append(token)
-        if self.on_token is not None:
-            self.on_token(token)
-
-    def _finish(self, result: Result) -> None:
-        with self._lock:
-            self.result = result
-            self._done.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            fn(self)
+__all__ = ["BackgroundScheduler", "Scheduler", "Ticket", "TokenCallback"]
 
 
 @dataclass
-class _Running:
-    ticket: Ticket
-    prepared: Prepared
-    rows: list[int]  # cache rows: [cond, uncond] for synthesis, [row] for captions
-    length: int  # filled cache positions of each row
-    position: int  # the next token's rotary position
-    uniforms: list[float]  # [max_new] this request's random stream (float64 values, on the host)
-    max_new: int
-    last: int = 0  # the last token made (the next step's input)
-    eos: int | None = None  # the token that ends it (None: only max_new does; images, ignore_eos)
-    tokens: list[int] = field(default_factory=list)
+class _Running(Sequence):
+    ticket: Ticket | None = None
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -124,26 +65,20 @@ class Scheduler:
     (``INVALID_REQUEST``), without touching the others.
 
     ``keep_cache``: the KV cache, allocated at the first request, stays allocated while the scheduler
-    is idle (``release()`` frees it), as a serving engine keeps its preallocated cache. Zeroing the
-    cache of 8 caption slots costs ~86 ms on a CPU core, 4x a request's prefill: freeing it whenever the
-    pool empties makes every request that arrives at a quiet server pay it before its first token.
-    ``keep_cache=False`` frees it each time the last request leaves (a process that shares the device).
+    is idle (``release()`` frees it), as a serving engine keeps its preallocated cache: zeroing the
+    cache of 8 caption slots costs ~86 ms on a CPU core, 4x a request's prefill, which every request
+    arriving at a quiet server would otherwise pay before its first token. ``keep_cache=False`` frees
+    it each time the last request leaves (a process that shares the device).
     """
 
-    def __init__(
-        self,
-        engine: SynthesisEngine | CaptionEngine,
-        *,
-        slots: int = 16,
-        max_len: int | None = None,
-        keep_cache: bool = True,
-    ):
+    def __init__(self, engine: Any, *, slots: int = 16, max_len: int | None = None, keep_cache: bool = True):
         self.engine = engine
-        self.synthesis = isinstance(engine, SynthesisEngine)
-        self.rows_per_request = 2 if self.synthesis else 1
+        self.runner = engine.runner
+        self.rows_per_request = self.runner.rows_per_request
+        self.speculator = getattr(engine, "speculator", None)
         decoder = engine.decoder
         if max_len is None:
-            max_len = 1024 if self.synthesis else 2048
+            max_len = 1024 if self.rows_per_request == 2 else 2048
         max_len = min(max_len, decoder.max_position_embeddings)
         per_row = decoder.cache_bytes(1, max_len, engine.dtype)
         budget = int(available_memory(engine.device) * engine.memory_fraction)
@@ -165,14 +100,13 @@ class Scheduler:
         self.peak_running = 0  # the most requests that ever shared one step
         #: the latest rounds' durations (seconds), to set a request's time to first token against what
         #: the same batch costs: admissions (prepare + prefill + first token) as (requests, seconds),
-        #: decode steps (one token for every running request) as (requests, seconds)
+        #: decode steps (one pass for every running request) as (requests, seconds)
         self.prefill_rounds: deque[tuple[int, float]] = deque(maxlen=10_000)
         self.decode_rounds: deque[tuple[int, float]] = deque(maxlen=10_000)
-        self._settings_key: tuple[int, ...] | None = None
+        self._settings: dict[tuple[int, ...], Settings] = {}
         #: called after each round of tokens went to the tickets' callbacks (the first tokens of a
         #: prefill, each decode step's), before finished requests are built: e.g. to hand them on in one go
         self.on_tokens: Callable[[], None] | None = None
-        self._settings_value: tuple[SamplingParams, torch.Tensor | None]
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, request: Any, on_token: TokenCallback | None = None) -> Ticket:
@@ -193,12 +127,19 @@ class Scheduler:
     # -- one iteration ---------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
+        """Retire, admit, and one forward pass for the running requests. A failure in the pass fails
+        the requests that were in it (the cache is allocated again for the next ones); requests still
+        waiting are untouched."""
         self._retire_cancelled()
         self._admit()
         if self.running:
             self.peak_running = max(self.peak_running, len(self.running))
             t0, n = time.perf_counter(), len(self.running)
-            self._decode()
+            try:
+                self._decode()
+            except Exception as exc:
+                self._fail_running(exc)
+                return
             self.decode_rounds.append((n, time.perf_counter() - t0))
         if self.idle and not self.keep_cache:
             self.release()
@@ -208,6 +149,13 @@ class Scheduler:
         if self._cache is not None and self.engine.decoder.k_cache is self._cache:
             self.engine.decoder.release()
         self._cache = None
+
+    def _fail_running(self, exc: BaseException) -> None:
+        logger.exception("scheduler step failed; failing its %d requests", len(self.running))
+        code = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else INTERNAL
+        for run in list(self.running):
+            self._leave(run, self.engine.result_type.failed(code, f"{type(exc).__name__}: {exc}"))
+        self.release()
 
     def _allocate(self) -> None:
         e = self.engine
@@ -234,139 +182,111 @@ class Scheduler:
         self.free.sort()
         run.ticket._finish(result)
 
+    def _next_ticket(self) -> Ticket | None:
+        """The oldest waiting request that was not cancelled (one cancelled meanwhile never runs)."""
+        with self._lock:
+            while self.waiting:
+                ticket = self.waiting.popleft()
+                if not ticket.cancelled:
+                    return ticket
+                ticket._finish(self.engine.result_type.failed(CANCELLED, "cancelled by the client"))
+        return None
+
     def _admit(self) -> None:
         """Prepare and prefill waiting requests into free slots, in arrival order."""
         admitted: list[_Running] = []
         t0 = time.perf_counter()
         while len(self.free) >= self.rows_per_request:
-            with self._lock:
-                if not self.waiting:
-                    break
-                ticket = self.waiting.popleft()
-            ticket.admitted_at = time.perf_counter()
-            try:
-                prepared = self.engine.prepare(ticket.id, ticket.request)
-            except RequestError as exc:
-                ticket._finish(self.engine.result_type.failed(INVALID_REQUEST, str(exc)))
-                continue
-            max_new = self.engine.image_tokens if self.synthesis else prepared.request.max_new_tokens
-            if prepared.length + max_new > self.max_len:
-                ticket._finish(
-                    self.engine.result_type.failed(
-                        OUT_OF_MEMORY,
-                        f"request needs {prepared.length + max_new} cache positions; this server's slots "
-                        f"hold {self.max_len}",
-                    )
-                )
-                continue
-            rows = [self.free.pop(0) for _ in range(self.rows_per_request)]
-            uniforms = row_uniforms([prepared.request.seed], max_new, torch.device("cpu"))[0].tolist()
-            run = _Running(ticket, prepared, rows, prepared.length, prepared.length, uniforms, max_new)
-            if not self.synthesis and not prepared.request.ignore_eos:
-                run.eos = self.engine.tokenizer.eos_token_id
-            admitted.append(run)
+            ticket = self._next_ticket()
+            if ticket is None:
+                break
+            run = self._start(ticket, len(self.running) + len(admitted) + 1)
+            if run is not None:
+                admitted.append(run)
         if not admitted:
             return
         self._allocate()
         try:
-            first = self._prefill(admitted)
-        except torch.OutOfMemoryError as exc:
+            self._prefill(admitted)
+        except Exception as exc:  # out of memory, or a bug: only these requests fail
+            logger.exception("prefill of %d requests failed", len(admitted))
+            code = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else INTERNAL
             for run in admitted:
                 self.free.extend(run.rows)
-                run.ticket._finish(self.engine.result_type.failed(OUT_OF_MEMORY, f"out of memory: {exc}"))
+                run.ticket._finish(self.engine.result_type.failed(code, f"{type(exc).__name__}: {exc}"))
             self.free.sort()
             return
         self.running.extend(admitted)
-        # [rows per request, requests, D] -> every request's first row, then every unconditional one
-        self._advance(admitted, torch.stack([first[r.ticket.id] for r in admitted], dim=1).flatten(0, 1))
+        self._emit(admitted, [[r.tokens[-1]] for r in admitted])
         self.prefill_rounds.append((len(admitted), time.perf_counter() - t0))
         self.prefills += 1
 
-    def _prefill(self, admitted: list[_Running]) -> dict[int, torch.Tensor]:
-        """Prefill each group of equal length together; returns each request's last hidden state(s)."""
+    def _start(self, ticket: Ticket, running: int) -> _Running | None:
+        """A checked request -> its sequence in free rows; a request that cannot run is finished at once."""
+        ticket.admitted_at = time.perf_counter()
+        try:
+            prepared = self.engine.prepare(ticket.id, ticket.request)
+        except RequestError as exc:
+            ticket._finish(self.engine.result_type.failed(INVALID_REQUEST, str(exc)))
+            return None
+        except Exception as exc:  # a bug in checking one request fails that request only
+            logger.exception("preparing request %d failed", ticket.id)
+            ticket._finish(self.engine.result_type.failed(INTERNAL, f"{type(exc).__name__}: {exc}"))
+            return None
+        runner, spec = self.runner, self.speculator
+        speculative = spec is not None and spec.options.applies(running)
+        max_new = runner.max_new(prepared)
+        need = prepared.length + max_new + (spec.window if speculative else 0)
+        if need > self.max_len:
+            message = f"request needs {need} cache positions; this server's slots hold {self.max_len}"
+            ticket._finish(self.engine.result_type.failed(OUT_OF_MEMORY, message))
+            return None
+        rows = [self.free.pop(0) for _ in range(self.rows_per_request)]
+        uniforms = row_uniforms([prepared.request.seed], max_new, torch.device("cpu"))[0].tolist()
+        run = _Running(prepared, rows, prepared.length, prepared.length, max_new, runner.eos(prepared), uniforms)
+        run.ticket = ticket
+        if speculative:
+            run.drafts = spec.start(prepared.request.seed)
+        return run
+
+    def _prefill(self, admitted: list[_Running]) -> None:
+        """Prefill each group of equal length together, then choose each request's first token."""
         e, dev = self.engine, self.engine.device
-        first: dict[int, torch.Tensor] = {}
-        by_length: dict[int, list[_Running]] = {}
-        for run in admitted:
-            by_length.setdefault(run.length, []).append(run)
+        by_length: dict[tuple[int, bool], list[_Running]] = {}
+        for run in admitted:  # plain and speculative requests choose their first token differently
+            by_length.setdefault((run.length, run.drafts is not None), []).append(run)
         for group in by_length.values():
-            if self.synthesis:
-                ids = [p.prepared.data for p in group] + [
-                    unconditional_ids(p.prepared.data, e.processor.pad_id) for p in group
-                ]
-                embeds = e.model.language_model.get_input_embeddings()(torch.tensor(ids, device=dev))
-                rows = [p.rows[0] for p in group] + [p.rows[1] for p in group]
-            else:
-                inputs = e.processor.batchify([p.prepared.data for p in group]).to(dev)
-                embeds = e.model.prepare_inputs_embeds(**inputs)
-                rows = [p.rows[0] for p in group]
-            hidden = e.decoder.prefill_slots(embeds.to(e.dtype), torch.tensor(rows, device=dev))
-            for i, run in enumerate(group):
-                picks = [i, len(group) + i] if self.synthesis else [i]
-                first[run.ticket.id] = hidden[picks]
-        return first
+            embeds, _ = self.runner.prompt_embeds([r.prepared for r in group])
+            rows = torch.tensor(block_index(group, self.rows_per_request), device=dev)
+            hidden = e.decoder.prefill_slots(embeds, rows)
+            choose_first(self.runner, self.speculator, group, hidden, self._settings_of(group))
 
     def _decode(self) -> None:
-        e, dev = self.engine, self.engine.device
         # only rows up to the highest one in use (admission fills the lowest free rows): with one
-        # image request in a 16-row pool a step computes 2 rows, not 16 (it made a lone request at a
-        # quiet CPU server take 15 s instead of ~5 s)
+        # image request in a 16-row pool a pass computes 2 rows, not 16
         top = max(max(run.rows) for run in self.running) + 1
-        last, position, length = [0] * top, [0] * top, [0] * top  # built on the host
-        for run in self.running:
-            for row in run.rows:
-                last[row], position[row], length[row] = run.last, run.position, run.length
-        rows = torch.tensor([last, position, length], dtype=torch.long)
-        tokens, positions, slots = rows.to(dev, non_blocking=True)  # one copy to the device a step
-        if self.synthesis:
-            embeds = e.model.prepare_gen_img_embeds(tokens)[:, None]
-        else:
-            embeds = e.model.language_model.get_input_embeddings()(tokens)[:, None]
-        kv_len = max(run.length for run in self.running) + 1
-        hidden = e.decoder.decode_slots(embeds.to(e.dtype), positions, slots, kv_len)
-        for run in self.running:
-            run.length += 1
-            run.position += 1
-        self.steps += 1
         runs = list(self.running)
-        index = [run.rows[k] for k in range(self.rows_per_request) for run in runs]
-        self._advance(runs, hidden[torch.tensor(index, device=dev)])
+        new = decode_pass(self.runner, self.speculator, runs, self._settings_of, top)
+        self.steps += 1
+        self._emit(runs, new)
 
-    def _settings(self, runs: list[_Running]) -> tuple[SamplingParams, torch.Tensor | None]:
-        """The batch's sampling settings (and CFG weights) as device tensors, built again only when
-        the batch's membership changed: not every step."""
+    def _settings_of(self, runs: list[_Running]) -> Settings:
+        """The sampling settings of these requests, built again only when membership changed."""
         key = tuple(r.ticket.id for r in runs)
-        if key != self._settings_key:
-            e, reqs = self.engine, [r.prepared.request for r in runs]
-            top_k = [q.top_k for q in reqs] if self.synthesis else [None] * len(reqs)
-            params = SamplingParams.build(
-                [q.temperature for q in reqs], top_k, [q.top_p for q in reqs], e.device
-            )
-            cfg = None
-            if self.synthesis:
-                cfg = torch.tensor([q.cfg_weight for q in reqs], dtype=torch.float32, device=e.device)[:, None]
-            self._settings_key, self._settings_value = key, (params, cfg)
-        return self._settings_value
+        if key not in self._settings:
+            if len(self._settings) > 64:
+                self._settings.clear()
+            self._settings[key] = self.runner.settings([r.prepared.request for r in runs])
+        return self._settings[key]
 
-    def _advance(self, runs: list[_Running], h: torch.Tensor) -> None:
-        """Choose each request's next token from its rows' hidden states ``h`` (every request's first
-        row in ``runs`` order, then, for synthesis, every request's unconditional row); finish those
-        that are done."""
-        e = self.engine
-        step_u = torch.tensor([r.uniforms[len(r.tokens)] for r in runs], dtype=torch.float64, device=e.device)
-        params, cfg = self._settings(runs)
-        if self.synthesis:
-            chosen = e._choose(h, params, step_u, cfg)
-        else:
-            chosen = sample(e.decoder.logits(h), params, step_u)
+    def _emit(self, runs: list[_Running], new: list[list[int]]) -> None:
+        """Hand each request its new tokens; finish those that are done."""
         finished: list[_Running] = []
-        for run, token in zip(runs, chosen.tolist(), strict=True):
-            run.tokens.append(token)
-            run.last = token
-            stop = token == run.eos
-            if not stop:
-                run.ticket._token(token)
-            if stop or len(run.tokens) >= run.max_new:
+        for run, tokens in zip(runs, new, strict=True):
+            for token in tokens:
+                if token != run.eos:
+                    run.ticket._token(token)
+            if run.done:
                 finished.append(run)
         if self.on_tokens is not None:
             try:
@@ -374,37 +294,10 @@ class Scheduler:
             except Exception:  # e.g. the event loop it hands tokens to is closed: the requests go on
                 logger.exception("on_tokens hook failed")
         if finished:
-            results = self._results(finished)
+            timings = [{"total_s": time.perf_counter() - r.started, "batch_size": 1} for r in finished]
+            results = self.runner.results(finished, timings)
             for run, result in zip(finished, results, strict=True):
                 self._leave(run, result)
-
-    def _results(self, finished: list[_Running]) -> list[Result]:
-        e = self.engine
-        if self.synthesis:
-            codes = torch.tensor([r.tokens for r in finished], device=e.device)
-            images = e.decode_images(codes)
-            return [
-                SynthesisResult(
-                    image=image,
-                    tokens=codes[i].to(torch.int32).cpu().numpy(),
-                    timings={"total_s": time.perf_counter() - r.started, "batch_size": 1},
-                )
-                for i, (r, image) in enumerate(zip(finished, images, strict=True))
-            ]
-        out = []
-        for r in finished:
-            stop = r.tokens[-1] == r.eos
-            toks = r.tokens[:-1] if stop else r.tokens
-            out.append(
-                CaptionResult(
-                    text=e.tokenizer.decode(toks, skip_special_tokens=True),
-                    num_tokens=len(toks),
-                    prompt_tokens=r.prepared.length,
-                    finish_reason="stop" if stop else "length",
-                    timings={"total_s": time.perf_counter() - r.started, "batch_size": 1},
-                )
-            )
-        return out
 
 
 class BackgroundScheduler:
@@ -441,13 +334,6 @@ class BackgroundScheduler:
                 continue
             try:
                 s.step()
-            except BaseException as exc:  # a bug must fail the requests, not hang them forever
-                logger.exception("scheduler step failed")
-                self.error = exc
-                for run in list(s.running):
-                    s._leave(run, s.engine.result_type.failed(INTERNAL, f"{type(exc).__name__}: {exc}"))
-                while s.waiting:
-                    s.waiting.popleft()._finish(s.engine.result_type.failed(INTERNAL, repr(exc)))
+            except Exception as exc:  # a bug must fail the requests it hit, not hang them forever
+                s._fail_running(exc)
                 s.free = list(range(s.slots))
-                s.release()
-                self.error = None
