@@ -91,6 +91,17 @@ class _EngineOptions(Section):
         return cls.model_validate(options or {}).model_dump(exclude_unset=True)
 
 
+class SpeculativeSection(Section):
+    """Speculative Jacobi decoding of image codes (``janus.engine.speculative``): several codes per
+    forward pass from one distribution-preserving rule. ``max_rows``: the most images in a batch that
+    decode speculatively (above it, plainly: a busy device gains nothing); null = any."""
+
+    method: Literal["off", "jacobi", "coupled"] = "off"
+    window: int = Field(16, ge=2, le=64)
+    max_rows: int | None = Field(None, ge=1)
+    draft_init: Literal["left", "random"] = "left"
+
+
 class SynthesisEngineOptions(_EngineOptions):
     engine = "SynthesisEngine"
     max_batch_size: int = Field(16, ge=1)
@@ -101,6 +112,7 @@ class SynthesisEngineOptions(_EngineOptions):
     max_prompt_tokens: int | None = Field(None, ge=1)
     truncate_prompts: bool = False
     memory_fraction: float = Field(0.9, gt=0, le=1)
+    speculative: SpeculativeSection = Field(default_factory=SpeculativeSection)
 
 
 class CaptionEngineOptions(_EngineOptions):

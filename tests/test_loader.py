@@ -245,3 +245,21 @@ def test_loading_holds_no_second_copy_of_the_weights(tmp_path, dtype, max_copies
     )
     model_bytes = size * (2 if dtype == "float32" else 1)
     assert grown_kib * 1024 < max_copies * model_bytes + 16 * 2**20, (grown_kib, size)
+
+
+def test_the_python_api_takes_the_embedded_models_names_as_the_configs_do(tmp_path):
+    """``model.path: shapes`` in a config and ``from_pretrained("shapes")`` in Python are one name."""
+    from janus.engine import SynthesisEngine
+    from janus.models import VLChatProcessor
+    from janus.models.embedded import embedded_path
+    from pipeline.model_ref import resolve_model_ref
+
+    synth = SynthesisEngine.from_pretrained("shapes", dtype="float32")
+    result = synth.generate([{"prompt": "a red circle on the left, blue background", "seed": 1}])[0]
+    assert result.ok and result.image.shape == (96, 96, 3)
+    assert VLChatProcessor.from_pretrained("shapes").tokenizer is not None
+    assert resolve_model_ref("shapes") == embedded_path("shapes")
+    assert embedded_path("deepseek-ai/Janus-Pro-7B") is None
+    assert (tmp_path / "tiny-janus-v1" / "config.json").exists() is False
+    tiny = embedded_path("tiny", tmp_path)  # written on first use, into the cache given
+    assert (tmp_path / "tiny-janus-v1" / "config.json").exists() and tiny.endswith("tiny-janus-v1")

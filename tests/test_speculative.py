@@ -253,3 +253,21 @@ def test_counter_uniforms_are_addressed_not_consumed():
     many = counter_uniforms(torch.tensor([7]), 2, torch.arange(20_000)[None])[0]
     assert abs(float(many.mean()) - 0.5) < 0.01 and len(set(many.tolist())) > 19_900
     assert not torch.equal(counter_uniforms(seeds, 2, positions), a)  # streams differ
+
+
+def test_the_job_and_serve_configs_take_the_engines_options():
+    """``engine.speculative`` in a job's YAML is checked in one place and reaches the engine as given."""
+    import typing
+
+    from janus.engine.speculative import DRAFT_INITS, METHODS
+    from pipeline.config import ConfigError, SpeculativeSection, SynthesisEngineOptions, load_config
+
+    fields = SpeculativeSection.model_fields
+    assert typing.get_args(fields["method"].annotation) == METHODS
+    assert typing.get_args(fields["draft_init"].annotation) == DRAFT_INITS
+    parsed = SynthesisEngineOptions.parse({"speculative": {"method": "coupled", "max_rows": 4}})
+    assert SpeculativeOptions.of(parsed["speculative"]) == SpeculativeOptions("coupled", 16, 4, "left")
+    cfg = load_config("configs/demo_synthesize.yaml", ["engine.speculative.method=jacobi"])
+    assert cfg.engine["speculative"] == {"method": "jacobi"}
+    with pytest.raises(ConfigError, match="speculative"):
+        load_config("configs/demo_synthesize.yaml", ["engine.speculative.window=1"])
