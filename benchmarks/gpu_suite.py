@@ -10,9 +10,10 @@ section in ``benchmarks/gpu/sections/``.
 
 from __future__ import annotations
 
-from benchmarks.gpu.plan import DRY_PLAN, GPU_PLAN, Plan, Section
+from benchmarks.gpu.plan import DRY_PLAN, GPU_PLAN, Plan
 from benchmarks.gpu.record import Recorder
 from benchmarks.gpu.runner import SECTIONS, main
+from benchmarks.gpu.section import Section
 
 __all__ = ["DRY_PLAN", "GPU_PLAN", "SECTIONS", "Plan", "Recorder", "Section", "main"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from janus.models.embedded import SHAPES, TINY, embedded_path  # noqa: F401  (the names configs use)
+from janus.embedded import SHAPES, TINY, embedded_path  # noqa: F401  (the names configs use)
 
 #: the model actor classes of the jobs and of Serve's model deployments
 SYNTHESIZER = "pipeline.actors.synthesizer:Synthesizer"
@@ -25,5 +25,5 @@ def load_class(spec: type | str) -> type:
 
 
 def resolve_model_ref(path: str, cache_dir: str | None = None) -> str:
-    """The embedded models' names -> their directories (``janus.models.embedded``); anything else as is."""
+    """The embedded models' names -> their directories (``janus.embedded``); anything else as is."""
     return embedded_path(path, cache_dir) or path

@@ -110,7 +110,7 @@ def test_a_section_records_failures_and_skips_and_goes_on(tmp_path):
 def test_a_module_in_the_sections_package_is_a_section(tmp_path, monkeypatch):
     """Adding a section is adding one file: the runner finds it and runs it in its order."""
     (tmp_path / "extra.py").write_text(
-        "from benchmarks.gpu.plan import Section\n"
+        "from benchmarks.gpu.section import Section\n"
         "SECTIONS = (Section('extra', order=45, budget_s=5, about='x', run=lambda rec, plan, work: None),)\n"
     )
     monkeypatch.setattr(sections_package, "__path__", [*sections_package.__path__, str(tmp_path)])

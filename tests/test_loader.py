@@ -249,15 +249,14 @@ def test_loading_holds_no_second_copy_of_the_weights(tmp_path, dtype, max_copies
 
 def test_the_python_api_takes_the_embedded_models_names_as_the_configs_do(tmp_path):
     """``model.path: shapes`` in a config and ``from_pretrained("shapes")`` in Python are one name."""
-    from janus.engine import SynthesisEngine
-    from janus.models import VLChatProcessor
-    from janus.models.embedded import embedded_path
+    from janus.embedded import embedded_path
+    from janus.engine import CaptionEngine, SynthesisEngine
     from pipeline.model_ref import resolve_model_ref
 
     synth = SynthesisEngine.from_pretrained("shapes", dtype="float32")
     result = synth.generate([{"prompt": "a red circle on the left, blue background", "seed": 1}])[0]
     assert result.ok and result.image.shape == (96, 96, 3)
-    assert VLChatProcessor.from_pretrained("shapes").tokenizer is not None
+    assert CaptionEngine.from_pretrained("shapes").generate([{"image": result.image}])[0].ok
     assert resolve_model_ref("shapes") == embedded_path("shapes")
     assert embedded_path("deepseek-ai/Janus-Pro-7B") is None
     assert (tmp_path / "tiny-janus-v1" / "config.json").exists() is False

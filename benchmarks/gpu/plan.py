@@ -1,14 +1,9 @@
-"""What a run of the suite is: the mode (a GPU, or the CPU dry run) and the sections it is made of."""
+"""What a run of the suite is: the mode (a GPU, or the CPU dry run)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    from benchmarks.gpu.record import Recorder
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -37,19 +32,3 @@ class Plan:
 
 GPU_PLAN = Plan(device="cuda", dtype="bfloat16", repeats=1, warmups=True, budgets=True)
 DRY_PLAN = Plan(device="cpu", dtype="float32", repeats=1, warmups=False, budgets=False)
-
-
-@dataclass(frozen=True)
-class Section:
-    """One part of the suite: ``run`` measures and records into the section's ``Recorder``.
-
-    A module of ``benchmarks.gpu.sections`` declares its sections in ``SECTIONS``; the runner finds
-    them there and runs them by ``order``."""
-
-    name: str  # also its JSON's name, ``<out>/<name>.json``
-    order: int  # sections run in ascending order
-    budget_s: float  # seconds on the GPU: its process's whole life, imports included
-    about: str  # one line for ``--help``
-    run: Callable[[Recorder, Plan, Path], None]
-    #: the goals read off this section's finished record (``goal``, ``measured``, ``met`` each)
-    goals: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None

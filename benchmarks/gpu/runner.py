@@ -32,9 +32,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks.gpu.plan import DRY_PLAN, GPU_PLAN, Plan, Section
+from benchmarks.gpu.plan import DRY_PLAN, GPU_PLAN, Plan
 from benchmarks.gpu.processes import ROOT, product_env
 from benchmarks.gpu.record import Recorder, write_json
+from benchmarks.gpu.section import Section
 from benchmarks.gpu.sections import discover
 
 ALL: dict[str, Section] = discover()

@@ -44,11 +44,13 @@ class Result:
 def load_model_and_processor(
     path: str, *, dtype=None, device=None, storage_options=None, cache_dir=None
 ) -> tuple[Any, Any]:
-    """A checkpoint (local dir, hub id or fsspec URL) -> (MultiModalityCausalLM, VLChatProcessor)."""
-    from janus.models import VLChatProcessor
-    from janus.models.loading import load_janus_model
+    """A checkpoint (an embedded model's name, local dir, hub id or fsspec URL) -> (MultiModalityCausalLM,
+    VLChatProcessor)."""
+    from janus.embedded import embedded_path
+    from janus.models import MultiModalityCausalLM, VLChatProcessor
 
-    model = load_janus_model(
+    path = embedded_path(path, cache_dir) or path
+    model = MultiModalityCausalLM.from_pretrained(
         path, dtype=dtype, device=device, storage_options=storage_options, cache_dir=cache_dir
     )
     processor = VLChatProcessor.from_pretrained(path, storage_options=storage_options, cache_dir=cache_dir)

@@ -16,8 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .embedded import embedded_path
-
 logger = logging.getLogger(__name__)
 
 #: Files a Janus checkpoint directory may hold; anything else under a prefix is not downloaded.
@@ -46,7 +44,6 @@ def resolve_model_path(
 ) -> Path:
     """Return a local directory holding the checkpoint named by ``name_or_path``.
 
-    * an embedded model's name (``shapes``, ``tiny``: ``embedded.py``) is its packaged directory;
     * an existing local directory is returned as is;
     * a URL with a scheme (``s3://bucket/prefix``, ``memory://...``, ``file://...``) is copied once
       through fsspec into ``cache_dir`` and reused afterwards;
@@ -54,9 +51,6 @@ def resolve_model_path(
       ``huggingface_hub.snapshot_download`` (honours ``HF_HUB_OFFLINE`` and the hub cache).
     """
     ref = os.fspath(name_or_path)
-    embedded = embedded_path(ref, cache_dir)
-    if embedded is not None:
-        return Path(embedded)
     if os.path.isdir(ref):
         return Path(ref)
     if "://" in ref:
@@ -81,7 +75,6 @@ def read_checkpoint_file(
     """One small file of a checkpoint (a config) without fetching the weights: a job's driver needs the
     image size, not 14 GB it would never use."""
     ref = os.fspath(name_or_path)
-    ref = embedded_path(ref, cache_dir) or ref
     local = ref[len("file://") :] if ref.startswith("file://") else ref
     if os.path.isdir(local):
         return (Path(local) / filename).read_bytes()

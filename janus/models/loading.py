@@ -114,6 +114,7 @@ def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tens
 
 def load_janus_model(
     name_or_path: str | os.PathLike,
+    model_cls: type,
     *,
     config: MultiModalityConfig | None = None,
     dtype: torch.dtype | str | None = None,
@@ -122,15 +123,12 @@ def load_janus_model(
     cache_dir: str | os.PathLike | None = None,
     revision: str | None = None,
     local_files_only: bool = False,
-    model_cls: type | None = None,
 ) -> Any:
-    """Load a Janus checkpoint with strict key checking; returns the model in eval mode.
+    """Load a Janus checkpoint into a ``model_cls`` (``MultiModalityCausalLM``, whose ``from_pretrained``
+    calls this) with strict key checking; returns the model in eval mode.
 
     ``dtype`` None keeps the checkpoint's ``torch_dtype`` (bf16 for official weights).
     """
-    from .modeling_vlm import MultiModalityCausalLM
-
-    model_cls = model_cls or MultiModalityCausalLM
     t0 = time.perf_counter()
     directory = resolve_model_path(
         name_or_path,

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, Pre
 
 from .clip_encoder import CLIPVisionTower
 from .configuration import MultiModalityConfig
+from .loading import load_janus_model
 from .projector import MlpProjector, vision_head
 from .vq_model import VQ_16
 
@@ -138,8 +139,6 @@ class MultiModalityCausalLM(MultiModalityPreTrainedModel):
         Accepts (and ignores) the hub arguments ``AutoModelForCausalLM`` passes through, such as
         ``trust_remote_code``: no remote code is ever run.
         """
-        from .loading import load_janus_model
-
         if model_args:
             raise TypeError("MultiModalityCausalLM.from_pretrained takes no positional model arguments")
         ignored = set(kwargs) - _IGNORED_HF_KWARGS
@@ -149,6 +148,7 @@ class MultiModalityCausalLM(MultiModalityPreTrainedModel):
             device = device_map
         return load_janus_model(
             pretrained_model_name_or_path,
+            cls,
             config=config,
             dtype=dtype if dtype is not None else torch_dtype,
             device=device,
@@ -156,7 +156,6 @@ class MultiModalityCausalLM(MultiModalityPreTrainedModel):
             cache_dir=cache_dir,
             revision=revision,
             local_files_only=local_files_only,
-            model_cls=cls,
         )
 
 

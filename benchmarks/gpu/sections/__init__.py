@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from benchmarks.gpu.plan import Section
+from benchmarks.gpu.section import Section
 
 
 def discover() -> dict[str, Section]:

@@ -9,8 +9,9 @@ from typing import Any
 
 from benchmarks.gpu.device import free_memory, timed_with_memory
 from benchmarks.gpu.models import model_item
-from benchmarks.gpu.plan import Plan, Section
+from benchmarks.gpu.plan import Plan
 from benchmarks.gpu.record import Recorder
+from benchmarks.gpu.section import Section
 
 
 @dataclass(frozen=True)

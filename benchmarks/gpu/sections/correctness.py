@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.gpu.models import model_config, model_from_state, processor_for, random_state, shape_kwargs
-from benchmarks.gpu.plan import Plan, Section
+from benchmarks.gpu.plan import Plan
 from benchmarks.gpu.record import Recorder
+from benchmarks.gpu.section import Section
 
 
 def agreement(a: list[int], b: list[int]) -> dict[str, Any]:

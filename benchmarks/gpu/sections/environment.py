@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.gpu.device import free_memory
-from benchmarks.gpu.plan import Plan, Section
+from benchmarks.gpu.plan import Plan
 from benchmarks.gpu.record import Recorder
+from benchmarks.gpu.section import Section
 
 
 def versions() -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from benchmarks.gpu.device import free_memory
 from benchmarks.gpu.models import call_estimate_s, write_checkpoint
-from benchmarks.gpu.plan import Plan, Section
+from benchmarks.gpu.plan import Plan
 from benchmarks.gpu.processes import (
     RAY_START_TRIES,
     ROOT,
@@ -23,6 +23,7 @@ from benchmarks.gpu.processes import (
     stop_process,
 )
 from benchmarks.gpu.record import Recorder
+from benchmarks.gpu.section import Section
 
 #: the job's prompts and rows per model call: on the GPU, and in the dry run
 GPU_JOB = {"rows": 64, "batch": 32}

@@ -14,7 +14,7 @@ from typing import Any
 
 from benchmarks.gpu.device import free_memory
 from benchmarks.gpu.models import write_checkpoint
-from benchmarks.gpu.plan import Plan, Section
+from benchmarks.gpu.plan import Plan
 from benchmarks.gpu.processes import (
     RAY_START_TRIES,
     ROOT,
@@ -25,6 +25,7 @@ from benchmarks.gpu.processes import (
     stop_process,
 )
 from benchmarks.gpu.record import Recorder
+from benchmarks.gpu.section import Section
 
 SERVE_MODEL = "janus-gpu-suite"
 

@@ -16,8 +16,9 @@ from unittest import mock
 
 from benchmarks.gpu.device import free_memory, timed_with_memory
 from benchmarks.gpu.models import IMAGE_TOKENS, call_estimate_s, model_item
-from benchmarks.gpu.plan import Plan, Section
+from benchmarks.gpu.plan import Plan
 from benchmarks.gpu.record import Recorder
+from benchmarks.gpu.section import Section
 
 #: The compass: per-GPU synthesis goals, checked in summary.json.
 GOALS = {"1b_images_per_s": 20.0, "7b_images_per_s": 7.0, "x_reference": 3.0, "x_transformers": 2.0}

@@ -2,9 +2,10 @@
 
 ``shapes``: a small Janus trained on drawn shapes (``janus/shapes/checkpoint``), whose outputs can be
 judged; ``tiny``: random weights in the official layout, written to the cache on first use (the plumbing
-is real, the outputs are noise). The configs, the jobs, Serve and the Python API
-(``SynthesisEngine.from_pretrained("shapes")``) all resolve names here. No torch at import: a job's
-driver resolves the model to read its config files.
+is real, the outputs are noise). The configs, the jobs, Serve and the engines' ``from_pretrained``
+(``SynthesisEngine.from_pretrained("shapes")``) resolve names here; it sits above ``janus.models``
+because writing ``tiny`` needs the model. No torch at import: a job's driver resolves the model to read
+its config files.
 """
 
 from __future__ import annotations
