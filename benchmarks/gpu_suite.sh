@@ -21,4 +21,7 @@ else
   echo "gpu_suite.sh: no .whl/: the ray_data and serve sections will fail (run python -m benchmarks.gpu_wheels here, carry .whl)" >&2
 fi
 export PYTHONPATH="$PWD:$PYTHONPATH"
-python3 -m benchmarks.gpu_suite --out "$out" "$@" 2>&1 | tee "$out/suite.log"
+# the device returns at most 8 files of $OUT: the sections' records go beside it, and summary.json
+# (which holds them all) and the log into it
+python3 -m benchmarks.gpu_suite --out /tmp/janus-gpu-suite-records --summary "$out/summary.json" "$@" 2>&1 \
+  | tee "$out/suite.log"

@@ -46,8 +46,8 @@ def section(out: Path, name: str) -> dict:
 @pytest.mark.timeout(DRY_RUN_LIMIT_S + 60)
 def test_the_dry_run_writes_every_section(tmp_path):
     run_suite(tmp_path, limit_s=DRY_RUN_LIMIT_S)
-    # one JSON per section and summary.json (gpu_suite.sh adds suite.log); the device returns at most 8
-    # files of $OUT, so summary.json also holds every section's record
+    # one JSON per section and summary.json, which holds every section's record: gpu_suite.sh puts the
+    # summary alone (and the log) in $OUT, since the device returns at most 8 files of it
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [*(f"{s}.json" for s in SECTIONS), "summary.json"]
     )

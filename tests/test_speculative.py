@@ -141,7 +141,7 @@ def sampled(model, processor, method: str, draft_init: str, top_k: int | None, b
     ],
 )
 def test_speculative_codes_follow_the_exact_distribution(oracle_model, method, draft_init, top_k, broken_rules):
-    """Measured: the right rule gives chi-square 9-57; accepting the argmax 500-7500, replacing from p
+    """Measured: the right rule gives chi-square 6-57; accepting the argmax 490-7500, replacing from p
     200-720 (the bound is 130)."""
     model, processor = oracle_model
     joint = exact_joint(model, processor, 1.0, top_k)

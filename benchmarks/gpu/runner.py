@@ -129,6 +129,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--out", help="default: $OUT, else benchmarks/results/gpu_suite (out/gpu_suite_dry_run)")
+    ap.add_argument(
+        "--summary",
+        help="where summary.json goes (default: in --out); it holds every section's record, so a caller "
+        "that can take back only a few files needs this one alone",
+    )
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
     ap.add_argument("--dry-run", action="store_true", help="the whole suite on the CPU with the tiny model")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every section's budget")
@@ -177,20 +182,22 @@ def main(argv: list[str] | None = None) -> int:
         "isolated": isolate,
         "sections": {},
     }
+    summary_path = Path(args.summary).resolve() if args.summary else out / "summary.json"
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        run_all(args, plan, out, work, isolate, summary)
+        run_all(args, plan, out, work, isolate, summary, summary_path)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     summary["goals"] = goals(out, list(summary["sections"]))
     summary["wall_s"] = round(time.perf_counter() - t_start, 1)
-    write_json(out / "summary.json", summary)
+    write_json(summary_path, summary)
     print_summary(summary, out)
     return 0
 
 
 def run_all(
-    args: argparse.Namespace, plan: Plan, out: Path, work: Path, isolate: bool, summary: dict
+    args: argparse.Namespace, plan: Plan, out: Path, work: Path, isolate: bool, summary: dict, summary_path: Path
 ) -> None:
     """The selected sections in order, each with its budget plus what the one before left unused;
     ``summary.json`` is rewritten after each."""
@@ -217,7 +224,7 @@ def run_all(
             "record": data,
         }
         summary["wall_s"] = round(time.perf_counter() - t_start, 1)
-        write_json(out / "summary.json", summary)
+        write_json(summary_path, summary)
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -233,10 +240,13 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             if "images_per_s" not in t:
                 continue
             ratios = "  ".join(
-                f"{k} {t[k]:.2f}" for k in ("x_reference", "x_transformers") if t.get(k) is not None
+                f"{k} {t[k]:.2f}"
+                for k in ("x_reference", "x_transformers", "speedup", "pass_cost_ratio")
+                if t.get(k) is not None
             )
+            who = t.get("contender") or t.get("method", "")
             print(
-                f"  {name:12s} {t.get('shape', ''):4s} {t['contender']:15s} B={t['batch']:<4d}"
+                f"  {name:12s} {t.get('shape', ''):4s} {who:15s} B={t['batch']:<4d}"
                 f"{t['images_per_s']:8.2f} img/s  {ratios}"
             )
     for g in summary.get("goals", []):

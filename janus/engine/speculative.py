@@ -13,8 +13,9 @@ plain engine samples: the CFG-mixed logits with temperature, top-k and top-p (``
 Drafts for the positions a pass did not settle come from that pass's distributions there (q = p of the
 position, conditioned on the old drafts):
 - ``jacobi`` (SJD): a fresh draw from q at every pass;
-- ``coupled`` (MC-SJD, So et al. 2025): a Gumbel-max draw with Gumbel noise fixed per row and position,
-  ``argmax(log q + G)``, so a draft survives from pass to pass while its distribution barely moves.
+- ``coupled`` (MC-SJD, So et al. 2025): the position's previous draft, maximally coupled to the new
+  distribution (kept with probability ``min(1, q(d) / q'(d))``, else redrawn from what q gained), so
+  a draft survives from pass to pass while its distribution barely moves.
 Positions no pass has reached yet start from ``draft_init``: ``left``, the code to the left in the same
 image row (the one above for the first column; q is then that one code) or ``random``, a uniform code.
 
@@ -36,7 +37,7 @@ from .sampling import counter_uniforms, inverse_cdf
 METHODS = ("off", "jacobi", "coupled")
 DRAFT_INITS = ("left", "random")
 # what each uniform is for: distinct streams of the counter-based generator
-_ACCEPT, _SAMPLE, _DRAFT, _GUMBEL = 1, 2, 3, 4
+_ACCEPT, _SAMPLE, _DRAFT, _KEEP = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Drafts:
 
     seed: int
     method: str
+    start: int = 0  # the output position of the first draft
     tokens: list[int] = field(default_factory=list)  # [W - 1] drafted codes (host copy, for the inputs)
     q: torch.Tensor | None = None  # [W - 1, V] what each draft was drawn from
 
@@ -97,7 +99,6 @@ class Speculator:
         self.vocab = vocab
         self.grid = grid
         self.device = device
-        self._codes = torch.arange(vocab, device=device)
 
     def start(self, seed: int) -> Drafts:
         return Drafts(seed=int(seed), method=self.method)
@@ -189,18 +190,31 @@ class Speculator:
             init_q, init_codes = self._initial(state, codes + drafts, need - m)
             qs.append(init_q)
             drafts += init_codes
-        state.tokens = drafts
+        state.start, state.tokens = start, drafts
         state.q = torch.cat(qs) if len(qs) > 1 else qs[0]
 
     def _draw(self, state: Drafts, q: torch.Tensor, start: int, passes: int) -> torch.Tensor:
-        """One draft per row of ``q`` [m, V] for output positions ``start ..``."""
+        """One draft per row of ``q`` [m, V] for output positions ``start ..``: a fresh draw (jacobi),
+        or (coupled) the position's previous draft d, drawn from q', kept with probability
+        ``min(1, q(d) / q'(d))`` and otherwise replaced from ``norm(max(0, q - q'))``: the maximal
+        coupling of q' and q, so each draft is still exactly a draw from q and changes only as much as
+        its distribution did."""
         seed = self._seeds([state])
-        pos = torch.arange(start, start + len(q), device=self.device)[None, :]
-        if self.method == "coupled":  # Gumbel-max with noise fixed per position: coupled across passes
-            gumbel = -torch.log(-torch.log(counter_uniforms(seed, _GUMBEL, pos, self._codes)[0]))
-            return (q.double().log() + gumbel).argmax(-1)
-        # jacobi: a fresh uniform per (position, pass)
-        return inverse_cdf(q, counter_uniforms(seed, _DRAFT, pos * 4096 + passes)[0])
+        pos = torch.arange(start, start + len(q), device=self.device)
+        fresh = inverse_cdf(q, counter_uniforms(seed, _DRAFT, (pos * 4096 + passes)[None])[0])
+        old = pos - state.start  # where each position was in the previous window
+        have = (old >= 0) & (old < len(state.tokens))
+        if self.method != "coupled" or not bool(have.any()):
+            return fresh
+        at = old.clamp(0, max(len(state.tokens) - 1, 0))
+        prev = torch.tensor(state.tokens, device=self.device)[at]  # [m]
+        prev_q = state.q[at]  # [m, V]
+        ratio = q.gather(-1, prev[:, None])[:, 0] / prev_q.gather(-1, prev[:, None])[:, 0]
+        keep = counter_uniforms(seed, _KEEP, (pos * 4096 + passes)[None])[0] < ratio
+        residual = (q - prev_q).clamp(min=0)
+        moved = inverse_cdf(torch.where(residual.sum(-1, keepdim=True) > 0, residual, q),
+                            counter_uniforms(seed, _DRAFT, (pos * 4096 + passes)[None])[0])
+        return torch.where(have, torch.where(keep, prev, moved), fresh)
 
     def _initial(self, state: Drafts, codes: list[int], count: int) -> tuple[torch.Tensor, list[int]]:
         """Drafts for the ``count`` positions after ``codes`` (chosen and drafted so far) that no pass has
