@@ -9,6 +9,13 @@ such a death runs row by row, each row announced first; a row that was in flight
 (the whole batch's first, then its own) is not run again but handed to the actor as already failed,
 so it becomes one error row through the actor's own columns. Every other row completes.
 
+An actor whose device broke (``janus.engine.health``: a CUDA error that poisons the process's context,
+such as an illegal memory access or an ECC error) would fail every later batch it is given, and Ray
+retries a failed batch on the same actor. So the guard ends that process instead (``os._exit``, an
+unexpected exit: Ray restarts the actor on a fresh context and retries the batch; ``exit_actor`` would
+be an intentional exit, never restarted). To the journal this is a death like any crash: a row that
+breaks the device every time still ends as one error row.
+
 Cost: one small call to the journal per batch, and row-by-row runs only for a batch whose actor died.
 The Serve path constructs the actor classes directly and never sees this. This module stays cheap to
 import (no torch), so that model-free stand-in actors start fast.
@@ -18,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import sys
 import uuid
 from collections import Counter
 from typing import Any
@@ -25,6 +34,8 @@ from typing import Any
 import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from janus.engine.health import fatal_device_error
 
 from .model_ref import load_class
 
@@ -105,6 +116,9 @@ class CrashGuard:
                 keys[0],
             )
             return self._row_by_row(bid, batch, keys)
+        except Exception as exc:
+            exit_if_device_broke(exc, f"{len(keys)} rows, first key {keys[0]}")
+            raise
         finally:  # an attempt that raised did not die; in order after begin (one caller, one actor)
             self.journal.end.remote(bid)
 
@@ -122,3 +136,21 @@ class CrashGuard:
                 row["error"] = np.array([message], dtype=object)
             parts.append(self.actor(row))
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def exit_if_device_broke(exc: BaseException, running: str) -> None:
+    """End this process at once when ``exc`` left its device unusable (the batch in flight stays
+    unfinished in the journal, as with any crash); otherwise return and let ``exc`` propagate."""
+    reason = fatal_device_error(exc)
+    if reason is None:
+        return
+    logger.error(
+        "the device of this model actor (pid %d) is no longer usable (%s) while running %s; exiting so "
+        "that Ray restarts the actor on a fresh device context and retries the batch",
+        os.getpid(),
+        reason,
+        running,
+    )
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(1)

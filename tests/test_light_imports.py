@@ -28,6 +28,7 @@ LIGHT = [
     "pipeline.serve.app",  # the HTTP ingress replica (the model deployments import the actors)
     "janus.engine.prompts",
     "janus.engine.status",
+    "janus.engine.health",  # the crash guard asks it whether an actor's device broke
     "janus.models.hub",
 ]
 

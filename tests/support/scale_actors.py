@@ -9,6 +9,7 @@ batch in flight (``gate``).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -193,3 +194,44 @@ class GatedCaptionStandIn(_StandIn):
             "error": column(batch["error"]),
             "seconds": np.zeros(n, dtype=np.float64),
         }
+
+
+#: a CUDA error that poisons the process's context, as torch raises it (torch.AcceleratorError)
+ILLEGAL_ACCESS = (
+    "CUDA error: an illegal memory access was encountered\n"
+    "CUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below "
+    "might be incorrect."
+)
+BREAK = "BREAK-THE-DEVICE"
+
+
+class DeviceBreakingStandIn(StandInSynthesizer):
+    """Model-free; the first batch that holds a ``BREAK`` prompt breaks this process's "device" (once per
+    test, marked in the gate's folder): that batch raises the error of an illegal memory access, and so
+    does every later batch in this process, as a poisoned CUDA context fails every later launch. Rows
+    carry ``@<pid>`` in ``model``; ``device-broke`` in the folder names the broken pid and the batch's keys."""
+
+    image_size = 8
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.folder = os.environ[GATE_ENV]
+        self.broken = False
+
+    def _break_once(self, keys: list[str]) -> bool:
+        try:
+            fd = os.open(os.path.join(self.folder, "device-broke"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "keys": keys}, f)
+        return True
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.broken and any(BREAK in p for p in batch["prompt"]):
+            self.broken = self._break_once([str(k) for k in batch["key"]])
+        if self.broken:
+            raise RuntimeError(ILLEGAL_ACCESS)
+        out = super().__call__(batch)
+        out["model"] = np.array([f"{name}@{os.getpid()}" for name in out["model"]], dtype=object)
+        return out
