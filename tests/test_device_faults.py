@@ -8,6 +8,7 @@ first one, and a pool that retried it would send every later batch to the same b
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -119,3 +120,77 @@ def test_an_actor_whose_device_broke_is_restarted_and_every_row_ends_ok_once(ray
     pids = {r["key"]: r["model"].rsplit("@", 1)[1] for r in rows}
     assert all(pids[k] != str(broke["pid"]) for k in broke["keys"])  # retried in a fresh process
     assert summary["complete"] and summary["total"]["ok"] == len(keys)
+
+
+def test_a_scheduler_whose_device_broke_fails_its_requests_and_every_later_one_as_device_lost(
+    tiny_model, tiny_processor
+):
+    from janus.engine import SynthesisEngine
+    from janus.engine.scheduler import BackgroundScheduler, Scheduler
+    from janus.engine.status import DEVICE_LOST
+    from tests.support.broken_device import break_on_demand
+
+    engine = SynthesisEngine(tiny_model, tiny_processor, max_batch_size=2)
+    device = break_on_demand(engine.decoder)
+    loop = BackgroundScheduler(Scheduler(engine, slots=4))
+    try:
+        assert loop.submit({"prompt": "a red circle", "seed": 1}).wait(120).ok
+        device["broken"] = True
+        first = loop.submit({"prompt": "a blue square", "seed": 2}).wait(120)  # in flight as it breaks
+        later = loop.submit({"prompt": "a green circle", "seed": 3}).wait(5)  # refused at once
+    finally:
+        loop.close()
+    for res in (first, later):
+        assert res.code == DEVICE_LOST and "illegal memory access" in res.error
+    assert loop.scheduler.device_error
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("mode", ["scheduler", "batch"])
+def test_a_serve_replica_whose_device_broke_answers_503_and_is_replaced(serve_port, model_dir, mode):
+    import httpx
+    from ray import serve
+
+    from pipeline.config import QualitySection
+    from pipeline.serve.app import JanusAPI
+    from pipeline.serve.config import APISection, BatchingSection
+    from pipeline.serve.model_server import ModelServer
+
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    synth = ModelServer.options(
+        name="BreakingSynthesizer", health_check_period_s=1, max_ongoing_requests=8, max_queued_requests=16, **small
+    ).bind(
+        "tests.support.broken_device:DeviceBreakingSynthesizer",
+        {"path": model_dir, "name": "janus-test", "dtype": "float32"},
+        {"max_batch_size": 2},
+        {},
+        BatchingSection(mode=mode, max_batch_size=2).model_dump(),
+        QualitySection(score=False).options(),
+    )
+    settings = APISection(retry_after_s=2, deployment=small).model_dump()
+    serve.run(
+        JanusAPI.options(**small).bind(synth, None, {"synthesis": "janus-test"}, settings),
+        name="broken",
+        route_prefix="/broken",
+    )
+    handle = serve.get_deployment_handle("BreakingSynthesizer", app_name="broken")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{serve_port}/broken", timeout=300) as client:
+            body = {"prompt": "a red circle", "size": "48x48", "seed": 1}
+            assert client.post("/v1/images/generations", json=body).status_code == 200
+            before = handle.stats.remote().result()["replica"]
+            r = client.post("/v1/images/generations", json={**body, "prompt": f"a red circle {BREAK}"})
+            assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
+            assert r.json()["error"]["code"] == "model_unavailable"
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:  # Serve's health check finds it and starts another
+                r = client.post("/v1/images/generations", json=body)
+                if r.status_code == 200:
+                    break
+                assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
+                time.sleep(1)
+            assert r.status_code == 200 and r.json()["data"][0]["b64_json"]
+            assert handle.stats.remote().result()["replica"] != before
+    finally:
+        serve.delete("broken")

@@ -41,8 +41,10 @@ from .common import (
     available_memory,
 )
 from .decoding import Sequence, block_index, choose_first, decode_pass
+from .health import fatal_device_error
 from .runner import Settings
 from .sampling import row_uniforms
+from .status import DEVICE_LOST
 from .ticket import Ticket, TokenCallback
 
 logger = logging.getLogger(__name__)
@@ -107,11 +109,17 @@ class Scheduler:
         #: called after each round of tokens went to the tickets' callbacks (the first tokens of a
         #: prefill, each decode step's), before finished requests are built: e.g. to hand them on in one go
         self.on_tokens: Callable[[], None] | None = None
+        #: why the device can no longer run a step (``health.fatal_device_error``): set for good, every
+        #: request then fails at once with ``DEVICE_LOST`` until the process is replaced
+        self.device_error: str | None = None
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, request: Any, on_token: TokenCallback | None = None) -> Ticket:
         """Queue a request (thread-safe); it joins the running batch at the next step with free slots."""
         ticket = Ticket(request, on_token)
+        if self.device_error is not None:
+            ticket._finish(self.engine.result_type.failed(DEVICE_LOST, self.device_error))
+            return ticket
         with self._lock:
             self.waiting.append(ticket)
         return ticket
@@ -152,10 +160,18 @@ class Scheduler:
 
     def _fail_running(self, exc: BaseException) -> None:
         logger.exception("scheduler step failed; failing its %d requests", len(self.running))
-        code = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else INTERNAL
+        code, message = self._failure(exc)
         for run in list(self.running):
-            self._leave(run, self.engine.result_type.failed(code, f"{type(exc).__name__}: {exc}"))
+            self._leave(run, self.engine.result_type.failed(code, message))
         self.release()
+
+    def _failure(self, exc: BaseException) -> tuple[str, str]:
+        """(code, message) of a request that ``exc`` ended; a broken device is remembered (``device_error``)."""
+        if broken := fatal_device_error(exc):
+            self.device_error = f"the device of this replica broke ({broken}); retry"
+            return DEVICE_LOST, self.device_error
+        code = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else INTERNAL
+        return code, f"{type(exc).__name__}: {exc}"
 
     def _allocate(self) -> None:
         e = self.engine
@@ -187,9 +203,12 @@ class Scheduler:
         with self._lock:
             while self.waiting:
                 ticket = self.waiting.popleft()
-                if not ticket.cancelled:
+                if self.device_error is not None:  # queued before the device broke
+                    ticket._finish(self.engine.result_type.failed(DEVICE_LOST, self.device_error))
+                elif not ticket.cancelled:
                     return ticket
-                ticket._finish(self.engine.result_type.failed(CANCELLED, "cancelled by the client"))
+                else:
+                    ticket._finish(self.engine.result_type.failed(CANCELLED, "cancelled by the client"))
         return None
 
     def _admit(self) -> None:
@@ -208,12 +227,12 @@ class Scheduler:
         self._allocate()
         try:
             self._prefill(admitted)
-        except Exception as exc:  # out of memory, or a bug: only these requests fail
+        except Exception as exc:  # out of memory, a broken device, or a bug: only these requests fail
             logger.exception("prefill of %d requests failed", len(admitted))
-            code = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else INTERNAL
+            code, message = self._failure(exc)
             for run in admitted:
                 self.free.extend(run.rows)
-                run.ticket._finish(self.engine.result_type.failed(code, f"{type(exc).__name__}: {exc}"))
+                run.ticket._finish(self.engine.result_type.failed(code, message))
             self.free.sort()
             return
         self.running.extend(admitted)

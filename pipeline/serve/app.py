@@ -36,7 +36,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
-from janus.engine.status import INTERNAL, OUT_OF_MEMORY
+from janus.engine.status import DEVICE_LOST, INTERNAL, OUT_OF_MEMORY
 from pipeline.model_ref import CAPTIONER, SYNTHESIZER
 
 from .config import APISection, ModelSection, ServeArgs, parse_args
@@ -141,6 +141,8 @@ def check_result(result: Any, retry_after_s: int) -> None:
         return
     if result.code == OUT_OF_MEMORY:
         raise overloaded(f"the model could not fit this request right now: {result.error}", retry_after_s)
+    if result.code == DEVICE_LOST:  # the replica is being replaced; another one can answer
+        raise APIError(503, result.error, code="model_unavailable", headers={"Retry-After": str(retry_after_s)})
     if result.code == INTERNAL:
         raise APIError(500, f"internal error: {result.error}", code="internal_error")
     raise bad_request(result.error, code=result.code or "invalid_request")

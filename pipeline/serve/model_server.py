@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
+from janus.engine.health import fatal_device_error
+from janus.engine.status import DEVICE_LOST
 from pipeline.model_ref import load_class
 
 if TYPE_CHECKING:  # the engine and scheduler load in the replica: the ingress imports this module too
@@ -230,6 +232,14 @@ class ModelServer:
         #: are read together in the next one, as one model batch
         self._to_read: list[tuple[tuple[list[Any], Any, list[Any]], asyncio.Future]] = []
         self._reader: asyncio.Task | None = None
+        self.device_error: str | None = None  # batch mode's; the scheduler keeps its own
+
+    def check_health(self) -> None:
+        """Serve's periodic probe: a replica whose device broke (``janus.engine.health``) is unhealthy,
+        so Serve replaces it; meanwhile its requests fail at once with ``DEVICE_LOST`` (503)."""
+        broken = self.device_error or (self.loop.scheduler.device_error if self.loop is not None else None)
+        if broken:
+            raise RuntimeError(broken)
 
     async def generate(self, request: dict[str, Any]) -> Any:
         """One request -> its SynthesisResult / CaptionResult (sharing the device with its neighbours)."""
@@ -309,7 +319,14 @@ class ModelServer:
         self.requests += len(requests)
         self.largest_batch = max(self.largest_batch, len(requests))
         # in a thread: the replica keeps accepting requests (the next batch forms meanwhile)
-        return await asyncio.to_thread(self.actor.generate, requests)
+        if self.device_error is None:
+            try:
+                return await asyncio.to_thread(self.actor.generate, requests)
+            except Exception as exc:
+                if not (broken := fatal_device_error(exc)):
+                    raise
+                self.device_error = f"the device of this replica broke ({broken}); retry"
+        return [self.actor.engine.result_type.failed(DEVICE_LOST, self.device_error) for _ in requests]
 
     def info(self) -> dict[str, Any]:
         """What the ingress needs to validate requests for this model; answers once it is loaded."""
