@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--dry-run", action="store_true", help="validate the config, print it, exit")
         p.add_argument("-v", "--verbose", action="store_true")
+        if name == "synthesize":
+            _plan_arguments(p)
     p = sub.add_parser("serve", help="the OpenAI-compatible online API on Ray Serve (runs until Ctrl-C)")
     p.add_argument(
         "--config", required=True, help="Serve YAML (see configs/serve_*.yaml), as for `serve run`"
@@ -42,6 +44,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to deploy to (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print its arguments, exit")
     return parser
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="count the input's rows and print shards, output bytes, driver memory, GPU-hours and wall "
+        "time, then exit (no Ray, no model)",
+    )
+    p.add_argument(
+        "--images-per-s", type=float, help="--plan: images/s per GPU (default: the GPU suite's measured figure)"
+    )
+    p.add_argument("--gpus", type=int, help="--plan: GPUs for the wall time (default: compute.max_actors' GPUs)")
+
+
+def _plan(cfg, args: argparse.Namespace) -> int:
+    from pipeline.plan import format_plan, plan_synthesis
+    from pipeline.storage import StorageError
+
+    try:
+        print(format_plan(plan_synthesis(cfg, args.images_per_s, args.gpus)))
+    except (FileNotFoundError, ValueError, StorageError) as exc:
+        return _fail("cannot plan", exc, 2)
+    return 0
 
 
 def _fail(what: str, exc: BaseException, code: int) -> int:
@@ -98,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(json.dumps(cfg.model_dump(), indent=2, default=str))
         return 0
+    if getattr(args, "plan", False):
+        return _plan(cfg, args)
     try:
         summary = run_job(cfg)
     except ConfigError as exc:

@@ -159,7 +159,11 @@ def test_a_serve_replica_whose_device_broke_answers_503_and_is_replaced(serve_po
 
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     synth = ModelServer.options(
-        name="BreakingSynthesizer", health_check_period_s=1, max_ongoing_requests=8, max_queued_requests=16, **small
+        name="BreakingSynthesizer",
+        health_check_period_s=1,
+        max_ongoing_requests=8,
+        max_queued_requests=16,
+        **small,
     ).bind(
         "tests.support.broken_device:DeviceBreakingSynthesizer",
         {"path": model_dir, "name": "janus-test", "dtype": "float32"},

@@ -325,3 +325,13 @@ def read_prompts(
         yield from read_prompt_file(listing.fs, path, listing.relative(path), defaults, fmt)
 
 
+
+
+def count_prompt_rows(fs: AbstractFileSystem, path: str, n_samples: int, fmt: str | None = None) -> tuple[int, int]:
+    """(rows, bad lines) of one prompt file: what ``read_prompt_file`` yields, counted without making
+    keys (a job's plan counts millions of prompts). A bad line is one error row."""
+    rows = bad = 0
+    for record in _prompt_records(fs, path, fmt):
+        bad += record.error is not None
+        rows += 1 if record.error else record.overrides.get("n_samples", n_samples)
+    return rows, bad
