@@ -43,7 +43,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", help="Ray cluster to deploy to (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print its arguments, exit")
+    _deploy_arguments(sub.add_parser("deploy", help="KubeRay manifests made from a job or Serve config"))
     return parser
+
+
+def _deploy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "kind", choices=["rayjob", "rayservice"], help="rayjob: a batch job config; rayservice: a Serve YAML"
+    )
+    p.add_argument("--config", required=True, help="the job YAML (rayjob) or Serve YAML (rayservice)")
+    p.add_argument("--image", required=True, help="the image built from docker/Dockerfile, as pods pull it")
+    p.add_argument("--name", help="the resource's name (default: janus-<config file name>)")
+    p.add_argument("--namespace")
+    p.add_argument("--gpus-per-pod", type=int, default=1, help="GPUs of each worker pod (default 1)")
+    p.add_argument(
+        "--worker-memory-gib", type=int, help="each GPU worker pod's memory (default: from the model)"
+    )
+    p.add_argument(
+        "--head-memory-gib", type=int, default=16, help="the driver's pod (resume: ~15 bytes a row)"
+    )
+    p.add_argument("--service-account", help="pods run as it (e.g. one with an IAM role for S3)")
+    p.add_argument("-o", "--output", help="write the manifests here (default: stdout)")
 
 
 def _plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,9 +74,13 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
         "time, then exit (no Ray, no model)",
     )
     p.add_argument(
-        "--images-per-s", type=float, help="--plan: images/s per GPU (default: the GPU suite's measured figure)"
+        "--images-per-s",
+        type=float,
+        help="--plan: images/s per GPU (default: the GPU suite's measured figure)",
     )
-    p.add_argument("--gpus", type=int, help="--plan: GPUs for the wall time (default: compute.max_actors' GPUs)")
+    p.add_argument(
+        "--gpus", type=int, help="--plan: GPUs for the wall time (default: compute.max_actors' GPUs)"
+    )
 
 
 def _plan(cfg, args: argparse.Namespace) -> int:
@@ -106,10 +130,49 @@ def _storage_cause(exc: BaseException):
     return None
 
 
+def _deploy(args: argparse.Namespace, argv: list[str]) -> int:
+    """The manifests for one config, headed by the command that made them (minus ``-o``)."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.kuberay import ClusterOptions, DeployError, default_name, rayjob, rayservice, render
+    from pipeline.serve.config import ServeConfigError, check_serve_config
+
+    opts = ClusterOptions(
+        image=args.image,
+        name=args.name or default_name(args.config),
+        namespace=args.namespace,
+        gpus_per_pod=args.gpus_per_pod,
+        head_memory_gib=args.head_memory_gib,
+        worker_memory_gib=args.worker_memory_gib,
+        service_account=args.service_account,
+    )
+    try:
+        if args.kind == "rayjob":
+            docs = rayjob(args.config, load_config(args.config), opts)
+        else:
+            docs = rayservice(args.config, check_serve_config(args.config), opts)
+    except (ConfigError, ServeConfigError, DeployError) as exc:
+        return _fail("cannot deploy", exc, 2)
+    out = [
+        a
+        for i, a in enumerate(argv)
+        if a not in ("-o", "--output") and argv[i - 1 : i] not in (["-o"], ["--output"])
+    ]
+    text = render(docs, [PROG, *out])
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "deploy":
+        return _deploy(args, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
