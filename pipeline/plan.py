@@ -45,19 +45,24 @@ def model_size(path: str) -> str | None:
 
 def measured_images_per_s(size: str | None, results: Path = GPU_SUITE_RESULTS) -> tuple[float, str] | None:
     """The GPU suite's best synthesis engine figure for the model size, with its source (None: no run
-    of the suite is recorded for that size)."""
-    path = results / f"synthesis_{size}.json"
-    if size is None or not path.is_file():
+    of the suite is recorded for that size). The suite's ``summary.json`` holds each section's record;
+    a section's own file is read when there is no summary."""
+    if size is None:
         return None
-    rows = [
-        t
-        for t in json.loads(path.read_text()).get("table") or []
-        if str(t.get("contender", "")).startswith("engine")
-    ]
+    section = f"synthesis_{size}"
+    summary, own = results / "summary.json", results / f"{section}.json"
+    if summary.is_file():
+        record = json.loads(summary.read_text()).get("sections", {}).get(section, {}).get("record") or {}
+        where = f"{summary.name} ({section})"
+    elif own.is_file():
+        record, where = json.loads(own.read_text()), own.name
+    else:
+        return None
+    rows = [t for t in record.get("table") or [] if str(t.get("contender", "")).startswith("engine")]
     if not rows:
         return None
     best = max(rows, key=lambda t: t["images_per_s"])
-    return float(best["images_per_s"]), f"measured: {path.name}, {best['contender']} at batch {best['batch']}"
+    return float(best["images_per_s"]), f"measured: {where}, {best['contender']} at batch {best['batch']}"
 
 
 def count_rows(cfg: JobConfig) -> dict[str, Any]:

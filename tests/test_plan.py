@@ -96,13 +96,22 @@ def test_without_a_figure_the_plan_asks_for_one_and_with_a_gpu_suite_run_it_uses
     assert plan["gpu"] is None and "pass --images-per-s" in format_plan(plan)
     table = [
         {"contender": "engine", "batch": 16, "images_per_s": 4.0},
-        {"contender": "engine-compiled", "batch": 64, "images_per_s": 9.5},
+        {"contender": "engine_compiled", "batch": 64, "images_per_s": 9.5},
         {"contender": "ref_parallel", "batch": 64, "images_per_s": 20.0},  # not ours
     ]
     (results / "synthesis_7b.json").write_text(json.dumps({"table": table}))
     plan = plan_synthesis(cfg, results=results)
     assert plan["gpu"]["images_per_s_per_gpu"] == 9.5
-    assert plan["gpu"]["source"] == "measured: synthesis_7b.json, engine-compiled at batch 64"
+    assert plan["gpu"]["source"] == "measured: synthesis_7b.json, engine_compiled at batch 64"
+    assert measured_images_per_s("1b", results) is None
+    # the suite's summary (what comes back from the GPU machine) holds every section's record
+    table[1]["images_per_s"] = 8.5
+    sections = {"synthesis_7b": {"status": "ok", "record": {"table": table}}}
+    (results / "summary.json").write_text(json.dumps({"sections": sections}))
+    assert measured_images_per_s("7b", results) == (
+        8.5,
+        "measured: summary.json (synthesis_7b), engine_compiled at batch 64",
+    )
     assert measured_images_per_s("1b", results) is None
     assert plan_synthesis(cfg, 3.0, results=results)["gpu"]["source"] == "given"  # the user's wins
 
