@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from .config import JobConfig
+from .model_ref import janus_pro_size
 
 CONFIG_DIR = "/home/ray/janus"  # where the job's ConfigMap is mounted in the head pod
 CACHE_DIR = "/home/ray/cache"  # model downloads (hub cache, s3:// copies), one volume per pod
@@ -64,8 +65,8 @@ class ClusterOptions:
 
 def weight_gib(model_path: str) -> float:
     """GiB of the model's bf16 weights (Janus-Pro 1B / 7B by name; other models count as small)."""
-    found = re.search(r"(?i)(?<![0-9])([17])b\b", model_path)
-    return WEIGHT_BYTES[f"{found.group(1)}b"] / 2**30 if found else 0.0
+    size = janus_pro_size(model_path)
+    return WEIGHT_BYTES[size] / 2**30 if size else 0.0
 
 
 def check_credentials(where: str, options: Any) -> None:
@@ -75,7 +76,7 @@ def check_credentials(where: str, options: Any) -> None:
             if SECRET_KEYS.match(str(key)) and value:
                 raise DeployError(
                     f"{where}.{key}: a credential in the config would be stored in plain text on the "
-                    "cluster; remove it and give it through the Secret (--s3-secret) or the pod's role"
+                    "cluster; remove it and give it through the Secret janus-s3 or the pod's role"
                 )
             check_credentials(f"{where}.{key}", value)
 

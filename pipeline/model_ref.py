@@ -8,6 +8,7 @@ job's driver resolves the model to read its config files, and must start without
 from __future__ import annotations
 
 import importlib
+import re
 
 from janus.embedded import SHAPES, TINY, embedded_path  # noqa: F401  (the names configs use)
 
@@ -27,3 +28,10 @@ def load_class(spec: type | str) -> type:
 def resolve_model_ref(path: str, cache_dir: str | None = None) -> str:
     """The embedded models' names -> their directories (``janus.embedded``); anything else as is."""
     return embedded_path(path, cache_dir) or path
+
+
+def janus_pro_size(path: str) -> str | None:
+    """``1b`` or ``7b`` when a model reference names one of the official sizes, as in
+    deepseek-ai/Janus-Pro-7B or s3://models/janus-pro-1b (None: another model)."""
+    found = re.search(r"(?i)(?<![0-9])([17])b\b", path)
+    return f"{found.group(1).lower()}b" if found else None

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from .config import JobConfig
+from .model_ref import janus_pro_size
 from .sinks import SHARD_PREFIX, shard_files
 from .sources.prompt_files import count_prompt_rows, list_prompt_files
 from .storage import open_fs, storage_step
@@ -35,12 +35,6 @@ JANUS_PRO_IMAGE_PX = 384
 #: where benchmarks/gpu_suite.py records its synthesis sections (a checkout of this repository)
 GPU_SUITE_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "gpu_suite"
 COUNT_THREADS = 4  # prompt files counted at once: object-store latency dominates
-
-
-def model_size(path: str) -> str | None:
-    """``1b`` or ``7b`` from a model reference such as deepseek-ai/Janus-Pro-7B (None: not known)."""
-    found = re.search(r"(?i)(?<![0-9])([17])b\b", path)
-    return f"{found.group(1)}b" if found else None
 
 
 def measured_images_per_s(size: str | None, results: Path = GPU_SUITE_RESULTS) -> tuple[float, str] | None:
@@ -152,7 +146,7 @@ def plan_synthesis(
     rate: tuple[float, str] | None = (
         (images_per_s, "given")
         if images_per_s
-        else measured_images_per_s(model_size(cfg.model.path), results)
+        else measured_images_per_s(janus_pro_size(cfg.model.path), results)
     )
     plan: dict[str, Any] = {
         "input": {**inputs, "url": cfg.input.url},

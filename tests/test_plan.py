@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
+from pipeline.model_ref import janus_pro_size
 from pipeline.plan import (
     DRIVER_BASELINE_BYTES,
     RESUME_BYTES_PER_KEY,
     format_plan,
     measured_images_per_s,
-    model_size,
     plan_synthesis,
 )
 from pipeline.sinks import write_shard
@@ -126,7 +126,7 @@ def test_without_a_figure_the_plan_asks_for_one_and_with_a_gpu_suite_run_it_uses
     ],
 )
 def test_the_model_size_is_read_from_its_name(path, size):
-    assert model_size(path) == size
+    assert janus_pro_size(path) == size
 
 
 def test_a_resumed_output_counts_its_committed_rows_and_measures_its_bytes(prompts, tmp_path):
