@@ -28,6 +28,8 @@ LIGHT = [
     "pipeline.serve.app",  # the HTTP ingress replica (the model deployments import the actors)
     "janus.engine.prompts",
     "janus.engine.status",
+    "janus.engine.detokenize",  # streaming text, beside the tokenizer: torch-free
+    "janus.engine.stats",
     "janus.models.hub",
 ]
 

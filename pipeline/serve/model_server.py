@@ -339,9 +339,9 @@ class ModelServer:
             "first_token_parts": list(self.first_token_parts),
             **(
                 {  # the latest rounds (up to 10,000 each) and how many were made in all
-                    "prefill_rounds": list(self.loop.scheduler.prefill_rounds),
+                    "prefill_rounds": list(self.loop.scheduler.stats.prefill.latest),
                     "prefills": self.loop.scheduler.prefills,
-                    "decode_rounds": list(self.loop.scheduler.decode_rounds),
+                    "decode_rounds": list(self.loop.scheduler.stats.decode.latest),
                     "steps": self.loop.scheduler.steps,
                 }
                 if self.loop is not None
