@@ -35,6 +35,7 @@ class ServingStats:
 
     def __init__(self, keep: int = KEEP):
         self.requests = 0
+        self.cancelled = 0  # requests whose caller went away before they ended
         self.prefill = Rounds(keep)
         self.decode = Rounds(keep)
         self.first_token_s: deque[float] = deque(maxlen=keep)
@@ -49,6 +50,7 @@ class ServingStats:
         """Plain lists and numbers (a remote caller's copy)."""
         return {
             "requests": self.requests,
+            "cancelled": self.cancelled,
             "first_token_s": list(self.first_token_s),
             "first_token_parts": list(self.first_token_parts),
             "prefill_rounds": list(self.prefill.latest),

@@ -112,8 +112,52 @@ def _engine(options: type, engine: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(one_line(exc, f"{options.engine} options")) from None
 
 
+class LimitsSection(Section):
+    """What one API key may use (unset: no limit). Minutes are sliding windows (the last 60 s)."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    #: images made: a request with n=4, best_of=2 counts 8
+    images_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)  # chat: prompt + completion tokens
+    max_parallel_requests: int | None = Field(None, ge=1)
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in self.model_dump().values())
+
+
+class KeysSection(Section):
+    """Where the API keys come from. Any key configured: every ``/v1/*`` route needs one."""
+
+    env: str = Field("JANUS_API_KEYS", min_length=1)  # comma-separated keys in this variable
+    #: a YAML list, one entry per key: ``- sk-...`` or ``- {key: sk-..., name: alice, <limits>}``
+    file: str | None = None
+
+
+class ImageStoreSection(Section):
+    """Where ``response_format: url`` images are written (any fsspec URL) and for how long links last."""
+
+    url: str = Field(min_length=1)  # e.g. s3://bucket/janus-images/ or file:///srv/janus-images/
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)  # presigned s3:// links (S3's maximum: 7 days)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, url: str) -> str:
+        if "://" not in url:
+            raise ValueError(f"{url!r} is not a URL: use s3://bucket/prefix/ or file:///absolute/dir/")
+        return url
+
+
 class APISection(Section):
-    """The HTTP ingress: request limits, where images may come from, its own deployment options."""
+    """The HTTP ingress: request limits, where images may come from, keys and their limits, its own
+    deployment options."""
+
+    keys: KeysSection = Field(default_factory=KeysSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)  # every key's (a key file's entry overrides)
+    #: the shared counts must answer within this, or the request is refused with 503 (fail closed)
+    limits_timeout_s: float = Field(2.0, gt=0)
+    image_store: ImageStoreSection | None = None  # response_format: url needs one
 
     max_body_bytes: int = Field(16 * 2**20, ge=1024)  # checked before any JSON is parsed
     max_image_bytes: int = Field(16 * 2**20, ge=1)  # per image read from file:// or s3://
