@@ -52,8 +52,18 @@ def shapes_app(serve_port, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     args = {
         "api": {"image_store": {"url": f"file://{store}/images/"}, "deployment": SMALL},
-        "synthesis": {"model": model, "engine": {"max_batch_size": 4}, "batching": {"max_batch_size": 4}, "deployment": ONE},
-        "caption": {"model": model, "engine": {"max_batch_size": 4}, "batching": {"max_batch_size": 4}, "deployment": ONE},
+        "synthesis": {
+            "model": model,
+            "engine": {"max_batch_size": 4},
+            "batching": {"max_batch_size": 4},
+            "deployment": ONE,
+        },
+        "caption": {
+            "model": model,
+            "engine": {"max_batch_size": 4},
+            "batching": {"max_batch_size": 4},
+            "deployment": ONE,
+        },
     }
     try:
         serve.run(build_app(args), name="shapes", route_prefix="/shapes")
@@ -75,7 +85,9 @@ def ingress(name: str, settings: dict, **kwargs):
         synthesis = serve.get_deployment_handle("Synthesizer", app_name="shapes")
         captioner = serve.get_deployment_handle("Captioner", app_name="shapes")
         names = {"synthesis": MODEL, "caption": MODEL}
-        app = JanusAPI.options(**SMALL).bind(synthesis, captioner, names, {"deployment": SMALL, **settings}, **kwargs)
+        app = JanusAPI.options(**SMALL).bind(
+            synthesis, captioner, names, {"deployment": SMALL, **settings}, **kwargs
+        )
         serve.run(app, name=name, route_prefix=f"/{name}")
         try:
             yield
@@ -108,7 +120,7 @@ def events(response: httpx.Response) -> list[tuple[str | None, dict]]:
     for line in response.iter_lines():
         if line.startswith("event: "):
             name = line[len("event: ") :]
-        elif line.startswith("data: "):
+        elif line.startswith("data: ") and line != "data: [DONE]":
             out.append((name, json.loads(line[len("data: ") :])))
             name = None
     return out
@@ -120,7 +132,11 @@ def events(response: httpx.Response) -> list[tuple[str | None, dict]]:
 def test_url_images_from_a_local_store_with_the_official_client(shapes_app):
     oai = openai.OpenAI(base_url=f"{shapes_app['url']}/v1", api_key="unused", max_retries=0, timeout=300)
     out = oai.images.generate(
-        model=MODEL, prompt=caption(SCENE), n=2, response_format="url", extra_body={"seed": 1, "cfg_weight": CFG}
+        model=MODEL,
+        prompt=caption(SCENE),
+        n=2,
+        response_format="url",
+        extra_body={"seed": 1, "cfg_weight": CFG},
     )
     urls = [d.url for d in out.data]
     assert all(u.startswith("file://") for u in urls) and len(set(urls)) == 2
@@ -141,10 +157,18 @@ def test_url_images_on_s3_are_presigned_links(shapes_app, s3_endpoint):
     fsspec.filesystem("s3", **options).mkdir("served-images")
     store = {"url": "s3://served-images/out/", "storage_options": options, "url_expiry_s": 600}
     with ingress("s3store", {"image_store": store}):
-        oai = openai.OpenAI(base_url=f"http://127.0.0.1:{shapes_app['port']}/s3store/v1", api_key="x", max_retries=0)
-        out = oai.images.generate(model=MODEL, prompt=caption(SCENE), response_format="url", extra_body={"seed": 2})
+        oai = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{shapes_app['port']}/s3store/v1", api_key="x", max_retries=0
+        )
+        out = oai.images.generate(
+            model=MODEL, prompt=caption(SCENE), response_format="url", extra_body={"seed": 2}
+        )
     url = out.data[0].url
-    assert url.startswith(f"{s3_endpoint}/served-images/out/") and "X-Amz-Signature=" in url and "X-Amz-Expires=600" in url
+    assert (
+        url.startswith(f"{s3_endpoint}/served-images/out/")
+        and "X-Amz-Signature=" in url
+        and "X-Amz-Expires=600" in url
+    )
     got = httpx.get(url, timeout=30)
     assert got.status_code == 200 and png_array(got.content).shape == (SIDE, SIDE, 3)
 
@@ -180,7 +204,11 @@ def test_streamed_image_with_partial_pictures_of_the_prompt(shapes_app):
     the image; the last partial already shows the prompt's background, the image all of it."""
     oai = openai.OpenAI(base_url=f"{shapes_app['url']}/v1", api_key="unused", max_retries=0, timeout=300)
     stream = oai.images.generate(
-        model=MODEL, prompt=caption(SCENE), stream=True, partial_images=2, extra_body={"seed": 4, "cfg_weight": CFG}
+        model=MODEL,
+        prompt=caption(SCENE),
+        stream=True,
+        partial_images=2,
+        extra_body={"seed": 4, "cfg_weight": CFG},
     )
     got = list(stream)
     assert [e.type for e in got] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
@@ -226,7 +254,9 @@ def test_a_client_leaving_an_image_request_frees_its_rows(shapes_app):
     before = model_stats()["cancelled"]
     body = {"prompt": caption(SCENE), "n": 2, "seed": 7}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up while both images are drawn
-        httpx.post(f"{shapes_app['url']}/v1/images/generations", json=body, timeout=httpx.Timeout(300, read=0.5))
+        httpx.post(
+            f"{shapes_app['url']}/v1/images/generations", json=body, timeout=httpx.Timeout(300, read=0.5)
+        )
     stats = wait_until_freed("Synthesizer", before)
     assert stats["cancelled"] == before + 2  # both images' requests
 
@@ -235,7 +265,10 @@ def chat_body(**extra) -> dict:
     buf = io.BytesIO()
     PIL.Image.fromarray(draw(SCENE)).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe this image."}]
+    content = [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "Describe this image."},
+    ]
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], **extra}
 
 
@@ -268,3 +301,146 @@ def test_a_fresh_ingress_ends_its_first_stream_with_its_last_token(shapes_app):
             finish = next(t for t, f in stamps if f is not None)
             gaps.append(finish - last_text)
     assert gaps[0] < 0.5, gaps  # a lazy import or set-up at the end took seconds here
+
+
+# -- metrics an operator can graph -------------------------------------------------------------------
+
+METERED_KEYS = {"ops": "sk-ops-0123456789abcdef", "tight": "sk-tight-0123456789abcdef"}
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Ray's Prometheus export: sample name -> [(labels, value)]."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return samples
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    return sum(v for got, v in samples.get(name, []) if all(got.get(k) == w for k, w in labels.items()))
+
+
+def test_metrics_with_the_right_counts_and_the_dashboard_plots_only_them(shapes_app, ray_session, tmp_path):
+    """Real requests through a keyed, limited ingress and a batch actor's rows, then Ray's export: each
+    of our metrics with the counts those requests make, labelled by route, model and key; and every
+    metric the Grafana dashboard plots is among them."""
+    import ray
+    import yaml
+
+    from pipeline.actors import Synthesizer
+    from pipeline.serve.config import APISection
+    from pipeline.serve.keys import load_keys
+    from pipeline.serve.limits import RateLimits
+    from tests.test_dashboard import dashboard_metrics
+
+    entries = [
+        {"key": METERED_KEYS["ops"], "name": "ops"},
+        {"key": METERED_KEYS["tight"], "name": "tight", "requests_per_minute": 1},
+    ]
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump(entries))
+    settings = {"keys": {"file": str(tmp_path / "keys.yaml")}}
+    keys = load_keys(APISection.model_validate(settings), environ={})
+    base = f"http://127.0.0.1:{shapes_app['port']}/metered"
+    ops = {"Authorization": f"Bearer {METERED_KEYS['ops']}"}
+    tight = {"Authorization": f"Bearer {METERED_KEYS['tight']}"}
+    with (
+        ingress("metered", settings, keys=keys, limits=RateLimits.bind()),
+        httpx.Client(base_url=base, timeout=300) as c,
+    ):
+        plain = c.post("/v1/chat/completions", json=chat_body(max_tokens=8), headers=ops).json()
+        with c.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=chat_body(max_tokens=8, stream=True, stream_options={"include_usage": True}),
+            headers=ops,
+        ) as r:
+            streamed = events(r)
+        assert (
+            c.post(
+                "/v1/images/generations", json={"prompt": caption(SCENE), "n": 2, "seed": 8}, headers=ops
+            ).status_code
+            == 200
+        )
+        assert c.get("/v1/models").status_code == 401
+        assert [c.get("/v1/models", headers=tight).status_code for _ in range(2)] == [200, 429]
+    usage = [plain["usage"], next(d for _, d in streamed if d.get("usage"))["usage"]]
+
+    rows = {
+        "key": np.array(["a", "b", "c", "d"], dtype=object),
+        "prompt": np.array(
+            [caption(SCENE), caption(Scene("green", "square", "top", "white")), "a cat on a bike", ""],
+            dtype=object,
+        ),
+        "seed": np.arange(4),
+        "cfg_weight": np.full(4, 1.0),
+        "temperature": np.ones(4),
+    }
+    actor = (
+        ray.remote(Synthesizer)
+        .options(num_cpus=0.1)
+        .remote(
+            {"path": "shapes", "name": "metrics-batch", "dtype": "float32"},
+            {"max_batch_size": 4},
+            None,
+            {"min_score": 0.5},
+        )
+    )
+    statuses = list(ray.get(actor.__call__.remote(rows), timeout=300)["status"])
+    assert statuses == ["ok", "ok", "filtered", "error"]
+
+    app = {"application": "metered"}
+    chat_route, images_route = {"route": "/v1/chat/completions"}, {"route": "/v1/images/generations"}
+    expected = {
+        (
+            "ray_janus_requests_total",
+            (("model", MODEL), ("key", "ops"), ("status", "200"), *chat_route.items()),
+        ): 2,
+        ("ray_janus_requests_total", (("key", "ops"), ("status", "200"), *images_route.items())): 1,
+        ("ray_janus_requests_total", (("route", "/v1/models"), ("key", ""), ("status", "401"))): 1,
+        ("ray_janus_requests_total", (("route", "/v1/models"), ("key", "tight"), ("status", "429"))): 1,
+        ("ray_janus_unauthorized_total", (("route", "/v1/models"),)): 1,
+        ("ray_janus_rate_limited_total", (("key", "tight"), ("limit", "requests"))): 1,
+        ("ray_janus_chat_ttft_seconds_count", (("key", "ops"),)): 1,
+        ("ray_janus_chat_e2e_seconds_count", (("key", "ops"),)): 2,
+        ("ray_janus_image_seconds_count", (("key", "ops"),)): 2,
+        ("ray_janus_images_generated_total", (("key", "ops"), ("model", MODEL))): 2,
+        ("ray_janus_chat_tokens_total", (("kind", "prompt"),)): sum(u["prompt_tokens"] for u in usage),
+        ("ray_janus_chat_tokens_total", (("kind", "completion"),)): sum(
+            u["completion_tokens"] for u in usage
+        ),
+    }
+    batch = {"model": "metrics-batch", "actor": "Synthesizer"}
+    for status in ("ok", "filtered", "error"):
+        expected[("ray_janus_batch_rows_total", (*batch.items(), ("status", status)))] = statuses.count(
+            status
+        )
+
+    def shortfalls(samples: dict) -> list:
+        out = []
+        for (name, labels), want in expected.items():
+            scope = {} if name.startswith("ray_janus_batch") else app
+            got = total(samples, name, **scope, **dict(labels))
+            if got != want:
+                out.append((name, labels, want, got))
+        if not total(samples, "ray_janus_batch_rows_per_second", **batch) > 0:
+            out.append("ray_janus_batch_rows_per_second")
+        states = {labels.get("state") for labels, _ in samples.get("ray_janus_scheduler_rows", [])}
+        if not {"running", "queued"} <= states:  # the model replicas' gauges
+            out.append(("ray_janus_scheduler_rows", states))
+        return out
+
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    deadline, missing = time.monotonic() + 300, ["not scraped yet"]
+    while missing and time.monotonic() < deadline:  # the export runs every few seconds
+        time.sleep(1)
+        samples = scrape(port)
+        missing = shortfalls(samples)
+    assert not missing, missing
+    plotted = dashboard_metrics()
+    assert plotted and not [m for m in plotted if m not in samples], sorted(
+        m for m in plotted if m not in samples
+    )

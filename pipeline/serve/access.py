@@ -4,6 +4,7 @@ key's tokens and running requests handed back to the limits when the answer ends
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -53,6 +54,7 @@ class Door:
         self.gate = gate
         self.max_body_bytes = max_body_bytes
         self.metrics = IngressMetrics()
+        self._ending: set[asyncio.Task] = set()
         if keys.open:
             logger.warning("no API keys configured (api.keys): anyone who reaches this port can use the API")
 
@@ -81,7 +83,7 @@ class Door:
             response = APIError(500, "internal error", code="internal_error").response()
         response.headers.update(call.admission.headers)
         if not isinstance(response, StreamingResponse):
-            self._finish(call)
+            await self._finish(call)
         self.metrics.answered(call.route, call.model, call.tags["key"], response.status_code)
         return response
 
@@ -92,9 +94,9 @@ class Door:
             self.metrics.rate_limited.inc(tags={"route": call.route, **call.tags, "limit": exc.limit})
         return exc.response()
 
-    def _finish(self, call: Call) -> None:
+    async def _finish(self, call: Call) -> None:
         if call.key is not None:
-            self.gate.release(call.key.name, call.admission, call.tokens)
+            await self.gate.release(call.key.name, call.admission, call.tokens)
 
     def streamed(self, call: Call, events: AsyncIterator[str]) -> StreamingResponse:
         """A server-sent event stream whose end (or the client's leaving) ends the call."""
@@ -104,8 +106,10 @@ class Door:
                 async with contextlib.aclosing(events):
                     async for item in events:
                         yield item
-            finally:
-                self._finish(call)
+            finally:  # also when the client left: the lease ends in a task of its own
+                task = asyncio.get_running_loop().create_task(self._finish(call))
+                self._ending.add(task)  # the loop keeps only a weak reference
+                task.add_done_callback(self._ending.discard)
 
         return StreamingResponse(accounted(), **EVENT_STREAM)
 

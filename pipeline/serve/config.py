@@ -245,8 +245,11 @@ def check_serve_config(path: str | Path) -> list[tuple[str, ServeArgs]]:
     apps = [(app.name, parse_args(app.args)) for app in config.applications if app.import_path == IMPORT_PATH]
     if not apps:
         raise ServeConfigError(f"{path}: no application with import_path {IMPORT_PATH}")
+    from .keys import load_keys  # keys.py checks its entries with this module's sections
+
     for _, args in apps:
         args.api.deployment_options()
+        load_keys(args.api)  # a missing or bad key file fails here, before Ray starts
         for name, section in (("synthesis", args.synthesis), ("caption", args.caption)):
             if section is not None:
                 section.deployment_options(name)

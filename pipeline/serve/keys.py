@@ -51,7 +51,7 @@ def load_keys(api: APISection, environ: Mapping[str, str] = os.environ) -> list[
     if api.keys.file:
         entries += _file_entries(api.keys.file)
     keys = [_key(entry, i, api) for i, entry in enumerate(entries)]
-    for what, values in (("name", [k.name for k in keys]), ("key", [k.digest for k in keys])):
+    for what, values in (("key", [k.digest for k in keys]), ("name", [k.name for k in keys])):
         if len(set(values)) < len(values):
             raise ServeConfigError(f"api.keys: the same {what} is configured twice")
     return keys

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import time
 from collections import deque
@@ -22,6 +23,8 @@ from ray import serve
 
 from .config import LimitsSection
 from .errors import APIError
+
+logger = logging.getLogger(__name__)
 
 WINDOW_S = 60.0
 #: a limit's name in the headers (x-ratelimit-*-<name>) and metrics -> its LimitsSection field
@@ -194,10 +197,17 @@ class Gate:
             )
         return Admission(decision["lease"], headers)
 
-    def release(self, name: str, admission: Admission, tokens: int = 0) -> None:
-        """The request ended (fire and forget: the answer does not wait for it)."""
-        if self.handle is not None and admission.lease is not None:
-            self.handle.release.remote(name, admission.lease, tokens)
+    async def release(self, name: str, admission: Admission, tokens: int = 0) -> None:
+        """The request ended: its lease ends and its tokens count before the next request of this
+        client is admitted. A limiter that does not answer only delays this by ``timeout_s``."""
+        if self.handle is None or admission.lease is None:
+            return
+        try:
+            await asyncio.wait_for(
+                _awaited(self.handle.release.remote(name, admission.lease, tokens)), self.timeout_s
+            )
+        except Exception as exc:  # the lease expires on its own; the tokens are lost
+            logger.warning("rate limiter release for key %s failed: %s", name, type(exc).__name__)
 
 
 async def _awaited(response: Any) -> Any:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ray import serve
 
+from janus.engine.detokenize import IncrementalText
 from janus.engine.stats import ServingStats
 from pipeline.model_ref import load_class
 
@@ -86,8 +87,8 @@ class ModelServer:
         self.relay = TokenRelay(event_loop, self.stream_interval_s)
         if self.loop is not None:
             self.loop.scheduler.on_tokens = self.relay.flush
-        self.metrics = ReplicaMetrics(self.actor.model_name)
-        self._sampler = event_loop.create_task(self._sample_rows()) if self.loop is not None else None
+        if self.loop is not None:
+            self._sampler = event_loop.create_task(self._sample_rows(ReplicaMetrics(self.actor.model_name)))
         #: finished requests waiting to be read back (scored): those that finish while a read runs
         #: are read together in the next one, as one model batch
         self._to_read: list[tuple[tuple[list[Any], Any, list[Any]], asyncio.Future]] = []
@@ -154,8 +155,6 @@ class ModelServer:
         meanwhile at most every ``stream_interval_s``, as one delta (``TokenRelay``): each item is a
         message through Ray to the ingress, and one per token (a CPU decode step is ~2 ms) cost the
         chat route its tail latency under load."""
-        from janus.engine.detokenize import IncrementalText
-
         self._check_streaming()
         self.serving_stats.requests += 1
         t0 = time.perf_counter()
@@ -215,11 +214,11 @@ class ModelServer:
         if self.loop is None:
             raise RuntimeError("streaming needs batching.mode: scheduler")
 
-    async def _sample_rows(self) -> None:
+    async def _sample_rows(self, metrics: ReplicaMetrics) -> None:
         """The scheduler's running and queued requests, as gauges, every second."""
         scheduler = self.loop.scheduler
         while True:
-            self.metrics.rows(len(scheduler.running), len(scheduler.waiting))
+            metrics.rows(len(scheduler.running), len(scheduler.waiting))
             await asyncio.sleep(1.0)
 
     @serve.batch

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import math
@@ -127,18 +128,28 @@ async def sse_tokens(
     """``scheduler`` mode: each text delta as the model decodes it, then the end. A client that leaves
     cancels the stream, which frees the request's rows. ``on_text`` runs at each delta's send."""
     yield chunks.delta({"role": "assistant", "content": ""})
+    async with contextlib.aclosing(replica_items(first, rest)) as items:
+        async for item in items:
+            if "result" in item:
+                on_done(item["result"])
+                yield chunks.end(item["result"], include_usage)
+            else:
+                on_text()
+                yield chunks.delta({"content": item["delta"]})
+
+
+async def replica_items(first: dict[str, Any], rest: Any) -> AsyncIterator[dict[str, Any]]:
+    """A model replica's streamed items, ``first`` and the rest up to ``{"result": ...}``; closed
+    before that (the client left), it cancels the rest, which frees the request's rows."""
     item = first
     try:
+        yield item
         while "result" not in item:
-            on_text()
-            yield chunks.delta({"content": item["delta"]})
             item = await rest.__anext__()
+            yield item
     finally:
         if "result" not in item:
             rest.cancel()
-    answer = item["result"]
-    on_done(answer)
-    yield chunks.end(answer, include_usage)
 
 
 # -- images -----------------------------------------------------------------------------------
@@ -215,17 +226,14 @@ async def sse_image(
 ) -> AsyncIterator[str]:
     """A streamed image's partial pictures as the replica sends them, then the image. A client that
     leaves cancels the stream (``rest``), which frees the request's rows."""
-    item = first
-    try:
-        while "result" not in item:
-            yield events.partial(item["index"], await asyncio.to_thread(png, item["partial"]))
-            item = await rest.__anext__()
-    finally:
-        if "result" not in item:
-            rest.cancel()
-    answer = item["result"]
-    on_done(answer)
-    if not answer.ok:
-        yield error_event(answer.error or "the image failed", answer.code)
-        return
-    yield events.completed(await asyncio.to_thread(png, answer.image), answer, seed)
+    async with contextlib.aclosing(replica_items(first, rest)) as items:
+        async for item in items:
+            if "result" not in item:
+                yield events.partial(item["index"], await asyncio.to_thread(png, item["partial"]))
+                continue
+            answer = item["result"]
+            on_done(answer)
+            if answer.ok:
+                yield events.completed(await asyncio.to_thread(png, answer.image), answer, seed)
+            else:
+                yield error_event(answer.error or "the image failed", answer.code)
