@@ -23,7 +23,8 @@ from .metrics import ReplicaMetrics
 from .relay import TokenRelay, first_token_parts, text_deltas, ticket_result
 
 if TYPE_CHECKING:  # the engine and scheduler load in the replica: the ingress imports this module too
-    from janus.engine.scheduler import BackgroundScheduler, Ticket
+    from janus.engine.scheduler import BackgroundScheduler
+    from janus.engine.ticket import Ticket
 
 #: a partial image's rows not drawn yet (mid-grey): the rows drawn so far are decoded, the rest left blank
 BLANK = 128

@@ -16,9 +16,9 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the scheduler loads in the model replica only
+if TYPE_CHECKING:
     from janus.engine.detokenize import IncrementalText
-    from janus.engine.scheduler import Ticket
+    from janus.engine.ticket import Ticket
 
 
 class TokenStream:
