@@ -706,6 +706,9 @@ IMAGE_ERRORS = {
     "unsupported size": ({"prompt": "x", "size": "384x384"}, 400, "unsupported_size"),
     "url response": ({"prompt": "x", "response_format": "url"}, 400, "invalid_request"),
     "unknown response format": ({"prompt": "x", "response_format": "png"}, 400, "literal_error"),
+    "a stream of several images": ({"prompt": "x", "stream": True, "n": 2}, 400, "invalid_request"),
+    "a stream of url images": ({"prompt": "x", "stream": True, "response_format": "url"}, 400, "invalid_request"),
+    "four partial images": ({"prompt": "x", "stream": True, "partial_images": 4}, 400, "less_than_equal"),
     "cfg below 1": ({"prompt": "x", "cfg_weight": 0.5}, 400, "greater_than_equal"),
     "negative seed": ({"prompt": "x", "seed": -1}, 400, "greater_than_equal"),
     "huge seed": ({"prompt": "x", "seed": 2**64}, 400, "less_than"),
@@ -721,6 +724,12 @@ def test_image_client_errors(client, case):
     r = client.post("/v1/images/generations", json=body)
     assert r.status_code == status, r.text
     assert error_of(r)["code"] == code
+
+
+def test_url_images_without_an_image_store_say_how_to_configure_one(client):
+    r = client.post("/v1/images/generations", json={"prompt": "x", "response_format": "url"})
+    assert r.status_code == 400 and error_of(r)["param"] == "response_format"
+    assert "api.image_store" in error_of(r)["message"]
 
 
 def test_oversized_bodies_are_refused_before_parsing(client):
