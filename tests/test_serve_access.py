@@ -22,9 +22,9 @@ import PIL.Image
 import pytest
 import yaml
 
-from pipeline.serve.config import APISection, LimitsSection, ServeConfigError
+from pipeline.serve.access import ANONYMOUS, KeyRing
+from pipeline.serve.config import APISection, LimitsSection, ServeConfigError, load_keys
 from pipeline.serve.errors import APIError
-from pipeline.serve.keys import ANONYMOUS, KeyRing, load_keys
 from pipeline.serve.limits import Counts, Gate, duration, rate_headers
 
 pytestmark = pytest.mark.timeout(600)

@@ -332,8 +332,7 @@ def test_metrics_with_the_right_counts_and_the_dashboard_plots_only_them(shapes_
     import yaml
 
     from pipeline.actors import Synthesizer
-    from pipeline.serve.config import APISection
-    from pipeline.serve.keys import load_keys
+    from pipeline.serve.config import APISection, load_keys
     from pipeline.serve.limits import RateLimits
     from tests.test_dashboard import dashboard_metrics
 

@@ -1,11 +1,13 @@
-"""The door every ``/v1`` request passes: its API key (401), its key's limits (429, rate-limit
-headers on every answer), and its accounting (metrics labelled by route, model and key name; the
+"""The door every ``/v1`` request passes: its API key (401; compared as a SHA-256 digest with every
+configured key's, in constant time), its key's limits (429, rate-limit headers on every answer), and
+its accounting (metrics labelled by route, model and key name; the
 key's tokens and running requests handed back to the limits when the answer ends, streams included)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,9 +20,9 @@ from pydantic import BaseModel
 
 from . import wire
 from .backend import Answer
+from .config import Key, LimitsSection, digest
 from .errors import APIError
 from .inputs import read_body
-from .keys import Key, KeyRing
 from .limits import Admission, Gate, RateLimited
 from .metrics import IngressMetrics
 
@@ -43,6 +45,42 @@ class Call:
     @property
     def tags(self) -> dict[str, str]:
         return {"model": self.model, "key": self.key.name if self.key else ""}
+
+
+ANONYMOUS = "anonymous"  # no keys configured: everyone, under api.limits
+
+
+class KeyRing:
+    """Who is asking: the key a request's ``Authorization: Bearer <key>`` header presents."""
+
+    def __init__(self, keys: list[Key], default_limits: LimitsSection):
+        self.keys = keys
+        self.anonymous = Key(ANONYMOUS, b"", default_limits)
+
+    @property
+    def open(self) -> bool:
+        return not self.keys
+
+    def identify(self, authorization: str | None) -> Key:
+        """The presented key, or a 401 (OpenAI's ``invalid_api_key``); open: everyone is anonymous."""
+        if self.open:
+            return self.anonymous
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise unauthorized("no API key: send it as 'Authorization: Bearer <key>'")
+        presented = digest(token)
+        found = None
+        for key in self.keys:  # every digest compared, in constant time: no early exit
+            if hmac.compare_digest(presented, key.digest):
+                found = key
+        if found is None:
+            raise unauthorized("incorrect API key provided")
+        return found
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 Route = Callable[[Any, Call], Awaitable[Response]]

@@ -28,13 +28,12 @@ from ray.serve.handle import DeploymentHandle
 from pipeline.model_ref import CAPTIONER, SYNTHESIZER
 
 from . import wire
-from .access import Call, Door
+from .access import Call, Door, KeyRing
 from .backend import Answer, Backend, check_answer, readiness
-from .config import APISection, ModelSection, ServeArgs, parse_args
+from .config import APISection, Key, ModelSection, ServeArgs, load_keys, parse_args
 from .errors import APIError, bad_request, install_handlers
 from .image_store import ImageStore
 from .inputs import ImageSource, chat_input, decode_for_model
-from .keys import Key, KeyRing, load_keys
 from .limits import Gate, RateLimits
 from .model_server import ModelServer
 from .schemas import SEED_LIMIT, ChatCompletionRequest, ImageGenerationRequest

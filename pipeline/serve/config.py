@@ -1,4 +1,7 @@
-"""The online application's arguments: the ``args`` of an application in a Serve YAML.
+"""The online application's arguments: the ``args`` of an application in a Serve YAML, and its API keys
+(an environment variable or a YAML file with names and per-key limits: only SHA-256 digests of the
+keys leave the builder, as the ingress replicas' arguments; logs and metrics name a key by its name,
+from the file or ``key-`` + the first 8 hex digits of its digest, never the key).
 
 Validated once, at build time (``serve run``/``serve deploy``/``janus-pipeline serve``), with unknown
 keys rejected: a typo in a limit must not silently fall back to a default on a public endpoint.
@@ -8,6 +11,10 @@ against its schema here too, so a bad config fails before any replica starts.
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -197,6 +204,73 @@ class APISection(Section):
         return options
 
 
+# -- API keys: read where the application is built; only their digests reach the ingress ------------
+
+MIN_KEY_LENGTH = 16
+
+
+class KeyEntry(LimitsSection):
+    """One entry of a key file: the key, its name, and limits over ``api.limits``."""
+
+    key: str = Field(min_length=MIN_KEY_LENGTH)
+    name: str | None = Field(None, min_length=1)
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    digest: bytes
+    limits: LimitsSection
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def load_keys(api: APISection, environ: Mapping[str, str] = os.environ) -> list[Key]:
+    """Every configured key, with its name and limits; a bad entry is a ``ServeConfigError``."""
+    entries: list[Any] = [k.strip() for k in environ.get(api.keys.env, "").split(",") if k.strip()]
+    if api.keys.file:
+        entries += _file_entries(api.keys.file)
+    keys = [_key(entry, i, api) for i, entry in enumerate(entries)]
+    for what, values in (("key", [k.digest for k in keys]), ("name", [k.name for k in keys])):
+        if len(set(values)) < len(values):
+            raise ServeConfigError(f"api.keys: the same {what} is configured twice")
+    return keys
+
+
+def _file_entries(path: str) -> list[Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ServeConfigError(f"api.keys.file: cannot read {path}: {type(exc).__name__}") from None
+    if not isinstance(data, list):
+        raise ServeConfigError(
+            f"api.keys.file: {path} must be a YAML list (- <key> or - {{key: ..., name: ...}})"
+        )
+    return data
+
+
+def _key(entry: Any, index: int, api: APISection) -> Key:
+    fields = {"key": entry} if isinstance(entry, str) else entry
+    where = f"api.keys entry {index}"
+    if not isinstance(fields, dict):
+        raise ServeConfigError(f"{where}: a key string or a mapping with a 'key'")
+    try:
+        checked = KeyEntry.model_validate({**api.limits.model_dump(exclude_none=True), **fields})
+    except ValidationError as exc:  # the message names the field; the key itself is never shown
+        first = exc.errors(include_url=False)[0]
+        if first["loc"] and first["loc"][0] == "key":
+            raise ServeConfigError(
+                f"{where}: key must be a string of at least {MIN_KEY_LENGTH} characters"
+            ) from None
+        raise ServeConfigError(f"{where}: {one_line(exc).split(' (got')[0]}") from None
+    d = digest(checked.key)
+    limits = LimitsSection.model_validate(checked.model_dump(exclude={"key", "name"}))
+    return Key(checked.name or f"key-{d.hex()[:8]}", d, limits)
+
+
 class ServeArgs(Section):
     """Everything the application builder takes; ``null`` for a section leaves that model out."""
 
@@ -245,8 +319,6 @@ def check_serve_config(path: str | Path) -> list[tuple[str, ServeArgs]]:
     apps = [(app.name, parse_args(app.args)) for app in config.applications if app.import_path == IMPORT_PATH]
     if not apps:
         raise ServeConfigError(f"{path}: no application with import_path {IMPORT_PATH}")
-    from .keys import load_keys  # keys.py checks its entries with this module's sections
-
     for _, args in apps:
         args.api.deployment_options()
         load_keys(args.api)  # a missing or bad key file fails here, before Ray starts
