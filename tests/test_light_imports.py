@@ -29,6 +29,8 @@ LIGHT = [
     "janus.engine.prompts",
     "janus.engine.status",
     "janus.engine.health",  # the crash guard asks it whether an actor's device broke
+    "janus.engine.detokenize",  # streaming text, beside the tokenizer: torch-free
+    "janus.engine.stats",
     "janus.models.hub",
 ]
 

@@ -141,11 +141,12 @@ def test_rounds_are_timed_for_the_first_token_yardstick(captioner):
     scheduler.step()  # A alone: one admission of 1, one decode step of 1
     pair = [scheduler.submit({"image": im, "max_new_tokens": 3}) for im in images[1:]]
     scheduler.run_until_idle()  # one joins A at once; the other when A's slot frees
-    assert [n for n, _ in scheduler.prefill_rounds] == [1, 1, 1]
-    assert scheduler.prefills == 3
-    rows = [n for n, _ in scheduler.decode_rounds]
-    assert len(rows) == scheduler.steps and rows[:3] == [1, 2, 2], rows
-    assert all(t > 0 for _, t in [*scheduler.prefill_rounds, *scheduler.decode_rounds])
+    stats = scheduler.stats
+    assert [n for n, _ in stats.prefill.latest] == [1, 1, 1]
+    assert scheduler.prefills == stats.prefill.count == 3
+    rows = [n for n, _ in stats.decode.latest]
+    assert len(rows) == scheduler.steps == stats.decode.count and rows[:3] == [1, 2, 2], rows
+    assert all(t > 0 for _, t in [*stats.prefill.latest, *stats.decode.latest])
     for ticket in [first, *pair]:
         assert ticket.submitted_at <= ticket.admitted_at <= ticket.first_token_at
     assert pair[1].admitted_at > pair[0].first_token_at  # it waited in the queue for a free slot
@@ -212,6 +213,33 @@ def test_bad_requests_fail_alone_and_cancelled_ones_free_their_slots(synth, synt
     assert doomed.result.code == CANCELLED and len(scheduler.free) == 2
     scheduler.run_until_idle()
     assert np.array_equal(good.result.tokens, synth_alone[0])
+
+
+def test_a_queued_request_cancelled_from_another_thread_never_runs(captioner, monkeypatch):
+    """A client that leaves while its request waits: the cancel comes from another thread at any
+    moment, here while the scheduler prepares the request before it in the same admission round. The
+    request is never prepared nor prefilled, and ends cancelled."""
+    scheduler = Scheduler(captioner, slots=2)
+    images = _images(2)
+    first, queued = (scheduler.submit({"image": im, "max_new_tokens": 8}) for im in images)
+    prepared: list[int] = []
+    real = captioner.prepare
+
+    def prepare(index, request):
+        if index == first.id:  # the client of the next request leaves meanwhile
+            leaving = threading.Thread(target=queued.cancel)
+            leaving.start()
+            leaving.join()
+        prepared.append(index)
+        return real(index, request)
+
+    monkeypatch.setattr(captioner, "prepare", prepare)
+    scheduler.step()
+    assert prepared == [first.id] and queued.admitted_at is None
+    assert queued.done and queued.result.code == CANCELLED
+    assert [run.ticket for run in scheduler.running] == [first]
+    scheduler.run_until_idle()
+    assert first.result.ok and prepared == [first.id]
 
 
 def test_the_background_loop_serves_concurrent_callers(captioner):

@@ -24,7 +24,8 @@ import yaml
 
 from jobs.cli import main as cli_main
 from pipeline.actors import Captioner, Synthesizer
-from pipeline.serve.app import Backend, build_app, readiness
+from pipeline.serve.app import build_app
+from pipeline.serve.backend import Backend, readiness
 from pipeline.serve.config import APISection, ServeConfigError, check_serve_config, parse_args
 from tests.support import REPO
 
@@ -386,23 +387,11 @@ def test_load_serve_reads_one_runs_first_tokens_and_yardstick_from_two_stats():
                                          "decode_rows_p50": 2.0, "yardstick_s": 0.017}
 
 
-def test_incremental_text_holds_back_half_characters():
-    from pipeline.serve.model_server import IncrementalText
-
-    class Bytes:  # a byte-level tokenizer: each token one byte
-        @staticmethod
-        def decode(tokens, skip_special_tokens=True):
-            return bytes(tokens).decode("utf-8", errors="replace")
-
-    text = IncrementalText(Bytes())
-    deltas = [text.add(b) for b in "né ✓".encode()]
-    assert deltas == ["n", "", "é", " ", "", "", "✓"] and "".join(deltas) == "né ✓"
-
-
 def test_stream_deltas_group_the_tokens_decoded_within_the_interval():
     """The first text goes out at once, later text at most every interval (what queued up meanwhile in
     one piece), the rest with the end; interval 0 keeps one delta per token; the text is always whole."""
-    from pipeline.serve.model_server import IncrementalText, TokenRelay, text_deltas
+    from janus.engine.detokenize import IncrementalText
+    from pipeline.serve.relay import TokenRelay, text_deltas
 
     class Bytes:
         @staticmethod
@@ -450,7 +439,7 @@ def test_token_relay_wakes_the_loop_once_per_step_for_all_streams():
     one wake-up for every stream, and a stream's end needs no flush."""
     import threading
 
-    from pipeline.serve.model_server import TokenRelay
+    from pipeline.serve.relay import TokenRelay
 
     async def run() -> tuple[list[list[int | None]], int]:
         loop = asyncio.get_running_loop()
@@ -492,26 +481,6 @@ def test_token_relay_wakes_the_loop_once_per_step_for_all_streams():
     got, wakeups = asyncio.run(run())
     assert got == [[0, 10, None], [1, 11, None], [2, 12, None]]
     assert wakeups <= 4  # the step's flush and one per end, never one per token
-
-
-def test_incremental_text_concatenates_to_the_whole_decode_with_real_tokenizers():
-    """Windowed decoding (each token decodes the text since the previous delta plus its context) gives
-    exactly the answer's whole decode, for the tokenizers the models ship, spaces and specials included."""
-    from janus.models import VLChatProcessor
-    from pipeline.model_ref import resolve_model_ref
-    from pipeline.serve.model_server import IncrementalText
-
-    tokenizer = VLChatProcessor.from_pretrained(resolve_model_ref("shapes")).tokenizer
-    rng = np.random.default_rng(0)
-    words = tokenizer.encode(" a red circle on the left, blue background. é ✓", add_special_tokens=False)
-    for trial in range(20):
-        if trial % 2:
-            ids = rng.integers(0, len(tokenizer), 60).tolist()  # anything, specials and byte pieces too
-        else:
-            ids = words * 3
-        text = IncrementalText(tokenizer)
-        deltas = [text.add(t) for t in ids] + [text.finish()]
-        assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True), (trial, deltas)
 
 
 def test_the_official_openai_client(oai, client):
@@ -737,6 +706,9 @@ IMAGE_ERRORS = {
     "unsupported size": ({"prompt": "x", "size": "384x384"}, 400, "unsupported_size"),
     "url response": ({"prompt": "x", "response_format": "url"}, 400, "invalid_request"),
     "unknown response format": ({"prompt": "x", "response_format": "png"}, 400, "literal_error"),
+    "a stream of several images": ({"prompt": "x", "stream": True, "n": 2}, 400, "invalid_request"),
+    "a stream of url images": ({"prompt": "x", "stream": True, "response_format": "url"}, 400, "invalid_request"),
+    "four partial images": ({"prompt": "x", "stream": True, "partial_images": 4}, 400, "less_than_equal"),
     "cfg below 1": ({"prompt": "x", "cfg_weight": 0.5}, 400, "greater_than_equal"),
     "negative seed": ({"prompt": "x", "seed": -1}, 400, "greater_than_equal"),
     "huge seed": ({"prompt": "x", "seed": 2**64}, 400, "less_than"),
@@ -752,6 +724,12 @@ def test_image_client_errors(client, case):
     r = client.post("/v1/images/generations", json=body)
     assert r.status_code == status, r.text
     assert error_of(r)["code"] == code
+
+
+def test_url_images_without_an_image_store_say_how_to_configure_one(client):
+    r = client.post("/v1/images/generations", json={"prompt": "x", "response_format": "url"})
+    assert r.status_code == 400 and error_of(r)["param"] == "response_format"
+    assert "api.image_store" in error_of(r)["message"]
 
 
 def test_oversized_bodies_are_refused_before_parsing(client):

@@ -44,6 +44,7 @@ from .decoding import Sequence, block_index, choose_first, decode_pass
 from .health import fatal_device_error
 from .runner import Settings
 from .sampling import row_uniforms
+from .stats import ServingStats
 from .status import DEVICE_LOST
 from .ticket import Ticket, TokenCallback
 
@@ -100,11 +101,8 @@ class Scheduler:
         self.steps = 0  # decode steps made
         self.prefills = 0  # admission rounds made (one prefill each, of one or more requests)
         self.peak_running = 0  # the most requests that ever shared one step
-        #: the latest rounds' durations (seconds), to set a request's time to first token against what
-        #: the same batch costs: admissions (prepare + prefill + first token) as (requests, seconds),
-        #: decode steps (one pass for every running request) as (requests, seconds)
-        self.prefill_rounds: deque[tuple[int, float]] = deque(maxlen=10_000)
-        self.decode_rounds: deque[tuple[int, float]] = deque(maxlen=10_000)
+        #: every round timed, to set a request's time to first token against what its batch costs
+        self.stats = ServingStats()
         self._settings: dict[tuple[int, ...], Settings] = {}
         #: called after each round of tokens went to the tickets' callbacks (the first tokens of a
         #: prefill, each decode step's), before finished requests are built: e.g. to hand them on in one go
@@ -148,7 +146,7 @@ class Scheduler:
             except Exception as exc:
                 self._fail_running(exc)
                 return
-            self.decode_rounds.append((n, time.perf_counter() - t0))
+            self.stats.decode.add(n, time.perf_counter() - t0)
         if self.idle and not self.keep_cache:
             self.release()
 
@@ -237,7 +235,7 @@ class Scheduler:
             return
         self.running.extend(admitted)
         self._emit(admitted, [[r.tokens[-1]] for r in admitted])
-        self.prefill_rounds.append((len(admitted), time.perf_counter() - t0))
+        self.stats.prefill.add(len(admitted), time.perf_counter() - t0)
         self.prefills += 1
 
     def _start(self, ticket: Ticket, running: int) -> _Running | None:
@@ -252,6 +250,7 @@ class Scheduler:
             logger.exception("preparing request %d failed", ticket.id)
             ticket._finish(self.engine.result_type.failed(INTERNAL, f"{type(exc).__name__}: {exc}"))
             return None
+        ticket.prompt_tokens = prepared.length
         runner, spec = self.runner, self.speculator
         speculative = spec is not None and spec.options.applies(running)
         max_new = runner.max_new(prepared)

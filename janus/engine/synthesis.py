@@ -317,6 +317,7 @@ class SynthesisEngine(BatchEngine):
     @torch.inference_mode()
     def decode_images(self, codes: torch.Tensor) -> list[np.ndarray]:
         """[N, image_tokens] codes (576 for Janus) -> N uint8 images, postprocessed exactly as DeepSeek's example.
+        Codes for whole rows of the grid only ([N, k * grid]) decode to the top k rows (a picture so far).
 
         With ``vq_channels_last`` (the default) the decoder's activations are NHWC: the same convolutions,
         which oneDNN (CPU) and cuDNN (GPU) run much faster in that layout (measured on CPU for the real
@@ -328,7 +329,7 @@ class SynthesisEngine(BatchEngine):
         dtype = vq.post_quant_conv.weight.dtype
         out: list[np.ndarray] = []
         for part in torch.split(codes, self.vq_decode_batch_size):
-            shape = [part.shape[0], self.codebook_dim, self.grid, self.grid]
+            shape = [part.shape[0], self.codebook_dim, part.shape[1] // self.grid, self.grid]
             quant = vq.quantize.get_codebook_entry(part.to(torch.int32), shape, True).to(dtype)
             if self.vq_channels_last:
                 quant = quant.contiguous(memory_format=torch.channels_last)

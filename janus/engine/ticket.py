@@ -32,6 +32,7 @@ class Ticket:
         self.submitted_at = time.perf_counter()
         self.admitted_at: float | None = None  # taken from the queue to be prepared and prefilled
         self.first_token_at: float | None = None
+        self.prompt_tokens: int | None = None  # the prompt's length, once prepared (usage accounting)
         self._done = threading.Event()
         self._callbacks: list[Callable[[Ticket], None]] = []
         self._lock = threading.Lock()

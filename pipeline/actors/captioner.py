@@ -63,7 +63,7 @@ class Captioner(ModelActor):
         return {**self.caption, "image": np.ascontiguousarray(batch["pixels"][i])}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["key"])
+        started, n = time.perf_counter(), len(batch["key"])
         todo, results, status, error = self.run_rows(batch)
         caption: list[str | None] = [None] * n
         finish: list[str | None] = [None] * n
@@ -97,4 +97,5 @@ class Captioner(ModelActor):
             out["embedding"] = np.zeros((n, self.embedding_width), dtype=np.float16)
             if ok:
                 out["embedding"][ok] = self.reader.embeddings(self.reader.features([batch["pixels"][i] for i in ok]))
+        self.metrics.batch(status, started)
         return out

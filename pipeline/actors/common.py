@@ -15,6 +15,8 @@ import torch
 from janus.engine import OK, Result, load_model_and_processor
 from pipeline.model_ref import resolve_model_ref
 
+from .metrics import BatchMetrics
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,6 +58,7 @@ class ModelActor:
         self.runner: Any = self.engine  # what ``generate`` calls: the engine, or a wrapper around it
         self.model_name = model.get("name") or model["path"]
         self.calls = 0
+        self.metrics = BatchMetrics(type(self).__name__, self.model_name)
         logger.info(
             "%s ready on %s in %.1fs (pid %d)",
             type(self).__name__,

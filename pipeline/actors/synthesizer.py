@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -86,7 +87,7 @@ class Synthesizer(ModelActor):
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["key"])
+        started, n = time.perf_counter(), len(batch["key"])
         todo, results, status, error = self.run_rows(batch)
         size, q = self.engine.image_size, self.quality
         out = {
@@ -120,6 +121,7 @@ class Synthesizer(ModelActor):
             out["embedding"] = np.zeros((n, self.embedding_width), dtype=np.float16)
             for i, vector in embeddings.items():
                 out["embedding"][i] = vector
+        self.metrics.batch(status, started)
         return {
             **batch,
             **out,

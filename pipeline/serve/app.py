@@ -3,252 +3,71 @@
     serve run configs/serve_tiny.yaml           # or: janus-pipeline serve --config configs/serve_tiny.yaml
 
 Routes: ``POST /v1/chat/completions`` (captioning / visual chat), ``POST /v1/images/generations``
-(synthesis), ``GET /v1/models``, ``GET /health``. The ingress validates everything a client sends
-and turns it into engine requests; the model deployments (``ModelServer``) run the batch jobs'
-actor classes with dynamic batching. Metrics: Ray's Prometheus endpoint (Serve's request, latency,
-queue and batch metrics, plus the token and image counters below).
+(synthesis), ``GET /v1/models``, ``GET /health``. Every ``/v1`` request passes the same door
+(``access.Door``): its API key, its key's limits, its metrics and rate-limit headers; the route
+then validates what the client sent and turns it into engine requests for the model deployments
+(``ModelServer``, through ``backend.Backend``). Bodies and events are ``wire``'s.
 
 No ``from __future__ import annotations`` here: FastAPI and Serve's class-based views read the route
 signatures at runtime.
 """
 
 import asyncio
-import base64
-import contextlib
-import io
-import json
-import math
-import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-import PIL.Image
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter
 
-from janus.engine.status import DEVICE_LOST, INTERNAL, OUT_OF_MEMORY
 from pipeline.model_ref import CAPTIONER, SYNTHESIZER
 
-from .config import APISection, ModelSection, ServeArgs, parse_args
-from .errors import APIError, bad_request, install_handlers, overloaded, validation_error
-from .inputs import ImageSource, chat_input, decode_for_model, read_body
+from . import wire
+from .access import Call, Door, KeyRing
+from .backend import Answer, Backend, check_answer, readiness
+from .config import APISection, Key, ModelSection, ServeArgs, load_keys, parse_args
+from .errors import APIError, bad_request, install_handlers
+from .image_store import ImageStore
+from .inputs import ImageSource, chat_input, decode_for_model
+from .limits import Gate, RateLimits
 from .model_server import ModelServer
 from .schemas import SEED_LIMIT, ChatCompletionRequest, ImageGenerationRequest
 
 HEALTH_TIMEOUT_S = 2.0
-Body = TypeVar("Body", bound=BaseModel)
+CHAT, IMAGES, MODELS = "/v1/chat/completions", "/v1/images/generations", "/v1/models"
 
 api = FastAPI(title="Janus-Pro", docs_url=None, redoc_url=None)
 install_handlers(api)
 
 
-class Backend:
-    """A model deployment as the ingress sees it: its handle, served name and (cached) limits."""
-
-    def __init__(self, handle: DeploymentHandle, name: str, settings: APISection):
-        self.handle = handle
-        self.name = name
-        self.retry_after_s = settings.retry_after_s
-        self.timeout_s = settings.request_timeout_s
-        self.load_wait_s = settings.load_wait_s
-        self._info: dict[str, Any] | None = None
-
-    async def info(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """The model's limits; a replica answers only once its model is loaded."""
-        if self._info is None:
-            self._info = await self._remote("info", timeout_s=timeout_s)
-        return self._info
-
-    async def ready_info(self) -> dict[str, Any]:
-        """``info`` for a request: a model still loading is a 503 the client can retry, not a hang."""
-        try:
-            return await self.info(timeout_s=self.load_wait_s)
-        except TimeoutError:
-            raise self._unavailable("model_loading", "is still loading") from None
-
-    async def generate(self, request: dict[str, Any]) -> Any:
-        try:
-            return await self._remote("generate", request, timeout_s=self.timeout_s)
-        except TimeoutError:
-            raise self._timeout("answer") from None
-
-    async def stream(self, request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-        """Start a streamed answer: (its first item, the rest). Waiting for the first item turns a bad
-        request or a full queue into an HTTP error before any byte of the stream is sent."""
-        stream = self.handle.options(stream=True).stream.remote(request)
-        with self._errors():
-            try:
-                return await asyncio.wait_for(stream.__anext__(), self.timeout_s), stream
-            except TimeoutError:
-                stream.cancel()
-                raise self._timeout("start answering") from None
-            except BaseException:
-                stream.cancel()
-                raise
-
-    async def _remote(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
-        response = getattr(self.handle, method).remote(*args)
-        with self._errors():
-            try:
-                return await asyncio.wait_for(_awaited(response), timeout_s)
-            except (TimeoutError, asyncio.CancelledError):
-                response.cancel()  # the client went away or waited too long: free the model's slot
-                raise
-
-    def _unavailable(self, code: str, why: str) -> APIError:
-        return APIError(
-            503,
-            f"model {self.name} {why}; retry later",
-            code=code,
-            headers={"Retry-After": str(self.retry_after_s)},
-        )
-
-    def _timeout(self, what: str) -> APIError:
-        return APIError(504, f"model {self.name} did not {what} within {self.timeout_s:g} s", code="timeout")
-
-    @contextlib.contextmanager
-    def _errors(self):
-        """Ray's answers for a model that is full or down -> 503 with Retry-After."""
-        try:
-            yield
-        except BackPressureError:
-            raise overloaded(
-                f"model {self.name} is at capacity (its queue is full); retry later", self.retry_after_s
-            ) from None
-        except (DeploymentUnavailableError, RayActorError) as exc:
-            raise self._unavailable(
-                "model_unavailable", f"is unavailable right now ({type(exc).__name__})"
-            ) from None
-
-
-async def _awaited(response: Any) -> Any:
-    return await response
-
-
-def check_result(result: Any, retry_after_s: int) -> None:
-    """An engine row error is the request's fault, except running out of device memory."""
-    if result.ok:
-        return
-    if result.code == OUT_OF_MEMORY:
-        raise overloaded(f"the model could not fit this request right now: {result.error}", retry_after_s)
-    if result.code == DEVICE_LOST:  # the replica is being replaced; another one can answer
-        raise APIError(503, result.error, code="model_unavailable", headers={"Retry-After": str(retry_after_s)})
-    if result.code == INTERNAL:
-        raise APIError(500, f"internal error: {result.error}", code="internal_error")
-    raise bad_request(result.error, code=result.code or "invalid_request")
-
-
-def parse(model: type[Body], body: bytes) -> Body:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-
-
-def png_b64(image: np.ndarray) -> str:
-    buf = io.BytesIO()
-    PIL.Image.fromarray(image).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def text_pieces(text: str) -> list[str]:
-    """Word-sized stream deltas that concatenate back to exactly ``text``."""
-    return re.findall(r"\s*\S+|\s+$", text)
-
-
-def _chunk(head: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> str:
-    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-    return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-
-
-def _usage(result: Any) -> dict[str, int]:
+def _engine_chat(
+    req: ChatCompletionRequest, chat: Any, images: list[np.ndarray], max_tokens: int
+) -> dict[str, Any]:
     return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.num_tokens,
-        "total_tokens": result.prompt_tokens + result.num_tokens,
+        "images": images,
+        "conversation": chat.conversation,
+        "system_prompt": chat.system_prompt,
+        "max_new_tokens": max_tokens,
+        "temperature": req.temperature or 0.0,
+        "top_p": req.top_p,
+        "seed": secrets.randbelow(SEED_LIMIT) if req.seed is None else req.seed,
+        "ignore_eos": req.ignore_eos,
     }
 
 
-async def sse_chunks(
-    completion_id: str, created: int, model: str, result: Any, usage: dict[str, int] | None
-) -> AsyncIterator[str]:
-    """``batch`` mode: the answer is complete before the first event (the whole batch decodes at once),
-    so this sends the finished text in word-sized deltas in OpenAI's chunk sequence."""
-    head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    yield _chunk(head, {"role": "assistant", "content": ""})
-    for piece in text_pieces(result.text):
-        yield _chunk(head, {"content": piece})
-    yield _chunk(head, {}, result.finish_reason)
-    if usage is not None:
-        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-async def sse_tokens(
-    completion_id: str,
-    created: int,
-    model: str,
-    first: dict[str, Any],
-    rest: Any,
-    include_usage: bool,
-    on_done,
-) -> AsyncIterator[str]:
-    """``scheduler`` mode: each text delta as the model decodes it, then the finish reason, [usage] and
-    ``[DONE]``. A client that leaves cancels the stream, which frees the request's slot."""
-    head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    yield _chunk(head, {"role": "assistant", "content": ""})
-    item = first
-    try:
-        while "result" not in item:
-            yield _chunk(head, {"content": item["delta"]})
-            item = await rest.__anext__()
-    finally:
-        if "result" not in item:
-            rest.cancel()
-    result = item["result"]
-    on_done(result)
-    if not result.ok:  # failed mid-stream (the answer had started): say so in the stream
-        error = {"message": result.error, "type": "server_error", "code": result.code}
-        yield f"data: {json.dumps({'error': error})}\n\n"
-        return
-    yield _chunk(head, {}, result.finish_reason)
-    if include_usage:
-        yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(result)})}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-async def readiness(backends: dict[str, Backend | None], timeout_s: float) -> dict[str, bool]:
-    """Per configured model: has a replica answered (i.e. finished loading) within the timeout?"""
-    ready: dict[str, bool] = {}
-    for kind, backend in backends.items():
-        if backend is not None:
-            try:
-                await backend.info(timeout_s=timeout_s)
-                ready[kind] = True
-            except (APIError, TimeoutError):
-                ready[kind] = False
-    return ready
-
-
-def _quality(result: Any) -> dict[str, Any]:
-    """Extension fields of one image: its self-verification score; with best_of, every candidate's."""
-    out: dict[str, Any] = {}
-    if result.score is not None:
-        out["score"] = round(result.score, 6)
-    if result.scores is not None and len(result.scores) > 1:
-        out["candidate"] = result.candidate
-        out["candidate_scores"] = [None if math.isnan(v) else round(v, 6) for v in result.scores]
-    return out
+def _engine_image(req: ImageGenerationRequest, seed: int) -> dict[str, Any]:
+    fields = {
+        "seed": seed,
+        "cfg_weight": req.cfg_weight,
+        "temperature": req.temperature,
+        "best_of": req.best_of,
+    }
+    return {"prompt": req.prompt, **fields}
 
 
 # Everything the routes use is defined above: serve.ingress snapshots (pickles) the FastAPI app
@@ -256,7 +75,7 @@ def _quality(result: Any) -> dict[str, Any]:
 @serve.deployment(name="JanusAPI")
 @serve.ingress(api)
 class JanusAPI:
-    """Validation, image intake and response shapes; never holds a model."""
+    """Keys, limits, metrics, validation, image intake and response shapes; never holds a model."""
 
     def __init__(
         self,
@@ -264,22 +83,18 @@ class JanusAPI:
         caption: DeploymentHandle | None,
         names: dict[str, str],
         settings: dict[str, Any],
+        keys: list[Key] | None = None,
+        limits: DeploymentHandle | None = None,
     ):
-        self.settings = APISection.model_validate(settings)
-        self.synthesis = (
-            Backend(synthesis, names["synthesis"], self.settings) if synthesis is not None else None
-        )
-        self.caption = Backend(caption, names["caption"], self.settings) if caption is not None else None
-        self.images = ImageSource(
-            tuple(self.settings.image_url_prefixes),
-            self.settings.image_storage_options,
-            self.settings.max_image_bytes,
-        )
+        s = self.settings = APISection.model_validate(settings)
+        self.synthesis = Backend(synthesis, names["synthesis"], s) if synthesis is not None else None
+        self.caption = Backend(caption, names["caption"], s) if caption is not None else None
+        self.images = ImageSource(tuple(s.image_url_prefixes), s.image_storage_options, s.max_image_bytes)
+        self.store = ImageStore(s.image_store) if s.image_store is not None else None
+        gate = Gate(limits, s.limits_timeout_s, s.request_timeout_s + 60, s.retry_after_s)
+        self.door = Door(KeyRing(keys or [], s.limits), gate, s.max_body_bytes)
         self.created = int(time.time())
-        self.tokens = Counter(
-            "janus_chat_tokens", "Chat tokens read and written.", tag_keys=("model", "kind")
-        )
-        self.images_made = Counter("janus_images_generated", "Images generated.", tag_keys=("model",))
+        wire.png(np.zeros((8, 8, 3), np.uint8))  # the PNG encoder loads here, not in a first request
 
     def _backend(self, backend: Backend | None, model: str | None, what: str) -> Backend:
         if backend is None or (model is not None and model != backend.name):
@@ -293,9 +108,12 @@ class JanusAPI:
         return backend
 
     # -- chat ------------------------------------------------------------------------------------
-    @api.post("/v1/chat/completions")
+    @api.post(CHAT)
     async def chat_completions(self, request: Request) -> Response:
-        req = parse(ChatCompletionRequest, await read_body(request, self.settings.max_body_bytes))
+        call = Call(CHAT, model=self.caption.name if self.caption else "")
+        return await self.door.handle(request, call, ChatCompletionRequest, self._chat)
+
+    async def _chat(self, req: ChatCompletionRequest, call: Call) -> Response:
         backend = self._backend(self.caption, req.model, "chat completions")
         info = await backend.ready_info()
         chat = chat_input(req.messages, info["image_tag"])
@@ -310,95 +128,41 @@ class JanusAPI:
             raise bad_request(
                 f"max_tokens is {max_tokens}; at most {self.settings.max_tokens}", param="max_tokens"
             )
-        images = await asyncio.gather(
-            *(
-                asyncio.to_thread(self._load_image, url, param, info["image_processor"])
-                for param, url in chat.image_urls
-            )
+        loads = (
+            asyncio.to_thread(self._load_image, url, p, info["image_processor"]) for p, url in chat.image_urls
         )
-        engine_request = {
-            "images": list(images),
-            "conversation": chat.conversation,
-            "system_prompt": chat.system_prompt,
-            "max_new_tokens": max_tokens,
-            "temperature": req.temperature or 0.0,
-            "top_p": req.top_p,
-            "seed": secrets.randbelow(SEED_LIMIT) if req.seed is None else req.seed,
-            "ignore_eos": req.ignore_eos,
-        }
-        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        engine_request = _engine_chat(req, chat, list(await asyncio.gather(*loads)), max_tokens)
+        chunks = wire.ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), backend.name)
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         if req.stream and info.get("streaming"):
-            first, rest = await backend.stream(engine_request)
+            first, rest = await backend.stream("stream", engine_request)
             if "result" in first:  # failed (or finished) before its first token: a plain HTTP answer
-                check_result(first["result"], self.settings.retry_after_s)
-            events = sse_tokens(
-                completion_id,
-                created,
-                backend.name,
-                first,
-                rest,
-                include_usage,
-                lambda r: self._count(backend, r),
+                check_answer(first["result"], self.settings.retry_after_s)
+            on_text, on_done = (lambda: self.door.first_text(call)), (lambda a: self.door.chat_done(call, a))
+            return self.door.streamed(
+                call, wire.sse_tokens(chunks, first, rest, include_usage, on_text, on_done)
             )
-            return StreamingResponse(
-                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        result = await backend.generate(engine_request)
-        check_result(result, self.settings.retry_after_s)
-        self._count(backend, result)
-        usage = _usage(result)
+        answer = await backend.generate(engine_request)
+        check_answer(answer, self.settings.retry_after_s)
+        self.door.chat_done(call, answer)
         if req.stream:
-            events = sse_chunks(
-                completion_id, created, backend.name, result, usage if include_usage else None
-            )
-            return StreamingResponse(
-                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        return JSONResponse(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": backend.name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": result.text},
-                        "finish_reason": result.finish_reason,
-                        "logprobs": None,
-                    }
-                ],
-                "usage": usage,
-            }
-        )
-
-    def _count(self, backend: Backend, result: Any) -> None:
-        if result.ok:
-            self.tokens.inc(result.prompt_tokens, tags={"model": backend.name, "kind": "prompt"})
-            self.tokens.inc(result.num_tokens, tags={"model": backend.name, "kind": "completion"})
+            return self.door.streamed(call, wire.sse_whole(chunks, answer, include_usage))
+        head = chunks.head
+        return JSONResponse(wire.chat_completion(head["id"], head["created"], backend.name, answer))
 
     def _load_image(self, url: str, param: str, processor: dict[str, Any]) -> np.ndarray:
         data = self.images.read(url, param)
         return decode_for_model(data, param, self.settings.max_pixels, processor)
 
     # -- images ----------------------------------------------------------------------------------
-    @api.post("/v1/images/generations")
-    async def images_generations(self, request: Request) -> JSONResponse:
-        req = parse(ImageGenerationRequest, await read_body(request, self.settings.max_body_bytes))
+    @api.post(IMAGES)
+    async def images_generations(self, request: Request) -> Response:
+        call = Call(IMAGES, model=self.synthesis.name if self.synthesis else "")
+        return await self.door.handle(request, call, ImageGenerationRequest, self._images)
+
+    async def _images(self, req: ImageGenerationRequest, call: Call) -> Response:
         backend = self._backend(self.synthesis, req.model, "image generation")
-        if req.n > self.settings.max_n:
-            raise bad_request(f"n is {req.n}; at most {self.settings.max_n} images per request", param="n")
-        if req.best_of > self.settings.max_best_of:
-            raise bad_request(
-                f"best_of is {req.best_of}; at most {self.settings.max_best_of} candidates per image",
-                param="best_of",
-            )
-        if req.response_format == "url":
-            raise bad_request(
-                "response_format 'url' is not supported: images are returned inline as b64_json",
-                param="response_format",
-            )
+        self._check_image_request(req)
         info = await backend.ready_info()
         side = info["image_size"]
         if req.best_of > 1 and not info["scores"]:
@@ -406,45 +170,78 @@ class JanusAPI:
                 "best_of needs the server's quality.score on (it picks the best candidate by score)",
                 param="best_of",
             )
-        if req.size not in (None, "auto", f"{side}x{side}"):
+        size = f"{side}x{side}"
+        if req.size not in (None, "auto", size):
             raise bad_request(
-                f"size {req.size!r} is not supported: {backend.name} generates {side}x{side} images only",
+                f"size {req.size!r} is not supported: {backend.name} generates {size} images only",
                 code="unsupported_size",
                 param="size",
             )
         first = secrets.randbelow(SEED_LIMIT) if req.seed is None else req.seed
         seeds = [(first + i) % SEED_LIMIT for i in range(req.n)]  # as the batch job's n_samples
-        results = await asyncio.gather(
-            *(
-                backend.generate(
-                    {
-                        "prompt": req.prompt,
-                        "seed": s,
-                        "cfg_weight": req.cfg_weight,
-                        "temperature": req.temperature,
-                        "best_of": req.best_of,
-                    }
-                )
-                for s in seeds
+        if req.stream:
+            return await self._image_stream(req, call, backend, seeds[0], size, bool(info.get("streaming")))
+        answers = await asyncio.gather(*(self._image(call, backend, _engine_image(req, s)) for s in seeds))
+        for answer in answers:
+            check_answer(answer, self.settings.retry_after_s)
+        pngs = await asyncio.to_thread(lambda: [wire.png(a.image) for a in answers])
+        if req.response_format == "url":
+            links = [{"url": u} for u in await asyncio.to_thread(lambda: [self.store.put(p) for p in pngs])]
+        else:
+            links = [{"b64_json": wire.b64(p)} for p in pngs]
+        data = [
+            {**link, "seed": s, **wire.quality_fields(a)}
+            for link, s, a in zip(links, seeds, answers, strict=True)
+        ]
+        return JSONResponse(wire.images_response(int(time.time()), data, list(answers), size))
+
+    def _check_image_request(self, req: ImageGenerationRequest) -> None:
+        s = self.settings
+        if req.n > s.max_n:
+            raise bad_request(f"n is {req.n}; at most {s.max_n} images per request", param="n")
+        if req.best_of > s.max_best_of:
+            raise bad_request(
+                f"best_of is {req.best_of}; at most {s.max_best_of} candidates per image", param="best_of"
             )
-        )
-        for result in results:
-            check_result(result, self.settings.retry_after_s)
-        encoded = await asyncio.to_thread(lambda: [png_b64(r.image) for r in results])
-        self.images_made.inc(len(results), tags={"model": backend.name})
-        return JSONResponse(
-            {
-                "created": int(time.time()),
-                "data": [
-                    {"b64_json": b64, "seed": s, **_quality(r)}
-                    for b64, s, r in zip(encoded, seeds, results, strict=True)
-                ],
-            }
+        if req.response_format == "url" and self.store is None:
+            raise bad_request(
+                "response_format 'url' needs an image store: set api.image_store.url in the server's "
+                "config (e.g. s3://bucket/images/ or file:///srv/images/), or ask for b64_json",
+                param="response_format",
+            )
+        if req.stream and (req.n > 1 or req.best_of > 1 or req.response_format == "url"):
+            raise bad_request(
+                "stream: true sends one image (n=1, best_of=1) as b64_json events", param="stream"
+            )
+
+    async def _image(self, call: Call, backend: Backend, request: dict[str, Any]) -> Answer:
+        answer = await backend.generate(request)
+        self.door.image_done(call, answer)
+        return answer
+
+    async def _image_stream(
+        self, req: ImageGenerationRequest, call: Call, backend: Backend, seed: int, size: str, streaming: bool
+    ) -> Response:
+        """Partial pictures while the codes are drawn (a scheduler replica), then the image."""
+        request = _engine_image(req, seed)
+        if streaming:
+            first, rest = await backend.stream("stream_image", request, req.partial_images or 0)
+        else:  # batch mode: the whole image at once, then its one event
+            first, rest = {"result": await backend.generate(request)}, None
+        if "result" in first:
+            check_answer(first["result"], self.settings.retry_after_s)
+
+        events = wire.ImageEvents(int(time.time()), size)
+        return self.door.streamed(
+            call, wire.sse_image(events, first, rest, seed, lambda a: self.door.image_done(call, a))
         )
 
     # -- discovery and health --------------------------------------------------------------------
-    @api.get("/v1/models")
-    async def models(self) -> JSONResponse:
+    @api.get(MODELS)
+    async def models(self, request: Request) -> Response:
+        return await self.door.handle(request, Call(MODELS), None, self._models)
+
+    async def _models(self, _: None, call: Call) -> Response:
         names = dict.fromkeys(b.name for b in (self.synthesis, self.caption) if b is not None)
         data = [
             {"id": n, "object": "model", "created": self.created, "owned_by": "janus-pipeline"} for n in names
@@ -462,7 +259,8 @@ class JanusAPI:
 
 
 def build_app(args: Mapping[str, Any] | ServeArgs) -> serve.Application:
-    """Application builder (the Serve YAML's ``import_path``); ``args`` as in ``config.ServeArgs``."""
+    """Application builder (the Serve YAML's ``import_path``); ``args`` as in ``config.ServeArgs``.
+    API keys are read here (``api.keys``), where the application is built."""
     cfg = args if isinstance(args, ServeArgs) else parse_args(args)
     handles: dict[str, Any] = {"synthesis": None, "caption": None}
     names: dict[str, str] = {}
@@ -485,8 +283,15 @@ def build_app(args: Mapping[str, Any] | ServeArgs) -> serve.Application:
             CAPTIONER, _model(c.model), c.engine, {}, c.batching.model_dump()
         )
         names["caption"] = c.model.served_name
+    keys = load_keys(cfg.api)
+    limited = cfg.api.limits.any or any(k.limits.any for k in keys)
     return JanusAPI.options(**cfg.api.deployment_options()).bind(
-        handles["synthesis"], handles["caption"], names, cfg.api.model_dump()
+        handles["synthesis"],
+        handles["caption"],
+        names,
+        cfg.api.model_dump(),
+        keys,
+        RateLimits.bind() if limited else None,
     )
 
 

@@ -1,4 +1,7 @@
-"""The online application's arguments: the ``args`` of an application in a Serve YAML.
+"""The online application's arguments: the ``args`` of an application in a Serve YAML, and its API keys
+(an environment variable or a YAML file with names and per-key limits: only SHA-256 digests of the
+keys leave the builder, as the ingress replicas' arguments; logs and metrics name a key by its name,
+from the file or ``key-`` + the first 8 hex digits of its digest, never the key).
 
 Validated once, at build time (``serve run``/``serve deploy``/``janus-pipeline serve``), with unknown
 keys rejected: a typo in a limit must not silently fall back to a default on a public endpoint.
@@ -8,6 +11,10 @@ against its schema here too, so a bad config fails before any replica starts.
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,8 +119,52 @@ def _engine(options: type, engine: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(one_line(exc, f"{options.engine} options")) from None
 
 
+class LimitsSection(Section):
+    """What one API key may use (unset: no limit). Minutes are sliding windows (the last 60 s)."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    #: images made: a request with n=4, best_of=2 counts 8
+    images_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)  # chat: prompt + completion tokens
+    max_parallel_requests: int | None = Field(None, ge=1)
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in self.model_dump().values())
+
+
+class KeysSection(Section):
+    """Where the API keys come from. Any key configured: every ``/v1/*`` route needs one."""
+
+    env: str = Field("JANUS_API_KEYS", min_length=1)  # comma-separated keys in this variable
+    #: a YAML list, one entry per key: ``- sk-...`` or ``- {key: sk-..., name: alice, <limits>}``
+    file: str | None = None
+
+
+class ImageStoreSection(Section):
+    """Where ``response_format: url`` images are written (any fsspec URL) and for how long links last."""
+
+    url: str = Field(min_length=1)  # e.g. s3://bucket/janus-images/ or file:///srv/janus-images/
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)  # presigned s3:// links (S3's maximum: 7 days)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, url: str) -> str:
+        if "://" not in url:
+            raise ValueError(f"{url!r} is not a URL: use s3://bucket/prefix/ or file:///absolute/dir/")
+        return url
+
+
 class APISection(Section):
-    """The HTTP ingress: request limits, where images may come from, its own deployment options."""
+    """The HTTP ingress: request limits, where images may come from, keys and their limits, its own
+    deployment options."""
+
+    keys: KeysSection = Field(default_factory=KeysSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)  # every key's (a key file's entry overrides)
+    #: the shared counts must answer within this, or the request is refused with 503 (fail closed)
+    limits_timeout_s: float = Field(2.0, gt=0)
+    image_store: ImageStoreSection | None = None  # response_format: url needs one
 
     max_body_bytes: int = Field(16 * 2**20, ge=1024)  # checked before any JSON is parsed
     max_image_bytes: int = Field(16 * 2**20, ge=1)  # per image read from file:// or s3://
@@ -151,6 +202,73 @@ class APISection(Section):
         }
         check_deployment_options("api", options)
         return options
+
+
+# -- API keys: read where the application is built; only their digests reach the ingress ------------
+
+MIN_KEY_LENGTH = 16
+
+
+class KeyEntry(LimitsSection):
+    """One entry of a key file: the key, its name, and limits over ``api.limits``."""
+
+    key: str = Field(min_length=MIN_KEY_LENGTH)
+    name: str | None = Field(None, min_length=1)
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    digest: bytes
+    limits: LimitsSection
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def load_keys(api: APISection, environ: Mapping[str, str] = os.environ) -> list[Key]:
+    """Every configured key, with its name and limits; a bad entry is a ``ServeConfigError``."""
+    entries: list[Any] = [k.strip() for k in environ.get(api.keys.env, "").split(",") if k.strip()]
+    if api.keys.file:
+        entries += _file_entries(api.keys.file)
+    keys = [_key(entry, i, api) for i, entry in enumerate(entries)]
+    for what, values in (("key", [k.digest for k in keys]), ("name", [k.name for k in keys])):
+        if len(set(values)) < len(values):
+            raise ServeConfigError(f"api.keys: the same {what} is configured twice")
+    return keys
+
+
+def _file_entries(path: str) -> list[Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ServeConfigError(f"api.keys.file: cannot read {path}: {type(exc).__name__}") from None
+    if not isinstance(data, list):
+        raise ServeConfigError(
+            f"api.keys.file: {path} must be a YAML list (- <key> or - {{key: ..., name: ...}})"
+        )
+    return data
+
+
+def _key(entry: Any, index: int, api: APISection) -> Key:
+    fields = {"key": entry} if isinstance(entry, str) else entry
+    where = f"api.keys entry {index}"
+    if not isinstance(fields, dict):
+        raise ServeConfigError(f"{where}: a key string or a mapping with a 'key'")
+    try:
+        checked = KeyEntry.model_validate({**api.limits.model_dump(exclude_none=True), **fields})
+    except ValidationError as exc:  # the message names the field; the key itself is never shown
+        first = exc.errors(include_url=False)[0]
+        if first["loc"] and first["loc"][0] == "key":
+            raise ServeConfigError(
+                f"{where}: key must be a string of at least {MIN_KEY_LENGTH} characters"
+            ) from None
+        raise ServeConfigError(f"{where}: {one_line(exc).split(' (got')[0]}") from None
+    d = digest(checked.key)
+    limits = LimitsSection.model_validate(checked.model_dump(exclude={"key", "name"}))
+    return Key(checked.name or f"key-{d.hex()[:8]}", d, limits)
 
 
 class ServeArgs(Section):
@@ -203,6 +321,7 @@ def check_serve_config(path: str | Path) -> list[tuple[str, ServeArgs]]:
         raise ServeConfigError(f"{path}: no application with import_path {IMPORT_PATH}")
     for _, args in apps:
         args.api.deployment_options()
+        load_keys(args.api)  # a missing or bad key file fails here, before Ray starts
         for name, section in (("synthesis", args.synthesis), ("caption", args.caption)):
             if section is not None:
                 section.deployment_options(name)

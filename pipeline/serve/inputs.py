@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 
+from janus.models.image_processing_vlm import VLMImageProcessor
 from pipeline.images import ImageDecodeError, model_pixels
 
 from .errors import APIError, bad_request
@@ -184,8 +185,6 @@ def _data_url(url: str, param: str) -> bytes:
 def decode_for_model(data: bytes, param: str, max_pixels: int, processor: dict[str, Any]) -> np.ndarray:
     """Bytes -> uint8 [S, S, 3], exactly as the caption job's CPU stage does (``model_pixels``);
     ``processor``: the model's preprocessor config, as its deployment reports it."""
-    from janus.models.image_processing_vlm import VLMImageProcessor
-
     try:
         pixels, _ = model_pixels(data, VLMImageProcessor.from_dict(processor), max_pixels)
     except ImageDecodeError as exc:

@@ -1,189 +1,54 @@
 """A model deployment: the batch jobs' own actor class (``Synthesizer`` or ``Captioner``) behind a
 continuous-batching scheduler (``janus.engine.scheduler``) stepped by a thread inside the replica, so
 requests join the running batch at the next decode step and tokens stream as they are made.
-``mode: batch`` keeps the older ``@serve.batch`` path (requests that arrive together share one
-``actor.generate`` call), for comparison."""
+``mode: batch`` keeps the ``@serve.batch`` path (requests that arrive together share one
+``actor.generate`` call), for comparison. Answers leave as ``backend.Answer`` (plain data)."""
 
 from __future__ import annotations
 
 import asyncio
-import math
-import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from ray import serve
 
+from janus.engine.detokenize import IncrementalText
 from janus.engine.health import fatal_device_error
-from janus.engine.status import DEVICE_LOST
+from janus.engine.stats import ServingStats
+from janus.engine.status import DEVICE_LOST, ERROR
 from pipeline.model_ref import load_class
 
+from .backend import Answer
+from .metrics import ReplicaMetrics
+from .relay import TokenRelay, first_token_parts, text_deltas, ticket_result
+
 if TYPE_CHECKING:  # the engine and scheduler load in the replica: the ingress imports this module too
-    from janus.engine.scheduler import BackgroundScheduler, Ticket
+    from janus.engine.scheduler import BackgroundScheduler
+    from janus.engine.ticket import Ticket
+
+#: a partial image's rows not drawn yet (mid-grey): the rows drawn so far are decoded, the rest left blank
+BLANK = 128
 
 
-class IncrementalText:
-    """Text deltas from tokens as they come: whole characters only (a byte-level BPE token may end in
-    the middle of one), and the deltas (with ``finish()``) concatenate to exactly the whole decode.
-
-    A call decodes a short window, not the whole answer: the new tokens plus those of the text sent
-    before them (the context that decides a leading space), so the 1000th token costs what the
-    first did."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.prefix = 0  # windows start here: the tokens of the text sent before the last one
-        self.read = 0  # the tokens before this are sent
-
-    def add(self, *tokens: int) -> str:
-        """The text that ``tokens`` complete ('' while a character is still cut)."""
-        self.tokens.extend(tokens)
-        before, after = self._window()
-        if len(after) <= len(before) or after.endswith("\ufffd") or not after.startswith(before):
-            return ""
-        self.prefix, self.read = self.read, len(self.tokens)
-        return after[len(before) :]
-
-    def finish(self) -> str:
-        """The text not sent yet, once no token follows: an answer that stops inside a character ends
-        in what its whole decode ends in (replacement characters)."""
-        before, after = self._window()
-        self.prefix = self.read = len(self.tokens)
-        return after[len(before) :] if after.startswith(before) else ""
-
-    def _window(self) -> tuple[str, str]:
-        decode = self.tokenizer.decode
-        return (
-            decode(self.tokens[self.prefix : self.read], skip_special_tokens=True),
-            decode(self.tokens[self.prefix :], skip_special_tokens=True),
-        )
+def partial_thresholds(image_tokens: int, partial_images: int) -> list[int]:
+    """After how many codes each of ``partial_images`` pictures is drawn: evenly spread, none at the end."""
+    return [image_tokens * (i + 1) // (partial_images + 1) for i in range(partial_images)]
 
 
-class TokenStream:
-    """One request's tokens on their way from the scheduler's thread to the replica's event loop
-    (``TokenRelay``); ``None`` ends them."""
+def partial_image(engine: Any, codes: list[int]) -> np.ndarray:
+    """The picture so far: the grid's whole rows among ``codes`` (raster order) decoded, the rest
+    blank (the VQ decoder is convolutional: a grid of k rows decodes to the image's top k rows)."""
+    import torch
 
-    def __init__(self, relay: TokenRelay):
-        self._relay = relay
-        self._items: deque[int | None] = deque()
-        self._event = asyncio.Event()
-        self._listed = False  # in the relay's list of streams with tokens the loop was not woken for
-        self._woken_at = -math.inf  # when the loop was last woken for this stream
-        self._ended = False
-        #: handed on every step until the first text is out (a first token can be half a character)
-        self.eager = True
-        self.first_taken_at: float | None = None  # when the loop first took tokens of this stream
-
-    async def take(self) -> list[int | None]:
-        """Every token handed on since the last call (waits for at least one)."""
-        while True:
-            with self._relay.lock:
-                items = list(self._items)
-                self._items.clear()
-            if items:
-                if self.first_taken_at is None:
-                    self.first_taken_at = time.perf_counter()
-                return items
-            self._event.clear()
-            await self._event.wait()
-
-    def _due(self, now: float, interval_s: float) -> bool:
-        return self._ended or self.eager or now - self._woken_at >= interval_s
-
-
-class TokenRelay:
-    """Tokens from the scheduler's thread to the replica's event loop. The thread appends each token
-    (``push``); after each round of tokens (``Scheduler.on_tokens``: a prefill's first tokens, a decode
-    step's) it calls ``flush``, which wakes the loop once for all the streams that
-    are due: a stream's tokens at once until its first text is out, later ones at most every
-    ``interval_s`` (together), its end at once (a request can end outside a step). Waking the loop
-    per token per request had the loop's Python (resuming each stream, decoding its text) take the
-    GIL from the decoding thread ~1000 times a second: ~20% off a CPU replica's decoding with 8 rows
-    of 1 ms steps (~5% left)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float = 0.0):
-        self.loop = loop
-        self.interval_s = interval_s
-        self.lock = threading.Lock()
-        self._listed: list[TokenStream] = []
-
-    def stream(self) -> TokenStream:
-        return TokenStream(self)
-
-    def push(self, stream: TokenStream, token: int | None) -> None:
-        """Any thread; ``None`` ends the stream (and is handed on at once)."""
-        with self.lock:
-            stream._items.append(token)
-            stream._ended = stream._ended or token is None
-            if not stream._listed:
-                stream._listed = True
-                self._listed.append(stream)
-        if token is None:
-            self.flush()
-
-    def flush(self) -> None:
-        """Any thread: wake the loop for the streams that are due (no wake-up when none is)."""
-        now = time.perf_counter()
-        ready: list[TokenStream] = []
-        with self.lock:
-            waiting = []
-            for s in self._listed:
-                (ready if s._due(now, self.interval_s) else waiting).append(s)
-            if not ready:
-                return
-            self._listed = waiting
-            for s in ready:
-                s._listed, s._woken_at = False, now
-        self.loop.call_soon_threadsafe(_wake, ready)
-
-
-def _wake(streams: list[TokenStream]) -> None:
-    for stream in streams:
-        stream._event.set()
-
-
-async def text_deltas(stream: TokenStream, text: IncrementalText, per_token: bool = False) -> AsyncIterator[str]:
-    """The text of ``stream``'s tokens, as the relay hands them on (``None`` ends them): one delta for
-    the tokens of each hand-over, or with ``per_token`` one for each token's text."""
-    ended = False
-    while not ended:
-        tokens = await stream.take()
-        ended = tokens[-1] is None
-        tokens = [t for t in tokens if t is not None]
-        deltas = [text.add(t) for t in tokens] if per_token else [text.add(*tokens)]
-        if ended:
-            deltas.append(text.finish())
-        for delta in deltas if per_token else ["".join(deltas)]:
-            if delta:
-                stream.eager = False
-                yield delta
-
-
-def _first_token_parts(arrived: float, ticket: Ticket, stream: TokenStream, sent: float) -> tuple[float, ...]:
-    """A streamed request's time to first text in the replica, in parts (see ``first_token_parts``)."""
-    admitted = ticket.admitted_at or ticket.submitted_at
-    made = ticket.first_token_at or sent
-    taken = stream.first_taken_at or sent
-    return (ticket.submitted_at - arrived, admitted - ticket.submitted_at, made - admitted, taken - made, sent - taken)
-
-
-async def _result(ticket: Ticket) -> Any:
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
-    ticket.add_done_callback(lambda t: loop.call_soon_threadsafe(_settle, done, t.result))
-    try:
-        return await done
-    except asyncio.CancelledError:  # the caller went away: free the request's slots
-        ticket.cancel()
-        raise
-
-
-def _settle(future: asyncio.Future, value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
+    side, grid = engine.image_size, engine.grid
+    image = np.full((side, side, 3), BLANK, dtype=np.uint8)
+    rows = len(codes) // grid
+    if rows:
+        top = torch.tensor([codes[: rows * grid]], dtype=torch.long, device=engine.device)
+        image[: rows * side // grid] = engine.decode_images(top)[0]
+    return image
 
 
 @serve.deployment
@@ -207,27 +72,26 @@ class ModelServer:
         self.synthesis = isinstance(self.actor.engine, SynthesisEngine)
         self.mode = batching.get("mode", "scheduler")
         self.loop: BackgroundScheduler | None = None
-        self.relay: TokenRelay | None = None  # streamed tokens -> the event loop, made at the first stream
+        self.serving_stats = ServingStats()
         if self.mode == "scheduler":
             rows = 2 if self.synthesis else 1
             scheduler = Scheduler(
                 self.actor.engine, slots=batching["max_batch_size"] * rows, max_len=batching.get("max_len")
             )
+            self.serving_stats = scheduler.stats
             self.loop = BackgroundScheduler(scheduler)
         else:
             self.run_batch.set_max_batch_size(batching["max_batch_size"])
             self.run_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
         self.stream_interval_s = batching["stream_interval_s"]
-        self.requests = 0
         self.largest_batch = 0
-        #: seconds from a streamed request's arrival at this replica to its first text, the latest
-        #: 10,000: the scheduler's share of time to first token, without HTTP and the ingress
-        self.first_token_s: deque[float] = deque(maxlen=10_000)
-        #: the same, in parts (seconds): arrival -> queued, queued -> taken for prefill, taken -> first
-        #: token made (prepare + prefill), made -> with the event loop (hand-over), with the loop -> its
-        #: first text sent (a token that ends inside a character, or a special one, has no text yet).
-        #: The first four add up to the time to first token
-        self.first_token_parts: deque[tuple[float, ...]] = deque(maxlen=10_000)
+        # Serve runs the constructor on the replica's event loop, which runs the requests too
+        event_loop = asyncio.get_running_loop()
+        self.relay = TokenRelay(event_loop, self.stream_interval_s)
+        if self.loop is not None:
+            self.loop.scheduler.on_tokens = self.relay.flush
+        if self.loop is not None:
+            self._sampler = event_loop.create_task(self._sample_rows(ReplicaMetrics(self.actor.model_name)))
         #: finished requests waiting to be read back (scored): those that finish while a read runs
         #: are read together in the next one, as one model batch
         self._to_read: list[tuple[tuple[list[Any], Any, list[Any]], asyncio.Future]] = []
@@ -241,26 +105,40 @@ class ModelServer:
         if broken:
             raise RuntimeError(broken)
 
-    async def generate(self, request: dict[str, Any]) -> Any:
-        """One request -> its SynthesisResult / CaptionResult (sharing the device with its neighbours)."""
+    async def generate(self, request: dict[str, Any]) -> Answer:
+        """One request -> its answer (sharing the device with its neighbours)."""
         if self.loop is None:
             return await self.run_batch(request)
-        self.requests += 1
+        self.serving_stats.requests += 1
+        return await self._run(request)
+
+    async def _run(self, request: dict[str, Any], on_token: Any = None) -> Answer:
+        """Submit a request's engine requests (best-of-k: its candidates; ``on_token`` streams the first
+        one's tokens), wait for them, read them back (score) if the actor does, and answer."""
         engine_requests, plan = self.actor.expand([request])
-        tickets = [self.loop.submit(r) for r in engine_requests]
+        tickets = [
+            self.loop.submit(r, on_token=on_token if i == 0 else None) for i, r in enumerate(engine_requests)
+        ]
+        if on_token is not None:
+            tickets[0].add_done_callback(lambda t: on_token(None))
         try:
-            results = await asyncio.gather(*(_result(t) for t in tickets))
+            results = await asyncio.gather(*(ticket_result(t) for t in tickets))
         finally:
-            for t in tickets:
-                if not t.done:
-                    t.cancel()
-        if plan is None:
-            return results[0]
-        done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._to_read.append(((engine_requests, plan, results), done))
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read_finished())
-        return (await done)[0]
+            self._cancel([t for t in tickets if not t.done])
+        if plan is not None:
+            done: asyncio.Future = asyncio.get_running_loop().create_future()
+            self._to_read.append(((engine_requests, plan, results), done))
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._read_finished())
+            results = await done
+        return self._answer(results[0], tickets[0].prompt_tokens or 0, len(engine_requests))
+
+    def _answer(self, result: Any, prompt_tokens: int, candidates: int) -> Answer:
+        if not self.synthesis:
+            return Answer.of(result)
+        return Answer.of(
+            result, prompt_tokens=prompt_tokens, num_tokens=self.actor.engine.image_tokens * candidates
+        )
 
     async def _read_finished(self) -> None:
         """One reader per replica (the engines are not thread-safe): it takes every finished request
@@ -282,21 +160,16 @@ class ModelServer:
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """A caption / chat request's text as it is decoded: ``{"delta": str}`` items, then
-        ``{"result": CaptionResult}``. Cancelled (the client left) -> its slot is freed next step.
+        ``{"result": Answer}``. Cancelled (the client left) -> its rows are freed next step.
 
         The first tokens are handed on the moment they are decoded; after them, the tokens decoded
         meanwhile at most every ``stream_interval_s``, as one delta (``TokenRelay``): each item is a
         message through Ray to the ingress, and one per token (a CPU decode step is ~2 ms) cost the
         chat route its tail latency under load."""
-        if self.loop is None:
-            raise RuntimeError("streaming needs batching.mode: scheduler")
-        self.requests += 1
+        self._check_streaming()
+        self.serving_stats.requests += 1
         t0 = time.perf_counter()
-        if self.relay is None:  # made here: the replica's event loop runs the requests
-            self.relay = TokenRelay(asyncio.get_running_loop(), self.stream_interval_s)
-            self.loop.scheduler.on_tokens = self.relay.flush
-        relay = self.relay
-        tokens = relay.stream()
+        relay, tokens = self.relay, self.relay.stream()
         request = self.actor.expand([request])[0][0]
         ticket = self.loop.submit(request, on_token=lambda t: relay.push(tokens, t))
         ticket.add_done_callback(lambda t: relay.push(tokens, None))
@@ -304,29 +177,85 @@ class ModelServer:
         try:
             async for delta in text_deltas(tokens, text, per_token=self.stream_interval_s <= 0):
                 if t0:  # the first text of this request
-                    now = time.perf_counter()
-                    self.first_token_s.append(now - t0)
-                    self.first_token_parts.append(_first_token_parts(t0, ticket, tokens, now))
+                    self.serving_stats.first_text(first_token_parts(t0, ticket, tokens, time.perf_counter()))
                     t0 = 0.0
                 yield {"delta": delta}
-            yield {"result": ticket.result}
+            yield {"result": self._answer(ticket.result, 0, 1)}
         finally:
-            if not ticket.done:
-                ticket.cancel()
+            self._cancel([ticket] if not ticket.done else [])
+
+    async def stream_image(
+        self, request: dict[str, Any], partial_images: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One image request: ``{"partial": uint8 [H, W, 3], "index": i}`` for each of ``partial_images``
+        pictures of the grid so far (the first candidate's, evenly spread over its codes), then
+        ``{"result": Answer}``. Cancelled (the client left) -> its rows are freed next step."""
+        self._check_streaming()
+        self.serving_stats.requests += 1
+        relay, tokens = self.relay, self.relay.stream()
+        tokens.eager = False  # codes are handed on at the stream interval, not every step
+        on_token = (lambda t: relay.push(tokens, t)) if partial_images else None
+        answer = asyncio.ensure_future(self._run(request, on_token=on_token))
+        engine = self.actor.engine
+        try:
+            codes: list[int] = []
+            due = partial_thresholds(engine.image_tokens, partial_images)
+            while due:
+                taken = await tokens.take()
+                codes += [t for t in taken if t is not None]
+                if taken[-1] is None:
+                    break
+                if len(codes) >= due[0]:
+                    index = partial_images - len(due)
+                    while due and len(codes) >= due[0]:
+                        due.pop(0)
+                    picture = await asyncio.to_thread(partial_image, engine, codes)
+                    yield {"partial": picture, "index": index}
+            yield {"result": await answer}
+        finally:
+            answer.cancel()
+
+    def _cancel(self, tickets: list[Ticket]) -> None:
+        """The caller went away: the scheduler frees these requests' rows at its next step."""
+        for ticket in tickets:
+            ticket.cancel()
+        self.serving_stats.cancelled += len(tickets)
+
+    def _check_streaming(self) -> None:
+        if self.loop is None:
+            raise RuntimeError("streaming needs batching.mode: scheduler")
+
+    async def _sample_rows(self, metrics: ReplicaMetrics) -> None:
+        """The scheduler's running and queued requests, as gauges, every second."""
+        scheduler = self.loop.scheduler
+        while True:
+            metrics.rows(len(scheduler.running), len(scheduler.waiting))
+            await asyncio.sleep(1.0)
 
     @serve.batch
-    async def run_batch(self, requests: list[dict[str, Any]]) -> list[Any]:
-        self.requests += len(requests)
+    async def run_batch(self, requests: list[dict[str, Any]]) -> list[Answer]:
+        self.serving_stats.requests += len(requests)
         self.largest_batch = max(self.largest_batch, len(requests))
         # in a thread: the replica keeps accepting requests (the next batch forms meanwhile)
+        return await asyncio.to_thread(self._generate_batch, requests)
+
+    def _generate_batch(self, requests: list[dict[str, Any]]) -> list[Answer]:
         if self.device_error is None:
             try:
-                return await asyncio.to_thread(self.actor.generate, requests)
+                results = self.actor.generate(requests)
             except Exception as exc:
                 if not (broken := fatal_device_error(exc)):
                     raise
                 self.device_error = f"the device of this replica broke ({broken}); retry"
-        return [self.actor.engine.result_type.failed(DEVICE_LOST, self.device_error) for _ in requests]
+        if self.device_error is not None:
+            return [Answer(status=ERROR, code=DEVICE_LOST, error=self.device_error) for _ in requests]
+        if not self.synthesis:
+            return [Answer.of(r) for r in results]
+        engine = self.actor.engine
+        return [
+            self._answer(r, len(engine.prompt_ids(q["prompt"])), q.get("best_of", 1))
+            for q, r in zip(requests, results, strict=True)
+        ]
 
     def info(self) -> dict[str, Any]:
         """What the ingress needs to validate requests for this model; answers once it is loaded."""
@@ -336,6 +265,7 @@ class ModelServer:
                 "model": self.actor.model_name,
                 "image_size": engine.image_size,
                 "scores": self.actor.quality.score,
+                "streaming": self.loop is not None,
             }
         return {
             "model": self.actor.model_name,
@@ -346,22 +276,14 @@ class ModelServer:
         }
 
     def stats(self) -> dict[str, Any]:
-        """This replica's id and counters: requests served, model calls or steps made."""
+        """This replica's id and counters (``ServingStats``), model calls or steps made, and the
+        requests running and queued now."""
+        scheduler = self.loop.scheduler if self.loop is not None else None
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
-            "requests": self.requests,
-            "model_calls": self.actor.calls if self.loop is None else self.loop.scheduler.steps,
-            "largest_batch": self.largest_batch if self.loop is None else self.loop.scheduler.peak_running,
-            "first_token_s": list(self.first_token_s),
-            "first_token_parts": list(self.first_token_parts),
-            **(
-                {  # the latest rounds (up to 10,000 each) and how many were made in all
-                    "prefill_rounds": list(self.loop.scheduler.prefill_rounds),
-                    "prefills": self.loop.scheduler.prefills,
-                    "decode_rounds": list(self.loop.scheduler.decode_rounds),
-                    "steps": self.loop.scheduler.steps,
-                }
-                if self.loop is not None
-                else {}
-            ),
+            **self.serving_stats.snapshot(),
+            "model_calls": self.actor.calls if scheduler is None else scheduler.steps,
+            "largest_batch": self.largest_batch if scheduler is None else scheduler.peak_running,
+            "running": len(scheduler.running) if scheduler else 0,
+            "queued": len(scheduler.waiting) if scheduler else 0,
         }

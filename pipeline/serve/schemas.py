@@ -79,7 +79,9 @@ class ImageGenerationRequest(_Body):
     model: str | None = None  # None: the served synthesis model
     n: int = Field(1, ge=1)
     size: str | None = None  # None / "auto": the model's size (384x384 for Janus-Pro)
-    response_format: Literal["b64_json", "url"] | None = None
+    response_format: Literal["b64_json", "url"] | None = None  # url: needs the server's api.image_store
+    stream: bool = False  # server-sent image_generation.* events (n=1)
+    partial_images: int | None = Field(None, ge=0, le=3)  # streamed pictures of the grid so far, before the image
     # extensions, passed to the engine exactly as the batch job passes them
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # None: a random seed (returned per image)
     cfg_weight: float = Field(DEFAULT_CFG_WEIGHT, ge=1)

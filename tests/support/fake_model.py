@@ -5,36 +5,13 @@ stream slowly. Loading can be held back until ``load()`` is called, to see the A
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-# the engines' error codes (janus.engine.common), written out: this stand-in must not import torch
-INVALID_REQUEST, OUT_OF_MEMORY, INTERNAL = "invalid_request", "out_of_memory", "internal_error"
-
-
-@dataclass
-class FakeResult:
-    """What the ingress reads of a SynthesisResult / CaptionResult."""
-
-    status: str = "ok"
-    error: str | None = None
-    code: str | None = None
-    image: Any = None
-    score: float | None = None
-    scores: list[float] | None = None
-    candidate: int | None = None
-    text: str | None = None
-    num_tokens: int = 0
-    prompt_tokens: int = 0
-    finish_reason: str | None = None
-    timings: dict = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
+from janus.engine.status import INTERNAL, INVALID_REQUEST, OUT_OF_MEMORY
+from pipeline.serve.backend import Answer
 
 
 def _text(request: dict[str, Any]) -> str:
@@ -67,13 +44,13 @@ class FakeModel:
             "streaming": True,
         }
 
-    def _result(self, text: str, ok: dict[str, Any]) -> FakeResult:
+    def _result(self, text: str, ok: dict[str, Any]) -> Answer:
         for word, code in (("oom", OUT_OF_MEMORY), ("internal", INTERNAL), ("invalid", INVALID_REQUEST)):
             if word in text:
-                return FakeResult(status="error", error=f"fake {word}", code=code)
+                return Answer(status="error", error=f"fake {word}", code=code)
         if "crash" in text:
             raise RuntimeError("the fake model crashed on this request")
-        return FakeResult(**ok)
+        return Answer(**ok)
 
     async def generate(self, request: dict[str, Any]) -> Any:
         text = _text(request)
