@@ -39,6 +39,8 @@ class Answer:
     score: float | None = None  # self-verification score of the image
     scores: list[float] | None = None  # best-of-k: every candidate's score
     candidate: int | None = None  # best-of-k: which candidate won
+    decode_passes: int | None = None  # forward passes the image took (speculative decoding takes fewer)
+    decode_method: str | None = None  # "off", "jacobi" or "coupled"
 
     @property
     def ok(self) -> bool:

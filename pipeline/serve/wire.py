@@ -156,8 +156,12 @@ async def replica_items(first: dict[str, Any], rest: Any) -> AsyncIterator[dict[
 
 
 def quality_fields(answer: Answer) -> dict[str, Any]:
-    """Extension fields of one image: its self-verification score; with best_of, every candidate's."""
+    """Extension fields of one image: how it was decoded (forward passes, method), its
+    self-verification score; with best_of, every candidate's."""
     out: dict[str, Any] = {}
+    if answer.decode_passes is not None:
+        out["decode_passes"] = answer.decode_passes
+        out["decode_method"] = answer.decode_method
     if answer.score is not None:
         out["score"] = round(answer.score, 6)
     if answer.scores is not None and len(answer.scores) > 1:
