@@ -146,27 +146,7 @@ def load_janus_model(
     with torch.device("meta"):
         model = model_cls(config)
     expected = model.state_dict()
-
-    state: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    mismatched: list[str] = []
-    for name, tensor, path in iter_checkpoint_tensors(files):
-        ref = expected.get(name)
-        if ref is None:
-            unexpected.append(f"{name} (in {path.name})")
-            continue
-        if tuple(tensor.shape) != tuple(ref.shape):
-            mismatched.append(
-                f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(ref.shape)} ({path.name})"
-            )
-            continue
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype=target_dtype)
-        state[name] = tensor.to(target_device)
-    missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in mismatched})
-    if missing or unexpected or mismatched:
-        raise CheckpointError(_key_report(directory, missing, unexpected, mismatched))
-
+    state = _checked_state(directory, files, expected, target_dtype, target_device)
     model.load_state_dict(state, strict=True, assign=True)
     del state
     _materialise_non_persistent_buffers(model, target_device)
@@ -181,6 +161,33 @@ def load_janus_model(
         time.perf_counter() - t0,
     )
     return model
+
+
+def _checked_state(
+    directory: Path, files: list[Path], expected: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors in ``dtype`` on ``device``, every key and shape equal to the model's
+    (``expected``); anything else is one ``CheckpointError`` that lists what is missing, extra or off."""
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for name, tensor, path in iter_checkpoint_tensors(files):
+        ref = expected.get(name)
+        if ref is None:
+            unexpected.append(f"{name} (in {path.name})")
+            continue
+        if tuple(tensor.shape) != tuple(ref.shape):
+            mismatched.append(
+                f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(ref.shape)} ({path.name})"
+            )
+            continue
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype=dtype)
+        state[name] = tensor.to(device)
+    missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in mismatched})
+    if missing or unexpected or mismatched:
+        raise CheckpointError(_key_report(directory, missing, unexpected, mismatched))
+    return state
 
 
 def _materialise_non_persistent_buffers(model: torch.nn.Module, device: torch.device) -> None:
