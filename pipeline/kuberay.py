@@ -61,6 +61,7 @@ class ClusterOptions:
     s3_secret: str = "janus-s3"  # optional: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...
     hf_secret: str = "janus-hf-token"  # optional: key "token"
     ray_token_secret: str = "janus-ray-token"  # Ray's token authentication: key "auth_token"
+    api_keys_secret: str = "janus-api-keys"  # Serve's API keys (api.keys.env), comma-separated: key "keys"
 
 
 def weight_gib(model_path: str) -> float:
@@ -311,6 +312,16 @@ def rayservice(serve_path: str, apps: list[tuple[str, Any]], opts: ClusterOption
     env = _env(
         [a.model.path for _, args in apps for a in (args.synthesis, args.caption) if a is not None], opts
     )
+    for _, args in apps:
+        if args.api.keys.file:
+            raise DeployError(
+                "api.keys.file is a path on the replica's machine: for a RayService use api.keys.env and "
+                f"the Secret {opts.api_keys_secret} (key 'keys', comma-separated)"
+            )
+    for name in sorted({args.api.keys.env for _, args in apps}):
+        # optional: without the Secret the API is open (as with no keys locally), and says so at start
+        ref = {"name": opts.api_keys_secret, "key": "keys", "optional": True}
+        env[0].append({"name": name, "valueFrom": {"secretKeyRef": ref}})
     per_pod = opts.gpus_per_pod
     bounds = (math.ceil(needs["gpus"][0] / per_pod), math.ceil(needs["gpus"][1] / per_pod))
     replicas = math.ceil(per_pod / needs["gpus_per_replica"])  # the most that can share a pod

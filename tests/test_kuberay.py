@@ -192,6 +192,10 @@ def test_the_rayservice_runs_serve_prod_as_it_is_on_a_cluster_sized_for_it():
     for bound, replicas in (("minReplicas", "min_replicas"), ("maxReplicas", "max_replicas")):
         need = api["autoscaling_config"][replicas] * api["ray_actor_options"]["num_cpus"]
         assert groups["cpu"][bound] == math.ceil(need / cpu)
+    keys_env = args["api"]["keys"]["env"]  # the API keys reach every pod from their Secret
+    for template in pod_templates(service):
+        env = {v["name"]: v for v in template["spec"]["containers"][0]["env"]}
+        assert env[keys_env]["valueFrom"]["secretKeyRef"]["name"] == "janus-api-keys"
 
 
 @pytest.mark.parametrize("name", sorted(MANIFESTS))
