@@ -4,14 +4,16 @@
                                     [--requests 256] [--concurrency 32] [--max-seconds 120]
                                     [--url http://127.0.0.1:8000] [--out benchmarks/results/x.json]
     python -m benchmarks.load_serve --open-loop --route chat --modes batch scheduler [--loads 0.25 0.5 0.75]
+    python -m benchmarks.load_serve --open-loop --route images --modes scheduler coupled --loads 0.1 0.5
 
 Closed loop (default): a fixed concurrency. Without ``--url`` it starts its own local Ray and Serve (the
 config's first application) on a free 127.0.0.1 port and also reports the models' batching. With
 ``--url`` it loads a server that is already running, on loopback only. The run is bounded twice: at
 most ``--requests`` requests, and no new request after ``--max-seconds``.
 
-Open loop (``--open-loop``): for each batching mode (``@serve.batch`` and the scheduler; same model,
-replicas and machine, one after the other in one run), first the saturation throughput (closed loop at
+Open loop (``--open-loop``): for each batching mode (``@serve.batch``, the scheduler, and for images the
+scheduler with speculative decoding, ``jacobi`` / ``coupled``; same model, replicas and machine, one
+after the other in one run), first the saturation throughput (closed loop at
 ``--concurrency``), then Poisson arrivals at ``--loads`` fractions of it: p50/p95/p99 end-to-end latency,
 throughput, and for chat the time to first token (requests stream) with the replica's share in parts
 and the same run's prefill + 2 decode steps. ``--alone N`` adds the floor: the first N requests one at
@@ -43,6 +45,7 @@ from benchmarks.machine import cpu
 from janus.utils.cli import OneLineParser
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+SPECULATIVE = ("jacobi", "coupled")
 
 
 def _png_data_url(side: int = 256) -> str:
@@ -167,6 +170,12 @@ def _server_config(args: argparse.Namespace, mode: str | None) -> str:
     data, route = _route_config(args)
     app_args = data["applications"][0]["args"]
     app_args["synthesis" if args.route == "chat" else "caption"] = None
+    if mode in SPECULATIVE:  # the scheduler, its image requests decoded speculatively
+        spec = {"method": mode, "window": args.window}
+        if args.max_rows:
+            spec["max_rows"] = args.max_rows
+        route.setdefault("engine", {})["speculative"] = spec
+        mode = "scheduler"
     if mode is not None:
         route.setdefault("batching", {})["mode"] = mode
     if args.model_path:
@@ -380,7 +389,7 @@ def _plot(report: dict[str, Any], path: str) -> None:
         r["latency_s"][q] for mode in report["modes"].values() for r in mode["open_loop"] for q in ("p50", "p95")
     ] + alone
     top = max(points) * 1.1 or 1.0
-    colours = {"batch": (220, 30, 30), "scheduler": (30, 70, 220)}
+    colours = {"batch": (220, 30, 30), "scheduler": (30, 70, 220), "coupled": (30, 150, 60), "jacobi": (150, 90, 20)}
     for i, (mode, data) in enumerate(report["modes"].items()):
         for q, width in (("p50", 3), ("p95", 1)):
             xy = [
@@ -490,7 +499,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--open-loop", action="store_true", help="Poisson arrivals at fractions of saturation"
     )
-    parser.add_argument("--modes", nargs="+", default=["batch", "scheduler"], choices=("batch", "scheduler"))
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["batch", "scheduler"],
+        choices=("batch", "scheduler", *SPECULATIVE),
+        help="batching modes to compare; jacobi / coupled: the scheduler with speculative decoding of images",
+    )
+    parser.add_argument("--window", type=int, default=16, help="speculative modes: codes fed per pass")
+    parser.add_argument("--max-rows", type=int, help="speculative modes: the policy's max_rows (default: any)")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument(
         "--alone",
