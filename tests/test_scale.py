@@ -214,6 +214,37 @@ def test_losing_a_worker_node_mid_job(cluster, model_dir, gate, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
+def test_two_node_losses_during_the_same_rows_make_no_error_row(cluster, gate, tmp_path):
+    """A batch is lost with its node, and its row-by-row retry is lost with another node while one of
+    its rows runs alone. Blaming every row in flight made that healthy row a permanent error row
+    ("crashed the model actor repeatedly"); node losses alone must never make one."""
+    (first,) = cluster.workers(1, **NODE)
+    keys = write_prompts(tmp_path / "p.txt", 4)  # one batch
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    one_actor = ("compute.min_actors=1", "compute.max_actors=1", f"compute.resources={{{WORKER_RESOURCE}: 1}}")
+    overrides = settings("stand-in", str(tmp_path / "p.txt"), str(out), GATED, *one_actor)
+    gate.hold(from_call=0)  # every call waits until the gate opens
+    cli = start_cli("synthesize", overrides, cluster.driver_env(), log)
+    gate.wait_for_entry(lambda e: e.held and e.node_id == first.node_id, cli.ended)
+    second = cluster.add_worker(**NODE)
+    cluster.remove(first)  # the whole batch in flight
+    # the restarted actor retries the batch row by row: its first row is held at the gate, alone
+    gate.wait_for_entry(lambda e: e.held and e.node_id == second.node_id, cli.ended)
+    third = cluster.add_worker(**NODE)
+    cluster.remove(second)
+    gate.open()
+
+    summary = cli.finish(lambda: committed_shards(str(out)))
+    rows = output_rows(str(out))
+    assert_exactly_once(rows, keys)
+    assert [r["error"] for r in rows if r["status"] != "ok"] == [] and summary["total"]["ok"] == len(keys)
+    assert {node_of(r) for r in rows} == {third.node_id}
+    # the batch ran whole on the first node, then row by row on the second and on the third
+    assert [e.node_id for e in gate.entries()][:2] == [first.node_id, second.node_id], gate.entries()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_a_node_added_mid_job_gets_actors_and_work(cluster, model_dir, gate, tmp_path):
     """An autoscaling pool (min 1, max 2) on one worker; a second worker joins mid-job; the pool grows
     onto it and it produces part of the output."""
