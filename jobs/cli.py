@@ -13,7 +13,7 @@ import logging
 import sys
 
 from janus.utils.cli import OneLineParser
-from jobs.outcome import EXIT_CODES, INCOMPLETE, NOTHING_RAN, verdict
+from jobs.outcome import EXIT_CODES, INCOMPLETE, NOTHING_RAN, summary_text, verdict
 
 PROG = "janus-pipeline"
 
@@ -121,8 +121,15 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     from ray.serve.scripts import cli as serve_cli
 
+    from pipeline.console import SERVE_SHUTDOWN_NOISE, DropLines
+
     argv = ["run", args.config, *(["--address", args.address] if args.address else [])]
-    return serve_cli.main(argv, prog_name="serve", standalone_mode=False) or 0
+    stdout, sys.stdout = sys.stdout, DropLines(sys.stdout, SERVE_SHUTDOWN_NOISE)
+    try:
+        return serve_cli.main(argv, prog_name="serve", standalone_mode=False) or 0
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
 
 
 def _storage_cause(exc: BaseException):
@@ -207,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("storage failed; rerun the same command to resume", storage, INCOMPLETE)
     code, why = verdict(summary, cfg.max_failed_fraction)
     if code != NOTHING_RAN:
-        print(json.dumps(summary, indent=2, default=str))
+        print(summary_text(summary))
     if why:
         print(f"{PROG}: {why}", file=sys.stderr)
     return code

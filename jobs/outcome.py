@@ -6,6 +6,7 @@ finished job runs nothing and reports what the output holds.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 DONE, INCOMPLETE, NOTHING_RAN, ROWS_FAILED = 0, 1, 2, 3
@@ -42,3 +43,9 @@ def verdict(summary: dict[str, Any], max_failed_fraction: float) -> tuple[int, s
             f"({counts}); the error column says why"
         )
     return DONE, None
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The summary as JSON with one top-level key a line: a screen's worth, and still one JSON value."""
+    items = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, default=str)}" for k, v in summary.items())
+    return "{\n" + items + "\n}"

@@ -19,6 +19,7 @@ import ray
 
 from .config import ConfigError, JobConfig
 from .connect import check_where_it_runs, connect
+from .console import quiet_ray_data
 from .crash_guard import CrashGuard, start_journal
 from .images import ImageDecodeError, model_pixels, phash
 from .model_ref import CAPTIONER, SYNTHESIZER, load_class, resolve_model_ref
@@ -281,6 +282,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     fmt, listing, schema, out = prepare(cfg)
     bound_stale_resource_requests()
     connect(cfg)
+    quiet_ray_data()
     removed = out.cleanup()
     if removed:
         logger.info("removed %d uncommitted leftovers of an earlier run", len(removed))

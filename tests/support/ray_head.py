@@ -23,14 +23,9 @@ from pathlib import Path
 
 from . import REPO
 from .local_cluster import LOOPBACK_ENV
+from .serving import free_port
 
 START_S = 300.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RayHead:
