@@ -378,7 +378,7 @@ def load_config(
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            node = node.setdefault(k, {}) if k != "job" else k  # the job's kind, never a section
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: {k} is not a section")
         node[keys[-1]] = value

@@ -95,6 +95,7 @@ BAD = [
     (None, ["compute.preprocess_cpus=2"], "synthesize", "compute.preprocess_cpus applies to caption jobs only"),
     ("job: caption\noutput: {contact_sheet: 8}\n", [], "caption", "output.contact_sheet applies to synthesize"),
     (None, ["ray.address=ray://127.0.0.1:10001"], "synthesize", "ray:// (Ray Client) cannot run a job"),
+    (None, ["job.max_failed_fraction=0.1"], "synthesize", "--set 'job.max_failed_fraction=0.1': job is not a section"),
     (None, ["max_failed_fraction=1.5"], "synthesize", "max_failed_fraction: Input should be less than or equal to 1"),
     (None, ["model.path=no/such-model"], "synthesize", "model.path: "),
     (None, ["input.url={here}/empty.txt"], "synthesize", "holds no prompts: its 1 file(s) are empty"),

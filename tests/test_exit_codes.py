@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from jobs.cli import main as cli_main
-from jobs.outcome import DONE, INCOMPLETE, NOTHING_RAN, ROWS_FAILED, verdict
+from jobs.outcome import DONE, INCOMPLETE, NOTHING_RAN, ROWS_FAILED, summary_text, verdict
 from tests.support import REPO
 from tests.support.jobs import cli_summary, job_overrides
 
@@ -41,6 +41,13 @@ def test_the_verdict_judges_the_whole_output():
     code, why = verdict(summary(ok=0, failed=0, job="caption"), 1.0)
     assert code == NOTHING_RAN and "holds no image" in why
     assert verdict(summary(ok=3, failed=0, duplicates=2), 1.0)[0] == INCOMPLETE
+
+
+def test_the_summary_prints_one_key_a_line_and_parses_back():
+    s = {**summary(ok=9, failed=1), "skipped_inputs": {"count": 0, "examples": []}, "contact_sheet": "out/x/c.png"}
+    text = summary_text(s)
+    assert cli_summary(f"ray's lines before it\n{text}\nand after it") == s
+    assert len(text.splitlines()) == len(s) + 2
 
 
 def test_help_lists_the_exit_codes():
