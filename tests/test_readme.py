@@ -21,8 +21,10 @@ from tests.support.readme import PYTHON, SHELL, SQL, TEXT, YAML, Block, Runner, 
 
 #: blocks that cannot run here, by a phrase each contains: why
 SKIP_BLOCKS = {
-    "deepseek-ai/Janus-Pro-7B": "downloads Janus-Pro-7B from the Hugging Face hub (tests have no hub) for a GPU",
+    "deepseek-ai/Janus-Pro-7B": "downloads Janus-Pro-7B from the Hugging Face hub (tests have no hub), for a GPU",
     "ray job submit": "needs a cluster's Jobs API; tests/test_cluster_entry.py submits the demo job to a local head",
+    "kubectl": "needs a Kubernetes cluster with KubeRay; tests/test_kuberay.py validates the manifests",
+    "docker build": "builds and pushes an image: needs Docker and a registry",
     "janus.shapes.train": "retrains the shapes model: ~115 min of 2 CPU cores",
 }
 #: shell commands that cannot run here, the rest of their block runs: why
