@@ -4,7 +4,7 @@
   began on this machine). ``ray.num_cpus`` / ``num_gpus`` size a Ray the job starts, not one it joins:
   given while attaching they are ignored with a warning that says so (the shipped demo configs set
   them, and run unchanged through ``ray job submit``).
-- Neither: a private local Ray for this job alone, even when another Ray runs on this machine (a job
+- Neither (or ``local``): a private local Ray for this job alone, even when another Ray runs on this machine (a job
   never joins a cluster by accident); the log names the running one and how to run there instead.
 - ``ray://`` (Ray Client) is refused before anything starts: the driver holds the output's committed
   keys and the crash journal, so it must run on the cluster; the Jobs API (``ray job submit``) is the
@@ -36,12 +36,10 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 def cluster_address(cfg: JobConfig) -> str | None:
     """The address the job attaches to, or None for a private local Ray; a ``ray://`` address in
     RAY_ADDRESS is a ``ConfigError`` (in ``ray.address`` the config refuses it already)."""
-    if cfg.ray.address:
-        return cfg.ray.address
-    address = os.environ.get("RAY_ADDRESS") or None
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith("ray://"):
         raise ConfigError(f"RAY_ADDRESS: {RAY_CLIENT_REFUSED}")
-    return address
+    return None if address == "local" else address  # Ray's own word for "start one here"
 
 
 def check_where_it_runs(cfg: JobConfig) -> None:

@@ -19,7 +19,7 @@ from pipeline.config import (
     engine_option_names,
     load_config,
 )
-from pipeline.connect import SUBMITTED_JOB_ENV
+from pipeline.connect import SUBMITTED_JOB_ENV, cluster_address
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,3 +165,12 @@ def test_ray_client_addresses_and_relative_outputs_of_submitted_jobs_are_refused
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "output.url: 'out/relative' is relative" in err
     assert cli_main(["synthesize", "--set", f"output.url={tmp_path}/out", "--dry-run"]) == 0
+
+
+def test_which_ray_a_job_runs_on(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(load_config()) is None  # a private local Ray
+    assert cluster_address(load_config(overrides=["ray.address=auto"])) == "auto"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cluster_address(load_config()) == "10.0.0.1:6379"
+    assert cluster_address(load_config(overrides=["ray.address=local"])) is None  # Ray's word for "start one"
