@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from janus.utils.cli import OneLineParser
@@ -121,8 +122,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     from ray.serve.scripts import cli as serve_cli
 
+    from pipeline.connect import ask_for_token_auth
     from pipeline.console import SERVE_SHUTDOWN_NOISE, DropLines
 
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        ask_for_token_auth()  # for the local Ray `serve run` starts: on, without Ray's warning
     argv = ["run", args.config, *(["--address", args.address] if args.address else [])]
     stdout, sys.stdout = sys.stdout, DropLines(sys.stdout, SERVE_SHUTDOWN_NOISE)
     try:

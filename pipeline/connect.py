@@ -13,9 +13,9 @@
   deletes: a relative output path there would be lost with it, so it is refused.
 
 Ray 2.60 turns token authentication on for a local Ray it starts and logs a WARNING saying so at every
-start. The private Ray asks for it explicitly (``RAY_AUTH_MODE=token`` unless set), which keeps it on
-without the warning; the token is Ray's own (``RAY_AUTH_TOKEN``, else ``~/.ray/auth_token``, made if
-missing).
+start. The private Ray (and the local one ``janus-pipeline serve`` starts) asks for it explicitly
+(``RAY_AUTH_MODE=token`` unless set), which keeps it on without the warning; the token is Ray's own
+(``RAY_AUTH_TOKEN``, else ``~/.ray/auth_token``, made if missing).
 """
 
 from __future__ import annotations
