@@ -4,8 +4,8 @@ Token authentication on (``RAY_AUTH_MODE=token``, with the test's own token in `
 dashboard (the Jobs API) on 127.0.0.1, every port picked free, a private temp dir (its
 ``ray_current_cluster`` file is where a plain ``ray.init()`` with ``RAY_TMPDIR`` set to it finds the
 head) and a private HOME, so nothing of the user's ``~/.ray`` is read or written. ``ray start --block``
-stays in the foreground: stopping it (SIGTERM) stops its processes, and whatever still names the temp
-dir afterwards is killed.
+stays in the foreground: stopping it (SIGTERM, and SIGKILL after 10 s) stops its processes, and
+whatever still names the temp dir afterwards is killed.
 """
 
 from __future__ import annotations
@@ -121,9 +121,9 @@ class RayHead:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)  # it stops its processes, gracefully: ~30 s
             try:
-                self.process.wait(timeout=60)
+                self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)
