@@ -59,12 +59,21 @@ def run_sql(runner: Runner, block: Block, monkeypatch) -> None:
         duckdb.connect().sql(statement).fetchall()
 
 
-def check_yaml(block: Block) -> None:
+def check_yaml(runner: Runner, block: Block, log) -> None:
+    """A Serve config, a Serve application's ``args`` (or part of them), or a job's config: validated
+    by the product's own checks, as ``serve`` and the jobs read them."""
     from pipeline.config import load_config
+    from pipeline.serve.config import ServeArgs, check_serve_config, parse_args
 
     data = yaml.safe_load(block.code)
-    assert "applications" not in data, f"{block.where()}: a Serve config in README: check it here"
-    load_config(overrides=[], job=data.get("job", "synthesize")).model_validate(data)
+    path = log.with_suffix(".yaml")
+    path.write_text(block.code)
+    if "applications" in data:
+        check_serve_config(path)
+    elif set(data) <= set(ServeArgs.model_fields):
+        parse_args(data)
+    else:
+        load_config(path, job=data.get("job", "synthesize"))
 
 
 def test_every_block_runs_or_says_why_not():
@@ -105,7 +114,7 @@ def test_every_readme_block_runs_as_written(tmp_path, monkeypatch):
             elif block.lang in SQL:
                 run_sql(runner, block, monkeypatch)
             else:
-                check_yaml(block)
+                check_yaml(runner, block, log)
             ran.append((block, log))
     finally:
         stopped = runner.stop_servers()
