@@ -1,8 +1,9 @@
 """No setting is accepted and ignored: every key of the config models is read by some code path.
 
 The test walks the pydantic models (the batch jobs' ``JobConfig`` and Serve's ``ServeArgs``) to their
-leaves and looks for each key's name among what the product's code reads: attributes, ``["key"]`` and
-``.get("key")`` look-ups, and parameter names (a section passed on as keyword arguments). The config
+leaves and looks for each key's name among what the product's code reads: attributes, names as
+strings (``["key"]``, ``.get("key")``, ``getattr(x, "key")``, tables of keys), and parameter names
+(a section passed on as keyword arguments). The config
 modules' own validators do not count: checking a value is not using it. A key that only one job reads
 is an error in the other job's config (``pipeline.config.JOB_ONLY``, tested in test_config.py).
 """
@@ -65,16 +66,16 @@ class Reads(ast.NodeVisitor):
             self.names.add(node.attr)
         self.generic_visit(node)
 
-    def visit_Subscript(self, node: ast.Subscript) -> None:
-        if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
-            self.names.add(node.slice.value)
-        self.generic_visit(node)
+    def visit_Constant(self, node: ast.Constant) -> None:
+        """A name as a string: ``["key"]``, ``.get("key")``, ``getattr(x, "key")``, a table of keys."""
+        if isinstance(node.value, str) and node.value.isidentifier():
+            self.names.add(node.value)
 
-    def visit_Call(self, node: ast.Call) -> None:
-        method = node.func.attr if isinstance(node.func, ast.Attribute) else None
-        if method in ("get", "pop", "setdefault") and node.args and isinstance(node.args[0], ast.Constant):
-            self.names.add(str(node.args[0].value))
-        self.generic_visit(node)
+    def visit_JoinedStr(self, node: ast.JoinedStr) -> None:
+        """Text in f-strings is a message, not a read; what they format is visited."""
+        for value in node.values:
+            if isinstance(value, ast.FormattedValue):
+                self.visit(value)
 
 
 def read_names() -> set[str]:
@@ -96,15 +97,18 @@ class S:
         return v.validated_only
 
     def use(self, options):
-        return self.read_here + options["by_key"] + options.get("by_get")
+        return self.read_here + options["by_key"] + options.get("by_get") + getattr(self, "by_getattr")
+
+    def fail(self, value):
+        raise ValueError(f"in_a_message {value.formatted}")
 
 def build(passed_on=1):
     pass
 """
     reads = Reads()
     reads.visit(ast.parse(code))
-    assert {"read_here", "by_key", "by_get", "passed_on"} <= reads.names
-    assert "validated_only" not in reads.names
+    assert {"read_here", "by_key", "by_get", "by_getattr", "passed_on", "formatted"} <= reads.names
+    assert not {"validated_only", "in_a_message"} & reads.names
 
 
 def test_every_config_key_is_read_by_some_code_path():
