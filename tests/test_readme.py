@@ -21,7 +21,7 @@ from tests.support.readme import PYTHON, SHELL, SQL, TEXT, YAML, Block, Runner, 
 
 #: blocks that cannot run here, by a phrase each contains: why
 SKIP_BLOCKS = {
-    "deepseek-ai/Janus-Pro-7B": "downloads Janus-Pro-7B from the Hugging Face hub (tests have no hub), for a GPU",
+    "deepseek-ai/Janus-Pro-7B": "Janus-Pro-7B from the Hugging Face hub: tests have no hub (and no GPU)",
     "ray job submit": "needs a cluster's Jobs API; tests/test_cluster_entry.py submits the demo job to a local head",
     "kubectl": "needs a Kubernetes cluster with KubeRay; tests/test_kuberay.py validates the manifests",
     "docker build": "builds and pushes an image: needs Docker and a registry",
@@ -60,15 +60,17 @@ def run_sql(runner: Runner, block: Block, monkeypatch) -> None:
 
 
 def check_yaml(runner: Runner, block: Block, log) -> None:
-    """A Serve config, a Serve application's ``args`` (or part of them), or a job's config: validated
-    by the product's own checks, as ``serve`` and the jobs read them."""
+    """A Serve config, a Serve application's ``args`` (or part of them), a Serve key file, or a job's
+    config: validated by the product's own checks, as ``serve`` and the jobs read them."""
     from pipeline.config import load_config
-    from pipeline.serve.config import ServeArgs, check_serve_config, parse_args
+    from pipeline.serve.config import APISection, ServeArgs, check_serve_config, load_keys, parse_args
 
     data = yaml.safe_load(block.code)
     path = log.with_suffix(".yaml")
     path.write_text(block.code)
-    if "applications" in data:
+    if isinstance(data, list):  # api.keys.file
+        assert load_keys(APISection.model_validate({"keys": {"file": str(path)}}), environ={}), block.where()
+    elif "applications" in data:
         check_serve_config(path)
     elif set(data) <= set(ServeArgs.model_fields):
         parse_args(data)
