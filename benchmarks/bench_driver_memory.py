@@ -28,6 +28,7 @@ from moto.server import ThreadedMotoServer
 
 from benchmarks.machine import cpu
 from janus.utils.cli import OneLineParser
+from jobs.outcome import ROWS_FAILED
 from tests.support.jobs import committed_shards, million_row_job, session_env, start_cli
 from tests.support.memory import MemoryWatch, streaming_finished_at
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         watch.start()
         cli.wait_for(lambda: committed_shards(out, s3) >= 1, "a first committed shard")
         first_shard = time.time()
-        summary = cli.finish(lambda: committed_shards(out, s3))
+        summary = cli.finish(lambda: committed_shards(out, s3), returncode=ROWS_FAILED)  # every row rejected
         watch.stop()
     finally:
         ray.shutdown()

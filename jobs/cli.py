@@ -1,7 +1,8 @@
 """``janus-pipeline``: the one command users run (batch jobs, and the online server).
 
-Exit codes: 0 done, 1 the job ran but did not complete (or storage failed mid-job), 2 nothing ran
-because the command, the configuration or the input URL is wrong (always one line on stderr).
+Exit codes (``jobs/outcome.py``, listed by ``--help``): 0 done, 1 the job ran but did not complete,
+2 nothing ran because the command, the configuration or the input is wrong (one line on stderr),
+3 the job completed but no row succeeded, or more of its rows failed than ``max_failed_fraction``.
 """
 
 from __future__ import annotations
@@ -9,21 +10,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from janus.utils.cli import OneLineParser
+from jobs.outcome import EXIT_CODES, INCOMPLETE, NOTHING_RAN, summary_text, verdict
 
 PROG = "janus-pipeline"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=PROG, description="Janus-Pro batch jobs and serving on Ray.")
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = OneLineParser(
+        prog=PROG, description="Janus-Pro batch jobs and serving on Ray.", epilog=EXIT_CODES, formatter_class=raw
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, help_text in (
         ("synthesize", "text prompts -> images (CFG), written as tar + Parquet shards"),
         ("caption", "images -> captions, written as Parquet shards"),
     ):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, epilog=EXIT_CODES, formatter_class=raw)
         p.add_argument("--config", help="job YAML (see configs/); defaults apply where it is silent")
         p.add_argument(
             "--set",
@@ -33,7 +39,11 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config value, e.g. --set output.url=s3://bucket/run (repeatable)",
         )
-        p.add_argument("--dry-run", action="store_true", help="validate the config, print it, exit")
+        p.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="check what a run checks before Ray starts (config, input, model, output), print the config, exit",
+        )
         p.add_argument("-v", "--verbose", action="store_true")
         if name == "synthesize":
             _plan_arguments(p)
@@ -112,8 +122,18 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     from ray.serve.scripts import cli as serve_cli
 
+    from pipeline.connect import ask_for_token_auth
+    from pipeline.console import SERVE_SHUTDOWN_NOISE, DropLines
+
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        ask_for_token_auth()  # for the local Ray `serve run` starts: on, without Ray's warning
     argv = ["run", args.config, *(["--address", args.address] if args.address else [])]
-    return serve_cli.main(argv, prog_name="serve", standalone_mode=False) or 0
+    stdout, sys.stdout = sys.stdout, DropLines(sys.stdout, SERVE_SHUTDOWN_NOISE)
+    try:
+        return serve_cli.main(argv, prog_name="serve", standalone_mode=False) or 0
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
 
 
 def _storage_cause(exc: BaseException):
@@ -178,28 +198,30 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from pipeline.config import ConfigError, load_config
-    from pipeline.job import run_job
+    from pipeline.job import own_sections, prepare, run_job
 
     try:
         cfg = load_config(args.config, args.overrides, job=args.command)
-    except ConfigError as exc:
-        return _fail("bad configuration", exc, 2)
-    if args.dry_run:
-        print(json.dumps(cfg.model_dump(), indent=2, default=str))
-        return 0
-    if getattr(args, "plan", False):
-        return _plan(cfg, args)
-    try:
+        if args.dry_run:
+            prepare(cfg)
+            print(json.dumps(own_sections(cfg), indent=2, default=str))
+            return 0
+        if getattr(args, "plan", False):
+            return _plan(cfg, args)
         summary = run_job(cfg)
     except ConfigError as exc:
-        return _fail("bad configuration", exc, 2)
+        return _fail("bad configuration", exc, NOTHING_RAN)
     except Exception as exc:
         storage = _storage_cause(exc)
         if storage is None:
             raise
-        return _fail("storage failed; rerun the same command to resume", storage, 1)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0 if summary.get("complete") else 1
+        return _fail("storage failed; rerun the same command to resume", storage, INCOMPLETE)
+    code, why = verdict(summary, cfg.max_failed_fraction)
+    if code != NOTHING_RAN:
+        print(summary_text(summary))
+    if why:
+        print(f"{PROG}: {why}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

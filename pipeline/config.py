@@ -241,9 +241,36 @@ class QualitySection(Section):
 
 
 class RaySection(Section):
-    address: str | None = None  # None: RAY_ADDRESS if set, else start a local Ray
-    num_cpus: int | None = Field(None, ge=1)  # local Ray only
-    num_gpus: int | None = Field(None, ge=0)  # local Ray only
+    """Which Ray the job runs on (``pipeline/connect.py``): ``address`` ("auto": the one ``ray start``
+    began on this machine), else RAY_ADDRESS, else a private local Ray of ``num_cpus`` / ``num_gpus``."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)  # the private local Ray only
+    num_gpus: int | None = Field(None, ge=0)  # the private local Ray only
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("ray://"):
+            raise ValueError(RAY_CLIENT_REFUSED)
+        return value
+
+
+#: why a ``ray://`` address (Ray Client) is refused, for ``ray.address`` and RAY_ADDRESS alike
+RAY_CLIENT_REFUSED = (
+    "ray:// (Ray Client) cannot run a job, whose driver must run on the cluster; submit it with the "
+    "Jobs API instead: ray job submit --address http://<head>:8265 --working-dir . -- janus-pipeline ..."
+)
+
+
+#: keys only one job reads (section, or section.key), and that job: set in the other job's config they
+#: would be accepted and ignored, so they are an error
+JOB_ONLY = {
+    **dict.fromkeys(("synthesis", "output.contact_sheet", "quality.score", "quality.min_score"), "synthesize"),
+    **dict.fromkeys(("quality.best_of", "quality.ratings"), "synthesize"),
+    **dict.fromkeys(("caption", "input.image_column", "input.key_column", "input.max_pixels"), "caption"),
+    "compute.preprocess_cpus": "caption",
+}
 
 
 ENGINE_OPTIONS: dict[str, type[_EngineOptions]] = {
@@ -265,21 +292,37 @@ class JobConfig(Section):
     compute: ComputeSection = Field(default_factory=ComputeSection)
     quality: QualitySection = Field(default_factory=QualitySection)
     ray: RaySection = Field(default_factory=RaySection)
+    #: the share of a job's rows (over its whole output) that may end as error rows before the job
+    #: exits with code 3; 1.0: never (a job in which no row succeeded exits with 3 whatever this says)
+    max_failed_fraction: float = Field(1.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _per_job(self) -> JobConfig:
         formats = INPUT_FORMATS[self.job]
         if self.input.format not in formats:
             raise ValueError(f"input.format: {self.job} reads {', '.join(formats)}; got {self.input.format!r}")
-        q = self.quality
-        if self.job == "caption" and (q.min_score is not None or q.best_of > 1 or q.ratings):
-            raise ValueError("quality: min_score, best_of and ratings apply to synthesis; caption takes embeddings")
+        for key in self.other_jobs_keys():
+            if self.is_set(key):
+                raise ValueError(
+                    f"{key} applies to {JOB_ONLY[key]} jobs only: remove it from this {self.job} job's config"
+                )
         options = ENGINE_OPTIONS[self.job]
         try:
             self.engine = options.parse(self.engine)
         except ValidationError as exc:
             raise ValueError(f"engine.{one_line(exc, f'{options.engine} options')}") from None
         return self
+
+    def other_jobs_keys(self) -> list[str]:
+        """The keys (``JOB_ONLY``) that this job does not read."""
+        return [key for key, job in JOB_ONLY.items() if job != self.job]
+
+    def is_set(self, key: str) -> bool:
+        """Whether the user set ``section`` or ``section.key`` (in the YAML or with ``--set``)."""
+        section, _, name = key.partition(".")
+        if section not in self.model_fields_set:
+            return False
+        return not name or name in getattr(self, section).model_fields_set
 
 
 def one_line(exc: ValidationError, what: str = "") -> str:
@@ -335,7 +378,7 @@ def load_config(
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            node = node.setdefault(k, {}) if k != "job" else k  # the job's kind, never a section
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: {k} is not a section")
         node[keys[-1]] = value

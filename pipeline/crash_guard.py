@@ -3,11 +3,16 @@
 The model pool runs with ``max_task_retries=-1``: Ray restarts a crashed actor and retries its batch,
 which is right for a lost node or a stray OOM kill, and wrong for a row that itself crashes the
 process (a kernel fault, a segfault in a decoder): that batch would be retried forever. So the pool
-runs every actor class inside ``CrashGuard``, which tells a job-scoped ``CrashJournal`` what it starts
-before running it. An attempt that never reported its end died with its actor. A batch retried after
-such a death runs row by row, each row announced first; a row that was in flight at ``CRASH_LIMIT`` deaths
-(the whole batch's first, then its own) is not run again but handed to the actor as already failed,
-so it becomes one error row through the actor's own columns. Every other row completes.
+runs every actor class inside ``CrashGuard``, which tells a job-scoped ``CrashJournal`` what it starts,
+and on which node, before running it. An attempt that never reported its end died with its actor.
+
+A death is blamed on a row only when the row was alone in flight and its node is still up: the
+actor's process died while running that row and nothing else, on a machine that did not go away. A
+death with a whole batch in flight blames no row; the batch is retried row by row, each row announced
+first, so that the next death names its row. A lost node blames nothing, however often it happens:
+node losses alone never make an error row. A row blamed for ``CRASH_LIMIT`` deaths is not run again
+but handed to the actor as already failed, so it becomes one error row through the actor's own
+columns. Every other row completes.
 
 An actor whose device broke (``janus.engine.health``: a CUDA error that poisons the process's context,
 such as an illegal memory access or an ECC error) would fail every later batch it is given, and Ray
@@ -29,6 +34,7 @@ import os
 import sys
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,32 +47,48 @@ from .model_ref import load_class
 
 logger = logging.getLogger(__name__)
 
-#: deaths a row may be in flight for before it is given up: the batch's first, then its own
+#: deaths blamed on a row (it ran alone, on a node still up) before it is given up: one more than one,
+#: so that a single stray kill (the OOM killer, an operator) never costs a healthy row
 CRASH_LIMIT = 2
 
 
+def node_alive(node_id: str) -> bool:
+    """Whether Ray's GCS holds ``node_id`` as alive (a lost node is marked dead before its actors are
+    restarted elsewhere, so before their batches' retries ask)."""
+    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+
+
 class CrashJournal:
-    """Which rows were in flight when a model actor died; one per job, as a Ray actor."""
+    """Which rows were in flight, and where, when a model actor died; one per job, as a Ray actor."""
 
-    def __init__(self) -> None:
-        self.in_flight: dict[str, list[str]] = {}  # batch id -> keys its latest attempt is running
-        self.deaths: Counter[str] = Counter()  # key -> actor deaths while the row was in flight
+    def __init__(self, is_alive: Callable[[str], bool] = node_alive) -> None:
+        #: batch id -> (node id, keys) of its latest attempt's rows in flight
+        self.in_flight: dict[str, tuple[str, list[str]]] = {}
+        self.deaths: Counter[str] = Counter()  # key -> actor deaths blamed on the row
+        self.is_alive = is_alive
 
-    def begin(self, batch: str, keys: list[str]) -> bool:
-        """An attempt of ``batch`` starts with all ``keys`` in flight; True when an earlier one died."""
+    def begin(self, batch: str, keys: list[str], node: str) -> bool:
+        """An attempt of ``batch`` starts on ``node`` with all ``keys`` in flight; True when an
+        earlier one died."""
         died = self.in_flight.pop(batch, None)
-        for key in died or ():
-            self.deaths[key] += 1
-        self.in_flight[batch] = list(keys)
+        if died is not None:
+            self._blame(*died)
+        self.in_flight[batch] = (node, list(keys))
         return died is not None
 
+    def _blame(self, node: str, keys: list[str]) -> None:
+        """An attempt died: the row it ran alone is to blame, unless its node died with it."""
+        if len(keys) == 1 and self.is_alive(node):
+            self.deaths[keys[0]] += 1
+
     def start_row(self, batch: str, key: str) -> bool:
-        """Only ``key`` of ``batch`` is in flight from now: True to run it, False when it was in
-        flight at ``CRASH_LIMIT`` deaths already."""
+        """Only ``key`` of ``batch`` is in flight from now: True to run it, False when it was blamed
+        for ``CRASH_LIMIT`` deaths already."""
+        node = self.in_flight[batch][0]
         if self.deaths[key] >= CRASH_LIMIT:
-            self.in_flight[batch] = []
+            self.in_flight[batch] = (node, [])
             return False
-        self.in_flight[batch] = [key]
+        self.in_flight[batch] = (node, [key])
         return True
 
     def end(self, batch: str) -> None:
@@ -103,12 +125,13 @@ class CrashGuard:
     def __init__(self, actor_class: type | str, journal: Any, **kwargs: Any):
         self.actor = load_class(actor_class)(**kwargs)
         self.journal = journal
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]
         bid = batch_id(keys)
         try:
-            if not ray.get(self.journal.begin.remote(bid, keys)):
+            if not ray.get(self.journal.begin.remote(bid, keys, self.node)):
                 return self.actor(batch)
             logger.warning(
                 "the actor running %d rows (first key %s) died; running them one at a time",
@@ -128,8 +151,9 @@ class CrashGuard:
             row = {name: column[i : i + 1] for name, column in batch.items()}
             if not ray.get(self.journal.start_row.remote(bid, key)):
                 message = (
-                    f"this row crashed the model actor repeatedly ({CRASH_LIMIT} times, the process died "
-                    "while running it); it is not run again so that the job can finish"
+                    f"this row crashed the model actor repeatedly ({CRASH_LIMIT} times the process died "
+                    "while running it alone, on a node that stayed up); it is not run again so that the "
+                    "job can finish"
                 )
                 logger.error("row %s: %s", key, message)
                 row["status"] = np.array(["error"], dtype=object)

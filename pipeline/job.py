@@ -18,6 +18,8 @@ import numpy as np
 import ray
 
 from .config import ConfigError, JobConfig
+from .connect import check_where_it_runs, connect
+from .console import quiet_ray_data
 from .crash_guard import CrashGuard, start_journal
 from .images import ImageDecodeError, model_pixels, phash
 from .model_ref import CAPTIONER, SYNTHESIZER, load_class, resolve_model_ref
@@ -66,25 +68,6 @@ def bound_stale_resource_requests() -> int:
             REQUEST_EXPIRE_ENV,
         )
     return in_effect
-
-
-def connect(cfg: JobConfig) -> None:
-    """Join the cluster named by config or RAY_ADDRESS; otherwise start a local Ray."""
-    bound_stale_resource_requests()
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        logger.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        logger.info("starting a local Ray (num_cpus=%s, num_gpus=%s)", cfg.ray.num_cpus, cfg.ray.num_gpus)
-        ray.init(
-            num_cpus=cfg.ray.num_cpus,
-            num_gpus=cfg.ray.num_gpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
 
 
 def actor_options(cfg: JobConfig) -> dict[str, Any]:
@@ -157,7 +140,10 @@ def list_inputs(cfg: JobConfig) -> tuple[str, Listing]:
     i = cfg.input
     try:
         if cfg.job == "synthesize":
-            return i.format, list_prompt_files(i.url, i.storage_options, i.format)
+            listing = list_prompt_files(i.url, i.storage_options, i.format)
+            if not any(listing.sizes):
+                raise InputError(f"input.url: {i.url!r} holds no prompts: its {len(listing.paths)} file(s) are empty")
+            return i.format, listing
         return list_image_inputs(i.url, i.storage_options, i.format)
     except (FileNotFoundError, ValueError, StorageError) as exc:
         raise InputError(f"input.url: {exc}") from None
@@ -260,20 +246,43 @@ def build_caption(cfg: JobConfig, listing: Listing, committed: np.ndarray, journ
     )
 
 
+def prepare(cfg: JobConfig) -> tuple[str, Listing, Any, OutputDir]:
+    """Everything a run checks before Ray starts (``--dry-run`` stops here): where it runs, that the
+    input lists files of the job's kind with something in them, that the actor class imports and the
+    model reference resolves (ours; a custom ``compute.actor_class`` owns ``model.path``), and that the
+    output is reachable. Returns (input format, listing, output schema, output)."""
+    check_where_it_runs(cfg)
+    fmt, listing = list_inputs(cfg)
+    model_actor_class(cfg, object)
+    if cfg.compute.actor_class is None:
+        checkpoint_json(cfg, "config.json")
+    schema = output_schema_for(cfg)
+    try:
+        out = OutputDir(cfg.output.url, cfg.output.storage_options)
+    except StorageError as exc:
+        raise ConfigError(f"output.url: {exc}") from None
+    return fmt, listing, schema, out
+
+
+def own_sections(cfg: JobConfig) -> dict[str, Any]:
+    """The config as the job reads it (what ``--dry-run`` prints): without the other job's keys."""
+    data = cfg.model_dump()
+    for key in cfg.other_jobs_keys():
+        section, _, name = key.partition(".")
+        (data[section] if name else data).pop(name or section, None)
+    return data
+
+
 def run_job(cfg: JobConfig) -> dict[str, Any]:
     """Run (or resume) a job to completion; returns the summary that the CLI prints.
 
     What can be wrong with the command (input, output, actor class) is found before Ray starts.
     """
     t0 = time.perf_counter()
-    fmt, listing = list_inputs(cfg)
-    model_actor_class(cfg, object)
-    schema = output_schema_for(cfg)
-    try:
-        out = OutputDir(cfg.output.url, cfg.output.storage_options)
-    except StorageError as exc:
-        raise ConfigError(f"output.url: {exc}") from None
+    fmt, listing, schema, out = prepare(cfg)
+    bound_stale_resource_requests()
     connect(cfg)
+    quiet_ray_data()
     removed = out.cleanup()
     if removed:
         logger.info("removed %d uncommitted leftovers of an earlier run", len(removed))

@@ -97,6 +97,7 @@ def test_caption_resume_after_the_driver_is_killed(ray_session, model_dir, gate,
     out = tmp_path / "out"
     overrides = [
         *job_overrides(model_dir, str(tmp_path / "images"), str(out)),
+        "caption.max_new_tokens=4",
         "input.format=images",
         "compute.gpus_per_actor=0",
         # model-free: what is tested is the kill, the resume filter and the sink, not the captions

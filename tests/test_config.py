@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from pipeline.config import (
     engine_option_names,
     load_config,
 )
+from pipeline.connect import SUBMITTED_JOB_ENV, cluster_address
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,6 +85,20 @@ BAD = [
     ("model: {path: [unclosed\n", [], "synthesize", "is not valid YAML"),
     (None, ["input.url=/nonexistent/prompts"], "synthesize", "input.url: no such file, directory or prefix"),
     (None, ["input.url={here}"], "caption", "input.url: no input files ending in"),
+    # accepted and ignored would be silently wrong: the other job's keys are errors
+    (None, ["caption.question=what is it?"], "synthesize", "caption applies to caption jobs only: remove it"),
+    (None, ["synthesis.seed=3"], "caption", "synthesis applies to synthesize jobs only"),
+    (None, ["output.contact_sheet=4"], "caption", "output.contact_sheet applies to synthesize jobs only"),
+    (None, ["output.contact_sheet=0"], "caption", "output.contact_sheet applies to synthesize jobs only"),
+    (None, ["quality.min_score=0.5"], "caption", "quality.min_score applies to synthesize jobs only"),
+    (None, ["input.max_pixels=1000"], "synthesize", "input.max_pixels applies to caption jobs only"),
+    (None, ["compute.preprocess_cpus=2"], "synthesize", "compute.preprocess_cpus applies to caption jobs only"),
+    ("job: caption\noutput: {contact_sheet: 8}\n", [], "caption", "output.contact_sheet applies to synthesize"),
+    (None, ["ray.address=ray://127.0.0.1:10001"], "synthesize", "ray:// (Ray Client) cannot run a job"),
+    (None, ["job.max_failed_fraction=0.1"], "synthesize", "--set 'job.max_failed_fraction=0.1': job is not a section"),
+    (None, ["max_failed_fraction=1.5"], "synthesize", "max_failed_fraction: Input should be less than or equal to 1"),
+    (None, ["model.path=no/such-model"], "synthesize", "model.path: "),
+    (None, ["input.url={here}/empty.txt"], "synthesize", "holds no prompts: its 1 file(s) are empty"),
 ]
 
 
@@ -89,6 +106,7 @@ BAD = [
 def test_bad_configs_are_one_line_and_exit_code_2(tmp_path, capsys, content, overrides, command, message):
     args = [command, "--set", f"output.url={tmp_path / 'out'}", "--set", "ray.num_cpus=1"]
     args += [a for o in overrides for a in ("--set", o.replace("{here}", str(tmp_path)))]
+    (tmp_path / "empty.txt").write_bytes(b"")
     if content is not None:
         path = tmp_path / "job.yaml"
         path.write_text(content)
@@ -113,6 +131,46 @@ def test_cli_usage_mistakes_are_one_line_and_exit_code_2():
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_dry_run_prints_the_validated_config(capsys):
-    assert cli_main(["caption", "--config", str(REPO / "configs" / "demo_caption.yaml"), "--dry-run"]) == 0
-    assert '"job": "caption"' in capsys.readouterr().out
+def test_dry_run_checks_what_a_run_checks_and_prints_the_jobs_own_sections(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = ["--set", f"output.url={tmp_path / 'out'}"]
+    assert cli_main(["synthesize", "--config", "configs/demo_synthesize.yaml", *out, "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["job"] == "synthesize" and printed["synthesis"]["n_samples"] == 2
+    assert "caption" not in printed and "image_column" not in printed["input"]
+    # what a real run finds before Ray starts, --dry-run finds too: here, a caption input not there yet
+    missing = ["--set", f"input.url={tmp_path / 'no-images'}"]
+    assert cli_main(["caption", "--config", "configs/demo_caption.yaml", *out, *missing, "--dry-run"]) == 2
+    assert "input.url: no such file" in capsys.readouterr().err
+    with tarfile.open(tmp_path / "shard.tar", "w"):  # a file of the job's kind (its input.format)
+        pass
+    here = ["--set", f"input.url={tmp_path}"]
+    assert cli_main(["caption", "--config", "configs/demo_caption.yaml", *out, *here, "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert "synthesis" not in printed and "contact_sheet" not in printed["output"]
+    assert "min_score" not in printed["quality"] and printed["caption"]["max_new_tokens"] == 24
+
+
+def test_ray_client_addresses_and_relative_outputs_of_submitted_jobs_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://127.0.0.1:10001")
+    assert cli_main(["synthesize", "--set", f"output.url={tmp_path}/out", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RAY_ADDRESS: ray:// (Ray Client) cannot run a job" in err
+    assert "ray job submit --address http://<head>:8265" in err
+    monkeypatch.delenv("RAY_ADDRESS")
+    # a job that `ray job submit` started (Ray's supervisor sets this variable) writes nothing relative
+    monkeypatch.setenv(SUBMITTED_JOB_ENV, "{}")
+    assert cli_main(["synthesize", "--set", "output.url=out/relative", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "output.url: 'out/relative' is relative" in err
+    assert cli_main(["synthesize", "--set", f"output.url={tmp_path}/out", "--dry-run"]) == 0
+
+
+def test_which_ray_a_job_runs_on(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(load_config()) is None  # a private local Ray
+    assert cluster_address(load_config(overrides=["ray.address=auto"])) == "auto"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cluster_address(load_config()) == "10.0.0.1:6379"
+    assert cluster_address(load_config(overrides=["ray.address=local"])) is None  # Ray's word for "start one"

@@ -43,7 +43,8 @@ GATED = "compute.actor_class=tests.support.scale_actors:GatedStandIn"  # model-f
 
 
 def job(model_dir: str, job: str, input_url: str, output_url: str, *extra: str):
-    return load_config(None, [f"job={job}", *job_overrides(model_dir, input_url, output_url, *extra)])
+    short = ["caption.max_new_tokens=4"] if job == "caption" else []
+    return load_config(None, [f"job={job}", *job_overrides(model_dir, input_url, output_url, *short, *extra)])
 
 
 def stats(url: str) -> dict[str, int]:

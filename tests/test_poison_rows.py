@@ -18,21 +18,48 @@ from tests.support.scale_actors import POISON
 CRASHING = "compute.actor_class=tests.support.scale_actors:CrashingStandInSynthesizer"
 
 
-def test_the_journal_gives_up_a_row_only_after_it_was_in_flight_at_two_deaths():
-    journal = CrashJournal()
-    assert journal.begin("b", ["k1", "k2", "k3"]) is False  # a first attempt
-    # the actor died with the whole batch in flight: the retry runs row by row
-    assert journal.begin("b", ["k1", "k2", "k3"]) is True
+def test_the_journal_blames_a_death_on_a_row_only_when_it_ran_alone_on_a_node_still_up():
+    lost: set[str] = set()
+    journal = CrashJournal(is_alive=lambda node: node not in lost)
+    assert journal.begin("b", ["k1", "k2", "k3"], "n1") is False  # a first attempt
+    # the actor died with the whole batch in flight: no row is blamed, the retry runs row by row
+    assert journal.begin("b", ["k1", "k2", "k3"], "n1") is True
+    assert not journal.deaths
     assert journal.start_row("b", "k1") and journal.start_row("b", "k2")
-    # ... and died again on k2
-    assert journal.begin("b", ["k1", "k2", "k3"]) is True
+    # ... and died again on k2, alone: k2 is blamed once, so it runs again
+    assert journal.begin("b", ["k1", "k2", "k3"], "n1") is True
+    assert [journal.start_row("b", k) for k in ("k1", "k2")] == [True, True]
+    # ... and died on k2 again: blamed twice, it is given up; the rest runs
+    assert journal.begin("b", ["k1", "k2", "k3"], "n1") is True
     assert [journal.start_row("b", k) for k in ("k1", "k2", "k3")] == [True, False, True]
     journal.end("b")
-    assert journal.deaths == {"k1": 1, "k2": CRASH_LIMIT, "k3": 1}
+    assert journal.deaths == {"k2": CRASH_LIMIT}
     # batches that end are forgotten and never run row by row
-    assert journal.begin("c", ["k4"]) is False
+    assert journal.begin("c", ["k4"], "n1") is False
     journal.end("c")
-    assert journal.begin("c", ["k4"]) is False and journal.in_flight == {"c": ["k4"]}
+    assert journal.begin("c", ["k4"], "n1") is False and journal.in_flight == {"c": ("n1", ["k4"])}
+
+
+def test_node_losses_alone_never_blame_a_row():
+    """Two nodes lost during the same rows: the batch's first attempt, then its row-by-row retry with
+    k2 alone in flight. Blaming every row in flight made k2 an error row here."""
+    lost: set[str] = set()
+    journal = CrashJournal(is_alive=lambda node: node not in lost)
+    journal.begin("b", ["k1", "k2", "k3"], "n1")
+    lost.add("n1")
+    assert journal.begin("b", ["k1", "k2", "k3"], "n2") is True
+    assert journal.start_row("b", "k1") and journal.start_row("b", "k2")
+    lost.add("n2")
+    assert journal.begin("b", ["k1", "k2", "k3"], "n3") is True
+    # a batch of one row whose node is lost twice is not blamed either
+    journal.begin("one", ["k9"], "n3")
+    lost.add("n3")
+    journal.begin("one", ["k9"], "n4")
+    lost.add("n4")
+    journal.begin("one", ["k9"], "n5")
+    assert not journal.deaths
+    assert [journal.start_row("b", k) for k in ("k1", "k2", "k3")] == [True, True, True]
+    assert journal.start_row("one", "k9")
 
 
 @pytest.mark.slow

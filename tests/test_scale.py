@@ -17,6 +17,7 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.outcome import ROWS_FAILED
 from pipeline.actors import Synthesizer
 from pipeline.config import ConfigError, load_config
 from pipeline.job import model_actor_class, run_job
@@ -80,9 +81,11 @@ def cluster(shared_cluster):
         shared_cluster.discard()
 
 
-def settings(model_dir: str, input_url: str, output_url: str, *extra: str) -> list[str]:
-    """``--set`` values shared by these tests: the tiny model, small batches and shards, no contact sheet."""
-    return job_overrides(model_dir, input_url, output_url, "output.contact_sheet=0", *extra)
+def settings(model_dir: str, input_url: str, output_url: str, *extra: str, job: str = "synthesize") -> list[str]:
+    """``--set`` values shared by these tests: the tiny model, small batches and shards, no contact
+    sheet (synthesis), short captions (caption)."""
+    own = "output.contact_sheet=0" if job == "synthesize" else "caption.max_new_tokens=4"
+    return job_overrides(model_dir, input_url, output_url, own, *extra)
 
 
 def assert_exactly_once(rows: list[dict], expected_keys: list[str]) -> None:
@@ -148,9 +151,9 @@ def test_synthesis_and_caption_on_a_three_node_cluster(cluster, model_dir, s3_op
 
     log = tmp_path / "synthesize.log"
 
-    def on_s3(input_url: str, output_url: str, *extra: str) -> list[str]:
+    def on_s3(input_url: str, output_url: str, *extra: str, job: str = "synthesize") -> list[str]:
         both = (f"input.storage_options={s3}", f"output.storage_options={s3}")
-        return settings(model_dir, input_url, output_url, *both, *extra, *pool)
+        return settings(model_dir, input_url, output_url, *both, *extra, *pool, job=job)
 
     synth = on_s3(
         f"s3://{bucket}/prompts", images, "compute.actor_class=tests.support.scale_actors:TracedSynthesizer"
@@ -165,7 +168,7 @@ def test_synthesis_and_caption_on_a_three_node_cluster(cluster, model_dir, s3_op
     assert {node_of(r) for r in rows} == {w.node_id for w in workers}
 
     log = tmp_path / "caption.log"
-    cap = on_s3(images, captions, "input.format=webdataset")
+    cap = on_s3(images, captions, "input.format=webdataset", job="caption")
     summary = start_cli("caption", cap, cluster.driver_env(), log).finish(
         lambda: committed_shards(captions, s3_options)
     )
@@ -207,6 +210,37 @@ def test_losing_a_worker_node_mid_job(cluster, model_dir, gate, tmp_path):
     assert_only_committed_shards(out)
     # the batch lost with the node ran again: one call more than the 6 batches of 4 rows
     assert len(gate.entries()) > len(keys) // 4, gate.entries()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_two_node_losses_during_the_same_rows_make_no_error_row(cluster, gate, tmp_path):
+    """A batch is lost with its node, and its row-by-row retry is lost with another node while one of
+    its rows runs alone. Blaming every row in flight made that healthy row a permanent error row
+    ("crashed the model actor repeatedly"); node losses alone must never make one."""
+    (first,) = cluster.workers(1, **NODE)
+    keys = write_prompts(tmp_path / "p.txt", 4)  # one batch
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    one_actor = ("compute.min_actors=1", "compute.max_actors=1", f"compute.resources={{{WORKER_RESOURCE}: 1}}")
+    overrides = settings("stand-in", str(tmp_path / "p.txt"), str(out), GATED, *one_actor)
+    gate.hold(from_call=0)  # every call waits until the gate opens
+    cli = start_cli("synthesize", overrides, cluster.driver_env(), log)
+    gate.wait_for_entry(lambda e: e.held and e.node_id == first.node_id, cli.ended)
+    second = cluster.add_worker(**NODE)
+    cluster.remove(first)  # the whole batch in flight
+    # the restarted actor retries the batch row by row: its first row is held at the gate, alone
+    gate.wait_for_entry(lambda e: e.held and e.node_id == second.node_id, cli.ended)
+    third = cluster.add_worker(**NODE)
+    cluster.remove(second)
+    gate.open()
+
+    summary = cli.finish(lambda: committed_shards(str(out)))
+    rows = output_rows(str(out))
+    assert_exactly_once(rows, keys)
+    assert [r["error"] for r in rows if r["status"] != "ok"] == [] and summary["total"]["ok"] == len(keys)
+    assert {node_of(r) for r in rows} == {third.node_id}
+    # the batch ran whole on the first node, then row by row on the second and on the third
+    assert [e.node_id for e in gate.entries()][:2] == [first.node_id, second.node_id], gate.entries()
 
 
 @pytest.mark.slow
@@ -421,5 +455,5 @@ def test_a_million_row_input_streams_through_a_bounded_driver(ray_session, s3_op
     out = f"s3://{bucket}/out"
     overrides = million_row_job(f"s3://{bucket}/in/prompts.jsonl", out, s3_options, n)
     cli = start_cli("synthesize", overrides, session_env(ray_session), tmp_path / "job.log")
-    summary = cli.finish(lambda: committed_shards(out, s3_options))
+    summary = cli.finish(lambda: committed_shards(out, s3_options), returncode=ROWS_FAILED)  # none succeeds
     assert summary["complete"] and summary["this_run"]["count"] == n and summary["duplicate_keys"] == 0
