@@ -27,6 +27,7 @@ LIGHT = [
     "janus.models.image_processing_vlm",
     "pipeline.serve.app",  # the HTTP ingress replica (the model deployments import the actors)
     "janus.engine.prompts",
+    "janus.engine.checks",  # request field rules: the config, read tasks and Serve's bodies use them
     "janus.engine.status",
     "janus.engine.health",  # the crash guard asks it whether an actor's device broke
     "janus.engine.detokenize",  # streaming text, beside the tokenizer: torch-free

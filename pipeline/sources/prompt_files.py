@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import posixpath
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,10 +21,11 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from fsspec.spec import AbstractBufferedFile
 
+from janus.engine.checks import Rule, check
 from janus.engine.prompts import DEFAULT_CFG_WEIGHT, DEFAULT_TEMPERATURE
 
 from ..storage import BAD_FILE_ERRORS, Listing, list_files
-from .keys import MAX_SAMPLES_PER_PROMPT, SEED_LIMIT, keyed_schema, prompt_key_and_seed
+from .keys import N_SAMPLES, keyed_schema, prompt_key_and_seed
 
 MAX_ERROR_TEXT = 2000  # a failed row keeps at most this much of the offending line
 PROMPT_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -89,40 +89,16 @@ def _clip(text: str | None) -> str | None:
     return None if text is None else text[:MAX_ERROR_TEXT]
 
 
-def _as_int(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
+_ID = Rule(int, ge=-(2**63), lt=2**63)  # an integer id is kept as its digits (Parquet ids are int64)
 
 
-def _as_float(name: str, value: Any, low: float) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return float(value)
-
-
+#: a row's own settings, each checked by the one rule its field has (``janus.engine.checks``)
 _OVERRIDES: dict[str, Callable[[str, Any], Any]] = {
-    "seed": lambda n, v: _as_int(n, v, 0, SEED_LIMIT - 1),
-    "cfg_weight": lambda n, v: _as_float(n, v, 0.0),
-    "temperature": lambda n, v: _as_float(n, v, 0.0),
-    "n_samples": lambda n, v: _as_int(n, v, 1, MAX_SAMPLES_PER_PROMPT),
-    "id": lambda n, v: v if isinstance(v, str) else str(_as_int(n, v, -(2**63), 2**63 - 1)),
+    "seed": check,
+    "cfg_weight": check,
+    "temperature": check,
+    "n_samples": N_SAMPLES.check,
+    "id": lambda n, v: v if isinstance(v, str) else str(_ID.check(n, v)),
 }
 
 
