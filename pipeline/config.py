@@ -25,13 +25,13 @@ from janus.engine.prompts import (
 )
 
 from .images import DEFAULT_MAX_PIXELS
+from .sources.image_files import IMAGE_READERS
 from .sources.keys import N_SAMPLES
+from .sources.prompt_files import PROMPT_READERS
 
 JOBS = ("synthesize", "caption")
-INPUT_FORMATS = {
-    "synthesize": ("auto", "txt", "jsonl", "csv", "parquet"),
-    "caption": ("auto", "images", "parquet", "webdataset"),
-}
+#: what ``input.format`` takes per job: ``auto`` or one of the job's readers
+INPUT_FORMATS = {"synthesize": ("auto", *PROMPT_READERS), "caption": ("auto", *IMAGE_READERS)}
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _CLASS_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _COLUMN = re.compile(r"^[a-z_][a-z0-9_]*$")

@@ -41,8 +41,11 @@ def test_image_dataset_matches_local_reader(ray_session, tmp_path):
 def test_datasink_on_s3_with_resume(ray_session, s3_store):
     def _fake_generate(batch: dict) -> dict:
         """Stands in for the GPU actor (defined here so Ray pickles it by value, not by module)."""
+        from tests.support.scale_actors import unread
+
         n = len(batch["key"])
         batch["image"] = np.stack([np.full((8, 8, 3), i % 256, np.uint8) for i in range(n)])
+        batch.update(model=np.full(n, "fake", dtype=object), seconds=np.zeros(n), **unread(n))
         return batch
 
     s3_store.put("in/a.txt", "".join(f"prompt {i}\n" for i in range(30)).encode() + b"\xff\n")

@@ -19,7 +19,8 @@ import pytest
 
 from pipeline.actors import Synthesizer
 from pipeline.config import ConfigError, load_config
-from pipeline.job import model_actor_class, run_job
+from pipeline.graphs import model_actor_class
+from pipeline.job import run_job
 from pipeline.sources.prompt_files import read_prompts
 from tests.support.faulty_s3 import FaultPlan, FaultyS3Proxy, Trigger
 from tests.support.jobs import (

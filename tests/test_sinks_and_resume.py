@@ -17,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import sinks
+from pipeline.columns import ColumnError, OutputColumns
 from pipeline.output import OutputDir, filter_committed
 from pipeline.sources.keys import packed_keys
 from tests.support.inputs import png_bytes
+from tests.support.rows import model_row
 from tests.support.stores import Store
 
 
@@ -28,7 +30,7 @@ def _results(n: int, seed: int = 0, fail: tuple[int, ...] = ()) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
-        row = {
+        row = model_row(**{
             "key": hashlib.sha1(f"{seed}-{i}".encode()).hexdigest()[:20],
             "prompt": f"prompt {i}",
             "seed": i,
@@ -42,7 +44,7 @@ def _results(n: int, seed: int = 0, fail: tuple[int, ...] = ()) -> list[dict]:
             "image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
             "model": "tiny",
             "seconds": 0.25,
-        }
+        })  # fmt: skip
         if i in fail:
             row.update(status="error", error="out of memory", image=None)
         rows.append(row)
@@ -129,11 +131,11 @@ def test_write_shard_is_idempotent(store):
 
 def test_caption_shard(store, tmp_path):
     rows = [
-        {"key": "k1", "source": "a.jpg", "caption": "a cat", "question": "Describe.", "num_tokens": 3},
-        {"key": "k/2", "source": "b.jpg", "status": "error", "error": "not a readable image"},
-        {"key": "k3", "source": "c.jpg", "caption": None},
+        model_row("caption", key="k1", source="a.jpg", caption="a cat", question="Describe.", num_tokens=3),
+        model_row("caption", key="k/2", source="b.jpg", status="error", error="not a readable image"),
+        model_row("caption", key="k3", source="c.jpg", caption=None),
     ]
-    stats = sinks.write_shard(pa.Table.from_pylist(rows), store.root, store.options, kind="caption")
+    stats = sinks.write_shard(pa.Table.from_pylist(rows), store.root, store.options, OutputColumns("caption"))
     assert "tar" not in stats["files"] and (stats["ok"], stats["failed"]) == (1, 2)
     assert store.names() == [f"{stats['shard']}.parquet", f"{stats['shard']}_stats.json"]
     got = pq.read_table(_local_copy(store, f"{stats['shard']}.parquet", tmp_path)).to_pylist()
@@ -150,11 +152,11 @@ def test_write_shard_rejects_broken_batches(tmp_path):
     with pytest.raises(ValueError, match="duplicate keys"):
         sinks.write_shard([rows[0], rows[0]], str(tmp_path))
     with pytest.raises(ValueError, match="non-empty string 'key'"):
-        sinks.write_shard([{"prompt": "x"}], str(tmp_path))
+        sinks.write_shard([model_row(prompt="x")], str(tmp_path))
     with pytest.raises(ValueError, match="WebDataset member names"):
         sinks.write_shard([{**rows[0], "key": "a.b"}], str(tmp_path))
-    with pytest.raises(ValueError, match="unknown shard kind"):
-        sinks.write_shard(rows, str(tmp_path), kind="video")
+    with pytest.raises(ValueError, match="unknown output kind"):
+        sinks.write_shard(rows, str(tmp_path), columns=OutputColumns("video"))
     assert sinks.write_shard([], str(tmp_path))["count"] == 0
     assert list(tmp_path.iterdir()) == []
 
@@ -210,3 +212,19 @@ def test_resume_filter_and_duplicate_check(store):
     assert OutputDir(store.root, store.options).duplicates() == {
         a[2]["key"]: sorted([sa["shard"], sb["shard"]])
     }
+
+
+def test_a_batch_must_have_exactly_the_declared_columns(tmp_path):
+    """A missing declared column or an undeclared one fails the write, naming the column, instead of
+    a column of nulls or a silently dropped one; nothing is written."""
+    rows = _results(2)
+    with pytest.raises(ColumnError, match=r"returned no column 'phash'.*compute\.actor_class"):
+        sinks.write_shard([{k: v for k, v in r.items() if k != "phash"} for r in rows], str(tmp_path))
+    with pytest.raises(ColumnError, match="returned a column 'tokens' that is not declared"):
+        sinks.write_shard([{**r, "tokens": [1, 2]} for r in rows], str(tmp_path))
+    with pytest.raises(ColumnError, match="returned no column 'rating_aesthetic'"):
+        sinks.write_shard(rows, str(tmp_path), columns=OutputColumns("synthesis", ratings=("aesthetic",)))
+    caption = OutputColumns("caption")
+    with pytest.raises(ColumnError, match="no column 'caption'.*a column 'prompt' that is not declared"):
+        sinks.write_shard(rows, str(tmp_path), columns=caption)  # synthesis rows into a caption output
+    assert list(tmp_path.iterdir()) == []

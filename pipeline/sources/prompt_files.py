@@ -214,7 +214,8 @@ def _parquet_records(f: io.IOBase) -> Iterator[_Record]:
             index += 1
 
 
-_PROMPT_READERS: dict[str, Callable[[io.IOBase], Iterator[_Record]]] = {
+#: format -> its record reader (the formats ``input.format`` takes for synthesis, with ``auto``)
+PROMPT_READERS: dict[str, Callable[[io.IOBase], Iterator[_Record]]] = {
     "txt": _txt_records,
     "jsonl": _jsonl_records,
     "csv": _csv_records,
@@ -225,15 +226,15 @@ _PROMPT_READERS: dict[str, Callable[[io.IOBase], Iterator[_Record]]] = {
 def _prompt_records(fs: AbstractFileSystem, path: str, fmt: str | None) -> Iterator[_Record]:
     inferred, compression = _split_format(path)
     fmt = inferred if fmt in (None, "auto") else fmt
-    if fmt not in _PROMPT_READERS:
-        raise ValueError(f"unknown prompt format for {path!r}: use one of {sorted(_PROMPT_READERS)}")
+    if fmt not in PROMPT_READERS:
+        raise ValueError(f"unknown prompt format for {path!r}: use one of {sorted(PROMPT_READERS)}")
     index = 0
     try:
         with fs.open(path, "rb", compression=compression) as f:
             if fmt != "parquet" and isinstance(f, AbstractBufferedFile):
                 # fsspec's own readline re-reads a whole block per line; BufferedReader reads it once.
                 f = io.BufferedReader(f, 2**20)
-            for record in _PROMPT_READERS[fmt](f):
+            for record in PROMPT_READERS[fmt](f):
                 index = record.index + 1
                 yield record
     except BAD_FILE_ERRORS as exc:
@@ -283,8 +284,8 @@ def prompt_file_rows(
 def list_prompt_files(url: str, storage_options: dict | None = None, fmt: str | None = None) -> Listing:
     """Prompt files under ``url``; without ``fmt`` only known extensions (.txt, .jsonl, ...) count."""
     fmt = None if fmt == "auto" else fmt
-    if fmt is not None and fmt not in _PROMPT_READERS:
-        raise ValueError(f"unknown prompt format {fmt!r}: use 'auto' or one of {sorted(_PROMPT_READERS)}")
+    if fmt is not None and fmt not in PROMPT_READERS:
+        raise ValueError(f"unknown prompt format {fmt!r}: use 'auto' or one of {sorted(PROMPT_READERS)}")
     suffixes = None if fmt else [e + c for e in PROMPT_FORMATS for c in ("", *COMPRESSIONS)]
     return list_files(url, storage_options, suffixes)
 
