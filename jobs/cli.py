@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from pipeline.config import ConfigError, load_config
     from pipeline.job import run_job
+    from pipeline.recipe import RecipeMismatch
 
     try:
         cfg = load_config(args.config, args.overrides, job=args.command)
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         return _plan(cfg, args)
     try:
         summary = run_job(cfg)
+    except RecipeMismatch as exc:  # one line per difference
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         return _fail("bad configuration", exc, 2)
     except Exception as exc:

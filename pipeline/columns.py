@@ -43,6 +43,7 @@ class Column:
     doc: str
     missing: Any = None  # the model stage's "no value" marker, stored as null (NaN always is)
     serve: str | None = None  # the field of Serve's image response that carries it
+    recipe: str | None = None  # source ``recipe``: the entry of the job's recipe it records
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES or self.on_error not in (KEEP, NULL):
@@ -57,6 +58,16 @@ KEY = _c("key", pa.string(), INPUT, KEEP, "the row's key: a hash of the job seed
 STATUS = _c("status", pa.string(), MODEL, KEEP, "`ok`, `error` or (synthesis) `filtered`")
 ERROR = _c("error", pa.string(), MODEL, KEEP, "why the row failed or was filtered; null when ok")
 SHARD = _c("shard", pa.string(), SINK, KEEP, "the shard holding the row")
+#: the job's recipe on every row: with the row's own settings, what regenerates it byte for byte
+WEIGHTS = _c("weights", pa.string(), RECIPE, KEEP, "content hash of the model's weights", recipe="model.weights")
+VERSION = _c("version", pa.string(), RECIPE, KEEP, "the janus-pipeline version that wrote the row", recipe="version")
+DTYPE = _c("dtype", pa.string(), RECIPE, KEEP, "`model.dtype` (`auto`: the checkpoint's)", recipe="model.dtype")
+SPECULATIVE = (
+    _c("speculative", pa.string(), RECIPE, KEEP, "decoding method: `off` (one token a step) or the "
+       "speculative method", recipe="engine.speculative.method"),
+    _c("speculative_window", pa.int32(), RECIPE, KEEP, "the speculative method's window; null when off",
+       recipe="engine.speculative.window"),
+)  # fmt: skip
 MODEL_NAME = _c("model", pa.string(), MODEL, KEEP, "the model (`model.path`) that made the row")
 SECONDS = _c("seconds", pa.float64(), MODEL, KEEP, "the row's share of its batch's model time")
 
@@ -85,6 +96,12 @@ SYNTHESIS: tuple[Column, ...] = (
     ),  # fmt: skip
     _c("scores", pa.list_(pa.float32()), MODEL, NULL, "best-of-k: every candidate's score", serve="candidate_scores"),
     _c("phash", pa.int64(), MODEL, NULL, "64-bit perceptual hash of the image, for near-duplicate search"),
+    WEIGHTS,
+    VERSION,
+    DTYPE,
+    _c("top_k", pa.int32(), RECIPE, KEEP, "`synthesis.top_k` (null: off)", recipe="synthesis.top_k"),
+    _c("top_p", pa.float64(), RECIPE, KEEP, "`synthesis.top_p` (null: off)", recipe="synthesis.top_p"),
+    *SPECULATIVE,
     _c("image", None, MODEL, NULL, "the image (uint8 [H, W, 3] or PNG bytes), written to the tar"),
 )
 
@@ -103,7 +120,21 @@ CAPTION: tuple[Column, ...] = (
     MODEL_NAME,
     SECONDS,
     _c("phash", pa.int64(), PREPROCESS, NULL, "64-bit perceptual hash of the image as read"),
-)
+    _c("source_key", pa.string(), INPUT, KEEP, "the source sample's own key: a WebDataset sample's "
+       "(so captions of a synthesis output join it on `key`), or `input.key_column`'s value"),
+    _c("member", pa.string(), SINK, NULL, "with `output.write_images`: the image's tar member `{key}.jpg|png`"),
+    _c("reencoded_from", pa.string(), PREPROCESS, NULL, "with `output.write_images`: the source format "
+       "when the tar holds the image re-encoded as PNG (not JPEG or PNG); null when its own bytes"),
+    WEIGHTS,
+    VERSION,
+    DTYPE,
+    _c("temperature", pa.float64(), RECIPE, KEEP, "`caption.temperature` (0: greedy)", recipe="caption.temperature"),
+    _c("top_p", pa.float64(), RECIPE, KEEP, "`caption.top_p` (null: off)", recipe="caption.top_p"),
+    _c("seed", pa.int64(), RECIPE, KEEP, "`caption.seed`", recipe="caption.seed"),
+    _c("max_new_tokens", pa.int32(), RECIPE, KEEP, "`caption.max_new_tokens`", recipe="caption.max_new_tokens"),
+    *SPECULATIVE,
+    _c("image", None, PREPROCESS, NULL, "with `output.write_images`: the image bytes for the tar"),
+)  # fmt: skip
 
 KINDS: dict[str, tuple[Column, ...]] = {"synthesis": SYNTHESIS, "caption": CAPTION}
 
@@ -163,10 +194,10 @@ class OutputColumns:
         """Column -> the model stage's "no value" marker (stored as null)."""
         return {c.name: c.missing for c in self.columns if c.missing is not None}
 
-    def carried(self) -> list[str]:
-        """What a model actor passes through from its input: the reader's and the CPU stage's columns
-        (status and error it rewrites)."""
-        return [n for n in self.names(INPUT, PREPROCESS) if n not in ("status", "error")]
+    def carried(self, *sources: str) -> list[str]:
+        """What a stage passes on from its input, by default what a model actor passes through: the
+        reader's and the CPU stage's columns (status and error each stage rewrites)."""
+        return [n for n in self.names(*(sources or (INPUT, PREPROCESS))) if n not in ("status", "error")]
 
     def check(self, names: Any, what: str = "the model stage") -> None:
         """``ColumnError`` naming each column of ``names`` that is missing or not declared."""
@@ -181,13 +212,16 @@ class OutputColumns:
             "pipeline/columns.py; is compute.actor_class a model actor for this job?)"
         )
 
-    def check_recipe(self, recipe: dict[str, Any]) -> None:
-        """The job's recipe values must cover exactly the recipe columns."""
-        want = set(self.names(RECIPE))
-        if set(recipe) != want:
-            raise ColumnError(
-                f"recipe values {sorted(recipe)} do not match the {self.kind} recipe columns {sorted(want)}"
-            )
+    def recipe_values(self, recipe: dict[str, Any]) -> dict[str, Any]:
+        """The recipe columns' values (the same on every row) from the job's recipe (``pipeline.recipe``)."""
+        return {c.name: recipe[c.recipe] for c in self.columns if c.source == RECIPE}
+
+    def check_recipe(self, values: dict[str, Any]) -> None:
+        """``values`` must be exactly the recipe columns (``recipe_values``)."""
+        want = self.names(RECIPE)
+        if set(values) != set(want):
+            missing, extra = sorted(set(want) - set(values)), sorted(set(values) - set(want))
+            raise ColumnError(f"the {self.kind} recipe columns lack {missing} and do not declare {extra}")
 
 
 def markdown_table(kind: str) -> str:

@@ -146,6 +146,10 @@ class OutputSection(Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     rows_per_shard: int = Field(256, ge=1)
     contact_sheet: int = Field(16, ge=0)  # synthesis: a PNG of the first N images (0 = none)
+    #: caption: tar shards beside the Parquet ones, in img2dataset's layout: ``{key}.jpg|png`` (the source
+    #: image: its own bytes when JPEG or PNG, else re-encoded as PNG), ``{key}.txt`` (the caption),
+    #: ``{key}.json`` (the row). Off by default: it copies the corpus. Synthesis always writes its tars.
+    write_images: bool = False
 
 
 class SynthesisSection(SamplingSection):
@@ -271,6 +275,8 @@ class JobConfig(Section):
         formats = INPUT_FORMATS[self.job]
         if self.input.format not in formats:
             raise ValueError(f"input.format: {self.job} reads {', '.join(formats)}; got {self.input.format!r}")
+        if self.job == "synthesize" and self.output.write_images:
+            raise ValueError("output.write_images is a caption setting: synthesis always writes its images")
         q = self.quality
         if self.job == "caption" and (q.min_score is not None or q.best_of > 1 or q.ratings):
             raise ValueError("quality: min_score, best_of and ratings apply to synthesis; caption takes embeddings")

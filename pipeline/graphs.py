@@ -13,14 +13,18 @@ from typing import Any
 import numpy as np
 import ray
 
+from .columns import INPUT, OutputColumns
 from .config import ConfigError, JobConfig
 from .crash_guard import CrashGuard
-from .images import ImageDecodeError, model_pixels, phash
+from .images import ImageDecodeError, model_pixels, phash, stored_image
 from .model_ref import CAPTIONER, SYNTHESIZER, load_class, resolve_model_ref
 from .output import drop_committed
 from .sources.datasource import image_dataset, prompt_dataset
 from .sources.prompt_files import PromptDefaults
 from .storage import Listing
+
+#: the image reader's columns that the caption job's rows carry on (its bytes are decoded here)
+READ = OutputColumns("caption").carried(INPUT)
 
 
 def actor_options(cfg: JobConfig) -> dict[str, Any]:
@@ -119,8 +123,11 @@ def checkpoint_json(cfg: JobConfig, name: str) -> dict[str, Any]:
         raise ConfigError(f"model.path: {exc}") from None
 
 
-def preprocess_images(batch: dict[str, np.ndarray], processor: dict, max_pixels: int) -> dict[str, np.ndarray]:
-    """CPU stage: bytes -> decoded, resized and padded uint8 [S, S, 3], so GPUs never wait on JPEG."""
+def preprocess_images(
+    batch: dict[str, np.ndarray], processor: dict, max_pixels: int, write_images: bool = False
+) -> dict[str, np.ndarray]:
+    """CPU stage: bytes -> decoded, resized and padded uint8 [S, S, 3], so GPUs never wait on JPEG; with
+    ``write_images``, also the bytes the output's tar keeps of each image (``images.stored_image``)."""
     from janus.models.image_processing_vlm import VLMImageProcessor
 
     resizer = VLMImageProcessor.from_dict(processor)
@@ -130,6 +137,8 @@ def preprocess_images(batch: dict[str, np.ndarray], processor: dict, max_pixels:
     width = np.zeros(n, dtype=np.int32)
     height = np.zeros(n, dtype=np.int32)
     hashes = np.zeros(n, dtype=np.int64)
+    stored = np.full(n, None, dtype=object)
+    reencoded = np.full(n, None, dtype=object)
     status = list(batch["status"])
     error = list(batch["error"])
     for i in range(n):
@@ -138,15 +147,18 @@ def preprocess_images(batch: dict[str, np.ndarray], processor: dict, max_pixels:
         try:
             pixels[i], image = model_pixels(batch["image_bytes"][i], resizer, max_pixels)
             width[i], height[i], hashes[i] = image.width, image.height, phash(image)
+            if write_images:
+                stored[i], reencoded[i] = stored_image(batch["image_bytes"][i], image)
         except ImageDecodeError as exc:
             status[i], error[i] = "error", str(exc)
     return {
-        "key": batch["key"],
-        "source": batch["source"],
+        **{name: batch[name] for name in READ},
         "pixels": pixels,
         "width": width,
         "height": height,
         "phash": hashes,
+        "image": stored,
+        "reencoded_from": reencoded,
         "status": np.array(status, dtype=object),
         "error": np.array(error, dtype=object),
     }
@@ -158,7 +170,11 @@ def build_caption(cfg: JobConfig, listing: Listing, committed: np.ndarray, journ
     ds = drop_committed(ds, committed)
     ds = ds.map_batches(
         preprocess_images,
-        fn_kwargs={"processor": checkpoint_json(cfg, "preprocessor_config.json"), "max_pixels": i.max_pixels},
+        fn_kwargs={
+            "processor": checkpoint_json(cfg, "preprocessor_config.json"),
+            "max_pixels": i.max_pixels,
+            "write_images": cfg.output.write_images,
+        },
         batch_size=cfg.compute.batch_size,
         num_cpus=cfg.compute.preprocess_cpus,
     )

@@ -24,6 +24,7 @@ from .config import ConfigError, InputSection, JobConfig
 from .crash_guard import start_journal
 from .graphs import build_caption, build_synthesis, checkpoint_json, model_actor_class
 from .output import OutputDir
+from .recipe import check_recipe, job_recipe, model_weights, record_recipe
 from .sinks import STAT_COUNTS, ShardDatasink
 from .sources.image_files import list_image_inputs
 from .sources.prompt_files import list_prompt_files
@@ -31,6 +32,11 @@ from .storage import Listing, StorageError
 
 logger = logging.getLogger(__name__)
 SKIPPED_EXAMPLES = 5
+FILTERED_NOTE = (
+    "{n} rows scored below quality.min_score {min_score} and are final: their score is kept in Parquet, "
+    "their image is not stored, and a rerun does not make them again (a stricter threshold is a query "
+    "over the scores; a looser one needs another output)"
+)
 
 
 class InputError(ConfigError):
@@ -131,21 +137,46 @@ def output_columns(cfg: JobConfig) -> OutputColumns:
     return OutputColumns(JOB_KINDS[cfg.job].output, tuple(q.ratings), width)
 
 
-def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Run (or resume) a job to completion; returns the summary that the CLI prints.
+@dataclass
+class Plan:
+    """What a job found before Ray starts: its kind, inputs, columns, recipe and output."""
 
-    What can be wrong with the command (input, output, actor class) is found before Ray starts.
-    """
-    t0 = time.perf_counter()
+    cfg: JobConfig  # ``input.format`` resolved
+    kind: JobKind
+    listing: Listing
+    columns: OutputColumns
+    recipe: dict[str, Any]
+    out: OutputDir
+    new_recipe: bool  # the output has no recipe yet: the job records its own
+
+
+def plan_job(cfg: JobConfig) -> Plan:
+    """Everything that can be wrong with the command (input, output, actor class, a recipe other than
+    the output's), found before Ray starts; nothing is written."""
     kind = JOB_KINDS[cfg.job]
     fmt, listing = list_inputs(cfg)
     model_actor_class(cfg, object)
     columns = output_columns(cfg)
+    recipe = job_recipe(cfg, model_weights(cfg))
     try:
         out = OutputDir(cfg.output.url, cfg.output.storage_options)
     except StorageError as exc:
         raise ConfigError(f"output.url: {exc}") from None
+    new_recipe = check_recipe(out, recipe)
+    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"format": fmt})})  # auto resolved
+    return Plan(cfg, kind, listing, columns, recipe, out, new_recipe)
+
+
+def run_job(cfg: JobConfig) -> dict[str, Any]:
+    """Run (or resume) a job to completion; returns the summary that the CLI prints."""
+    t0 = time.perf_counter()
+    plan = plan_job(cfg)
+    cfg, out, listing = plan.cfg, plan.out, plan.listing
     connect(cfg)
+    if plan.new_recipe:
+        if out.committed_shards:
+            logger.warning("%s has shards but no recipe file: recording this job's", out.url)
+        record_recipe(out, plan.recipe)
     removed = out.cleanup()
     if removed:
         logger.info("removed %d uncommitted leftovers of an earlier run", len(removed))
@@ -159,33 +190,39 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             ", ".join(listing.relative(p) for p in listing.skipped[:SKIPPED_EXAMPLES]),
         )
     ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = cfg.compute.start_failures
-    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"format": fmt})})  # auto resolved
     journal = start_journal()
-    ds = kind.build(cfg, listing, committed, journal)
+    ds = plan.kind.build(cfg, listing, committed, journal)
     del committed  # the filter tasks read it from the object store
-    sink = ShardDatasink(out.url, out.storage_options, columns, cfg.output.rows_per_shard)
+    tar = plan.kind.output == "synthesis" or cfg.output.write_images
+    recipe = plan.columns.recipe_values(plan.recipe)
+    sink = ShardDatasink(out.url, out.storage_options, plan.columns, cfg.output.rows_per_shard, recipe, tar)
     try:
         ds.write_datasink(sink)
     finally:
         ray.kill(journal)
-    elapsed = time.perf_counter() - t0
+    return summarize(plan, sink.shards, time.perf_counter() - t0)
 
-    written = {f: sum(s.get(f, 0) for s in sink.shards) for f in STAT_COUNTS}
+
+def summarize(plan: Plan, shards: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
+    """The job summary: this run's and the output's counts, skipped inputs, duplicates, notes."""
+    cfg, out, listing = plan.cfg, plan.out, plan.listing
+    written = {f: sum(s.get(f, 0) for s in shards) for f in STAT_COUNTS}
     # writers killed mid-file (a lost node) may leave temporaries; their shards were rewritten whole
     leftovers = out.refresh().cleanup()
     if leftovers:
         logger.info("removed %d leftovers of writers that died mid-file", len(leftovers))
     duplicates = out.duplicates()
+    total = out.totals()
     summary: dict[str, Any] = {
         "job": cfg.job,
         "output": out.url,
         "this_run": {
             **written,
-            "shards": len(sink.shards),
+            "shards": len(shards),
             "seconds": round(elapsed, 2),
             "rows_per_s": round(written["count"] / elapsed, 3) if elapsed > 0 else None,
         },
-        "total": out.totals(),
+        "total": total,
         "skipped_inputs": {
             "count": len(listing.skipped),
             "examples": [listing.relative(p) for p in listing.skipped[:SKIPPED_EXAMPLES]],
@@ -193,7 +230,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         "duplicate_keys": len(duplicates),
         "complete": not duplicates,
     }
-    if kind.contact_sheet and cfg.output.contact_sheet:
+    if cfg.quality.min_score is not None:
+        summary["filtered_rows"] = FILTERED_NOTE.format(n=total["filtered"], min_score=cfg.quality.min_score)
+    if plan.kind.contact_sheet and cfg.output.contact_sheet:
         from .contact_sheet import write_contact_sheet
 
         summary["contact_sheet"] = write_contact_sheet(out, cfg.output.contact_sheet)

@@ -148,6 +148,7 @@ def test_continuous_batching_in_the_caption_actor_gives_the_same_rows(model_dir)
         "phash": np.arange(n),
         "status": np.array(["ok"] * 5 + ["error", "ok"], dtype=object),
         "error": np.array([None] * 5 + ["cannot decode image", None], dtype=object),
+        **{name: np.full(n, None, dtype=object) for name in ("source_key", "image", "reencoded_from")},
     }
     got, want = scheduled(batch), static(batch)
     assert scheduled.runner.scheduler.steps > 0 and scheduled.runner.scheduler.peak_running == 3

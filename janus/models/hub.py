@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 #: Files a Janus checkpoint directory may hold; anything else under a prefix is not downloaded.
 CHECKPOINT_PATTERNS = ("*.json", "*.bin", "*.safetensors", "*.model", "*.txt", "*.jinja")
-_COMPLETE_MARKER = ".janus-download-complete"
+COMPLETE_MARKER = ".janus-download-complete"
 
 
 class ModelNotFoundError(OSError):
@@ -82,8 +82,8 @@ def read_checkpoint_file(
         if "://" in ref:
             import fsspec
 
-            cached = _url_cache_dir(ref, cache_dir)
-            if (cached / _COMPLETE_MARKER).exists():
+            cached = url_cache_dir(ref, cache_dir)
+            if (cached / COMPLETE_MARKER).exists():
                 return (cached / filename).read_bytes()
             fs, prefix = fsspec.core.url_to_fs(ref, **dict(storage_options or {}))
             return fs.cat_file(f"{prefix.rstrip('/')}/{filename}")
@@ -94,7 +94,7 @@ def read_checkpoint_file(
         raise ModelNotFoundError(f"cannot read {filename} of model {ref!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def _url_cache_dir(url: str, cache_dir: str | os.PathLike | None) -> Path:
+def url_cache_dir(url: str, cache_dir: str | os.PathLike | None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / "urls" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:24]
 
@@ -123,16 +123,16 @@ def _download_hub(repo_id: str, *, cache_dir, revision, local_files_only) -> Pat
 def _download_fsspec(url: str, *, cache_dir, storage_options: Mapping[str, Any]) -> Path:
     import fsspec
 
-    target = _url_cache_dir(url, cache_dir)
+    target = url_cache_dir(url, cache_dir)
     root = target.parent.parent
-    if (target / _COMPLETE_MARKER).exists():
+    if (target / COMPLETE_MARKER).exists():
         logger.info("using cached copy of %s in %s", url, target)
         return target
 
     fs, prefix = fsspec.core.url_to_fs(url, **dict(storage_options))
     prefix = prefix.rstrip("/")
     try:
-        files = [p for p in fs.find(prefix) if _wanted(p)]
+        files = [p for p in fs.find(prefix) if is_checkpoint_file(p)]
     except FileNotFoundError:
         files = []
     if not files:
@@ -149,7 +149,7 @@ def _download_fsspec(url: str, *, cache_dir, storage_options: Mapping[str, Any])
             local.parent.mkdir(parents=True, exist_ok=True)
             logger.info("downloading %s", remote)
             fs.get_file(remote, str(local))
-        (tmp / _COMPLETE_MARKER).write_text(url)
+        (tmp / COMPLETE_MARKER).write_text(url)
         if target.exists():  # a concurrent or interrupted download: replace it
             shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
@@ -159,7 +159,7 @@ def _download_fsspec(url: str, *, cache_dir, storage_options: Mapping[str, Any])
     return target
 
 
-def _wanted(path: str) -> bool:
+def is_checkpoint_file(path: str) -> bool:
     from fnmatch import fnmatch
 
     name = path.rsplit("/", 1)[-1]

@@ -1,7 +1,8 @@
 """Image inputs for captioning -> image rows: image files, Parquet with an image-bytes column, WebDataset tars.
 
-Rows carry the raw bytes (decoded later on CPU workers), a deterministic key (``keys.py``) and a
-``source`` that locates the image: ``dir/a.jpg``, ``x.parquet#17``, ``shard-0.tar#000017``. A bad
+Rows carry the raw bytes (decoded later on CPU workers), a deterministic key (``keys.py``), a
+``source`` that locates the image (``dir/a.jpg``, ``x.parquet#17``, ``shard-0.tar#000017``) and the
+source's own key where it has one (``source_key``: a WebDataset sample's key, or ``key_column``'s). A bad
 file or sample becomes one row with ``status="error"``; only transient I/O errors raise.
 """
 
@@ -24,13 +25,16 @@ from .keys import image_key, keyed_schema
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 DEFAULT_MAX_IMAGE_BYTES = 128 * 2**20
 
-IMAGE_SCHEMA = keyed_schema(("source", pa.string()), ("image_bytes", pa.binary()))
+IMAGE_SCHEMA = keyed_schema(("source", pa.string()), ("source_key", pa.string()), ("image_bytes", pa.binary()))
 
 
-def _image_row(key: str, source: str, data: bytes | None, error: str | None = None) -> dict[str, Any]:
+def _image_row(
+    key: str, source: str, data: bytes | None, error: str | None = None, source_key: str | None = None
+) -> dict[str, Any]:
     return {
         "key": key,
         "source": source,
+        "source_key": source_key,
         "image_bytes": None if error else data,
         "status": "error" if error else "ok",
         "error": error,
@@ -91,12 +95,14 @@ def _parquet_image_rows(
                     if isinstance(value, dict):  # Hugging Face `Image` feature: {"bytes", "path"}
                         value = value.get("bytes")
                     user_key = data[key_column][i] if key_column else None
-                    key = str(user_key) if user_key is not None else image_key("parquet", source, index)
+                    user_key = None if user_key is None else str(user_key)
+                    key = user_key if user_key is not None else image_key("parquet", source, index)
                     where = f"{source}#{index}"
                     if not value:
-                        yield _image_row(key, where, None, f"no image bytes in column {image_column!r}")
+                        problem = f"no image bytes in column {image_column!r}"
                     else:
-                        yield _image_row(key, where, value, _too_big(len(value), max_bytes))
+                        problem = _too_big(len(value), max_bytes)
+                    yield _image_row(key, where, value, problem, user_key)
                     index += 1
     except BAD_FILE_ERRORS as exc:
         key = image_key("parquet", source, "error", index)
@@ -117,7 +123,7 @@ def _tar_image_rows(
     def flush() -> dict[str, Any]:
         where = f"{source}#{sample_key}"
         problem = error or (None if image is not None else f"sample has no image member (found: {seen})")
-        return _image_row(image_key("tar", source, sample_key), where, image, problem)
+        return _image_row(image_key("tar", source, sample_key), where, image, problem, sample_key)
 
     count = 0
     try:
