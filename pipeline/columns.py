@@ -122,7 +122,7 @@ CAPTION: tuple[Column, ...] = (
     _c("phash", pa.int64(), PREPROCESS, NULL, "64-bit perceptual hash of the image as read"),
     _c("source_key", pa.string(), INPUT, KEEP, "the source sample's own key: a WebDataset sample's "
        "(so captions of a synthesis output join it on `key`), or `input.key_column`'s value"),
-    _c("member", pa.string(), SINK, NULL, "with `output.write_images`: the image's tar member `{key}.jpg|png`"),
+    _c("member", pa.string(), SINK, NULL, "with `output.write_images`: the image's tar member, `{key}.jpg` or `{key}.png`"),
     _c("reencoded_from", pa.string(), PREPROCESS, NULL, "with `output.write_images`: the source format "
        "when the tar holds the image re-encoded as PNG (not JPEG or PNG); null when its own bytes"),
     WEIGHTS,
@@ -224,12 +224,18 @@ class OutputColumns:
             raise ColumnError(f"the {self.kind} recipe columns lack {missing} and do not declare {extra}")
 
 
+def _type_name(t: pa.DataType) -> str:
+    if pa.types.is_list(t):
+        return f"list<{_type_name(t.value_type)}>"
+    return {"float": "float32", "double": "float64", "halffloat": "float16"}.get(str(t), str(t))
+
+
 def markdown_table(kind: str) -> str:
     """The column table of docs/datasets.md for ``kind`` (a test keeps the two equal)."""
     rows = ["| column | type | from | on an error row | meaning |", "| --- | --- | --- | --- | --- |"]
     extra = (rating_column("<name>"),) if kind == "synthesis" else ()
     for c in KINDS[kind] + extra + (embedding_column(1),):
         if c.type is not None:
-            type_ = "fixed_size_list<float16>[tower width]" if c.name == "embedding" else str(c.type)
+            type_ = "list<float16>[tower width]" if c.name == "embedding" else _type_name(c.type)
             rows.append(f"| `{c.name}` | {type_} | {c.source} | {c.on_error} | {c.doc} |")
     return "\n".join(rows)

@@ -8,11 +8,11 @@ near-duplicates when their 64-bit hashes differ in at most ``--max-distance`` bi
 ``phash`` of the image, or a SimHash of the ``embedding`` column (64 fixed random hyperplanes; d bits
 apart is an angle of about d / 64 x 180 degrees). Groups are the connected pairs.
 
-The shards are read one at a time, and of each only status, score and the hash; the driver holds 12
-bytes a row (hash and score) and finds pairs by multi-index hashing: split into m bands, two hashes
+The shards are read one at a time, and of each only the status and the hash; the driver holds 8 bytes
+a row (the hash) and finds pairs by multi-index hashing: split into m bands, two hashes
 within d bits agree in some band to within d // m bits, so each band is probed for its own values and
 their few-bit neighbours instead of comparing all pairs. Keys are read again only for the shards
-holding duplicates.
+holding duplicates, with their scores.
 """
 
 from __future__ import annotations
@@ -73,18 +73,14 @@ def _hashes(table: pa.Table, by: str) -> np.ndarray:
     return simhash(flat.reshape(-1, width))
 
 
-def read_hashes(out: OutputDir, by: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(hashes uint64 [n], scores float32 [n], shard offsets [shards + 1]) of the ok rows, shard by shard."""
-    hashes, scores, offsets = [], [], [0]
+def read_hashes(out: OutputDir, by: str) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes uint64 [n], shard offsets [shards + 1]) of the ok rows, read shard by shard."""
+    hashes, offsets = [], [0]
     for shard in out.committed_shards:
-        table = _ok_rows(out, shard, [by, "score"])
+        table = _ok_rows(out, shard, [by])
         hashes.append(_hashes(table, by))
-        score = table["score"].to_numpy(zero_copy_only=False) if "score" in table.column_names else None
-        scores.append(np.full(table.num_rows, np.nan, np.float32) if score is None else score.astype(np.float32))
         offsets.append(offsets[-1] + table.num_rows)
-    if not hashes:
-        return np.zeros(0, np.uint64), np.zeros(0, np.float32), np.array(offsets)
-    return np.concatenate(hashes), np.concatenate(scores), np.array(offsets)
+    return (np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)), np.array(offsets)
 
 
 TABLE_BITS = 24  # bands up to this wide look their buckets up in a table (2^bits entries), wider ones search
@@ -117,26 +113,29 @@ class _Band:
     """One band's values, sorted, with where each value's rows start and how many there are."""
 
     def __init__(self, hashes: np.ndarray, start: int, width: int):
-        self.vals = (hashes >> np.uint64(start)) & np.uint64((1 << width) - 1)
-        self.order = np.argsort(self.vals, kind="stable")
+        index = np.int32 if len(hashes) < 2**31 else np.int64  # row positions: 4 bytes where they fit
+        value = np.int32 if width < 32 else np.int64
+        self.vals = ((hashes >> np.uint64(start)) & np.uint64((1 << width) - 1)).astype(value)
+        self.order = np.argsort(self.vals, kind="stable").astype(index)
         if width <= TABLE_BITS:
-            self.counts = np.bincount(self.vals.astype(np.int64), minlength=1 << width).astype(np.int32)
-            self.starts = (np.cumsum(self.counts, dtype=np.int64) - self.counts).astype(np.int64)
+            self.counts = np.zeros(1 << width, dtype=index)  # not bincount: its int64 table is twice the size
+            np.add.at(self.counts, self.vals, 1)
+            self.starts = np.cumsum(self.counts, dtype=index)
+            self.starts -= self.counts
         else:
             self.sorted = self.vals[self.order]
 
     def lookup(self, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(first sorted position, count) of the rows whose value is ``probe``, per probe."""
         if hasattr(self, "counts"):
-            index = probe.astype(np.int64)
-            return self.starts[index], self.counts[index]
+            return self.starts[probe], self.counts[probe]
         lo = np.searchsorted(self.sorted, probe, "left")
         return lo, np.searchsorted(self.sorted, probe, "right") - lo
 
 
 def _probe(hashes: np.ndarray, band: _Band, flip: int, max_distance: int) -> np.ndarray:
     """Pairs (i < j) whose band values differ by ``flip`` and whose hashes are within the distance."""
-    lo, counts = band.lookup(band.vals ^ np.uint64(flip))
+    lo, counts = band.lookup(band.vals ^ flip)
     rows = np.flatnonzero(counts)
     lo, counts = lo[rows], counts[rows]
     step = max(1, int(len(rows) * PAIR_CHUNK // max(int(counts.sum()), 1)))  # rows whose candidates fit
@@ -162,6 +161,7 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     for start, width in bands:
         band = _Band(hashes, start, width)
         found += [_probe(hashes, band, flip, max_distance) for flip in _flips(width, radius)]
+        del band  # one band's tables at a time
     pairs = np.concatenate(found)
     return np.unique(pairs, axis=0) if len(pairs) else pairs
 
@@ -187,15 +187,18 @@ def components(n: int, pairs: np.ndarray) -> np.ndarray:
         parent = up
 
 
-def _keys(out: OutputDir, rows: np.ndarray, offsets: np.ndarray, by: str) -> list[str]:
-    """The keys of the ok rows ``rows`` (global indices, sorted), shard by shard as ``read_hashes`` saw them."""
+def _members(out: OutputDir, rows: np.ndarray, offsets: np.ndarray, by: str) -> tuple[list[str], np.ndarray]:
+    """Keys and scores (NaN: none) of the ok rows ``rows`` (sorted global indices), read again from the
+    shards that hold them, in the order ``read_hashes`` saw them."""
     keys: list[str] = []
+    scores: list[np.ndarray] = []
     shards = np.searchsorted(offsets, rows, "right") - 1
     for s in np.unique(shards):
-        local = rows[shards == s] - offsets[s]
-        column = _ok_rows(out, out.committed_shards[s], [by, "key"])["key"]
-        keys += column.take(pa.array(local)).to_pylist()
-    return keys
+        table = _ok_rows(out, out.committed_shards[s], [by, "key", "score"]).take(pa.array(rows[shards == s] - offsets[s]))
+        keys += table["key"].to_pylist()
+        score = table["score"].to_numpy(zero_copy_only=False) if "score" in table.column_names else None
+        scores.append(np.full(table.num_rows, np.nan) if score is None else score.astype(np.float64))
+    return keys, np.concatenate(scores) if scores else np.zeros(0)
 
 
 def find_duplicates(out: OutputDir, max_distance: int = 6, by: str = "phash") -> tuple[pa.Table, int]:
@@ -204,16 +207,15 @@ def find_duplicates(out: OutputDir, max_distance: int = 6, by: str = "phash") ->
         raise DedupError(f"--by must be one of {', '.join(METHODS)}, got {by!r}")
     if not 0 <= max_distance <= MAX_DISTANCE:
         raise DedupError(f"--max-distance must be in [0, {MAX_DISTANCE}] bits of 64, got {max_distance}")
-    hashes, scores, offsets = read_hashes(out, by)
+    hashes, offsets = read_hashes(out, by)
     distinct, inverse = np.unique(hashes, return_inverse=True)
     labels = components(len(distinct), near_pairs(distinct, max_distance))[inverse]
-    del inverse
+    del distinct, inverse
     group_labels, counts = np.unique(labels, return_counts=True)
     rows = np.flatnonzero(np.isin(labels, group_labels[counts > 1]))  # rows that have a duplicate
-    keys = _keys(out, rows, offsets, by)
+    keys, scores = _members(out, rows, offsets, by)
     groups: dict[int, list[tuple[float, str, int]]] = {}
-    for row, key in zip(rows.tolist(), keys, strict=True):
-        score = float(scores[row])
+    for row, key, score in zip(rows.tolist(), keys, scores.tolist(), strict=True):
         groups.setdefault(int(labels[row]), []).append((-math.inf if math.isnan(score) else score, key, row))
     removed = []
     for members in groups.values():
