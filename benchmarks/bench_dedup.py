@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
@@ -51,15 +51,23 @@ def write_output(root: Path, n: int, rows_per_shard: int) -> int:
     return len(copies)
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def measure(root: str) -> dict:
-    """In this (fresh) process: baseline RSS after imports, then peak RSS over the dedup command."""
+    """In this (fresh) process: RSS after imports, then the peak RSS over the dedup command (the peak
+    is reset first: ``ru_maxrss`` would count the parent's memory from before the exec)."""
     from pipeline.dedup import dedup
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM, the peak resident set, to the current one
+    base = _status_kb("VmRSS") * 1024
     t0 = time.perf_counter()
     summary = dedup(root, max_distance=6)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_kb("VmHWM") * 1024
     return {
         "rows": summary["compared"],
         "baseline_mb": round(base / 2**20, 1),
@@ -67,6 +75,7 @@ def measure(root: str) -> dict:
         "peak_bytes_per_row": round((peak - base) / summary["compared"], 1),
         "seconds": round(seconds, 1),
         "listed": summary["remove"],
+        "load_average_1m": round(os.getloadavg()[0], 1),  # a shared machine: the seconds are noisy
     }
 
 

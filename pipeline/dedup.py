@@ -35,7 +35,8 @@ REMOVE_FILE = "dedup/remove.parquet"
 METHODS = ("phash", "embedding")
 MAX_DISTANCE = 12  # bits of 64; beyond, pHash neighbours are mostly other images and probing grows fast
 SIMHASH_SEED = 0  # the hyperplanes of --by embedding: fixed, so a rerun finds the same pairs
-PAIR_CHUNK = 1 << 23  # candidate pairs checked at once (~200 MB of temporaries)
+ROW_CHUNK = 1 << 18  # rows probed at once
+PAIR_CHUNK = 1 << 20  # candidate pairs checked at once (~70 MB of temporaries)
 REMOVE_SCHEMA = pa.schema(
     [("key", pa.string()), ("duplicate_of", pa.string()), ("distance", pa.int32()), ("by", pa.string())]
 )
@@ -133,23 +134,33 @@ class _Band:
         return lo, np.searchsorted(self.sorted, probe, "right") - lo
 
 
-def _probe(hashes: np.ndarray, band: _Band, flip: int, max_distance: int) -> np.ndarray:
-    """Pairs (i < j) whose band values differ by ``flip`` and whose hashes are within the distance."""
-    lo, counts = band.lookup(band.vals ^ flip)
-    rows = np.flatnonzero(counts)
-    lo, counts = lo[rows], counts[rows]
-    step = max(1, int(len(rows) * PAIR_CHUNK // max(int(counts.sum()), 1)))  # rows whose candidates fit
-    found = []
-    for start in range(0, len(rows), step):
-        n = counts[start : start + step]
-        total = int(n.sum())
-        i = np.repeat(rows[start : start + step], n)
-        j = band.order[np.repeat(lo[start : start + step], n) + np.arange(total) - np.repeat(np.cumsum(n) - n, n)]
-        keep = i < j
-        i, j = i[keep], j[keep]
-        close = np.bitwise_count(hashes[i] ^ hashes[j]) <= max_distance
-        found.append(np.stack([i[close], j[close]], axis=1))
-    return np.concatenate(found) if found else np.zeros((0, 2), np.int64)
+def _spans(counts: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges of ``counts`` whose sum stays within ``budget`` (a range holds one entry at least)."""
+    ends = np.cumsum(counts)
+    start = 0
+    while start < len(counts):
+        base = ends[start - 1] if start else 0
+        stop = max(int(np.searchsorted(ends, base + budget, "right")), start + 1)
+        yield start, stop
+        start = stop
+
+
+def _probe(hashes: np.ndarray, band: _Band, flip: int, max_distance: int) -> Iterator[np.ndarray]:
+    """Pairs (i < j) whose band values differ by ``flip`` and whose hashes are within the distance,
+    ROW_CHUNK rows and PAIR_CHUNK candidates at a time: temporaries do not grow with the row count."""
+    for first in range(0, len(band.vals), ROW_CHUNK):
+        lo, counts = band.lookup(band.vals[first : first + ROW_CHUNK] ^ flip)
+        rows = np.flatnonzero(counts)
+        lo, counts = lo[rows], counts[rows]
+        rows += first
+        for a, b in _spans(counts, PAIR_CHUNK):
+            n = counts[a:b]
+            i = np.repeat(rows[a:b], n)
+            j = band.order[np.repeat(lo[a:b], n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)]
+            keep = i < j
+            i, j = i[keep], j[keep]
+            close = np.bitwise_count(hashes[i] ^ hashes[j]) <= max_distance
+            yield np.stack([i[close], j[close]], axis=1)
 
 
 def near_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
@@ -160,9 +171,9 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     found = []
     for start, width in bands:
         band = _Band(hashes, start, width)
-        found += [_probe(hashes, band, flip, max_distance) for flip in _flips(width, radius)]
+        found += [pairs for flip in _flips(width, radius) for pairs in _probe(hashes, band, flip, max_distance)]
         del band  # one band's tables at a time
-    pairs = np.concatenate(found)
+    pairs = np.concatenate(found) if found else np.zeros((0, 2), np.int64)
     return np.unique(pairs, axis=0) if len(pairs) else pairs
 
 
@@ -201,6 +212,26 @@ def _members(out: OutputDir, rows: np.ndarray, offsets: np.ndarray, by: str) -> 
     return keys, np.concatenate(scores) if scores else np.zeros(0)
 
 
+def grouped_rows(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that have a near-duplicate, their group labels): only the distinct hashes are compared, and
+    no per-row index is built beside the hashes (a sorted copy is the largest temporary)."""
+    distinct, counts = np.unique(hashes, return_counts=True)
+    labels = components(len(distinct), near_pairs(distinct, max_distance))
+    in_group = np.bincount(labels, weights=counts, minlength=len(distinct))[labels] > 1
+    del counts
+    grouped = distinct[in_group]  # sorted: the hashes whose rows have a duplicate
+    grouped_labels = labels[in_group]
+    del distinct, labels
+    rows, row_labels = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for start in range(0, len(hashes) if len(grouped) else 0, PAIR_CHUNK):  # bounded temporaries
+        part = hashes[start : start + PAIR_CHUNK]
+        found = np.minimum(np.searchsorted(grouped, part), len(grouped) - 1)
+        hit = np.flatnonzero(grouped[found] == part)
+        rows.append(start + hit)
+        row_labels.append(grouped_labels[found[hit]])
+    return np.concatenate(rows), np.concatenate(row_labels)
+
+
 def find_duplicates(out: OutputDir, max_distance: int = 6, by: str = "phash") -> tuple[pa.Table, int]:
     """The rows to remove (``REMOVE_SCHEMA``, sorted by key), and how many ok rows were compared."""
     if by not in METHODS:
@@ -208,15 +239,11 @@ def find_duplicates(out: OutputDir, max_distance: int = 6, by: str = "phash") ->
     if not 0 <= max_distance <= MAX_DISTANCE:
         raise DedupError(f"--max-distance must be in [0, {MAX_DISTANCE}] bits of 64, got {max_distance}")
     hashes, offsets = read_hashes(out, by)
-    distinct, inverse = np.unique(hashes, return_inverse=True)
-    labels = components(len(distinct), near_pairs(distinct, max_distance))[inverse]
-    del distinct, inverse
-    group_labels, counts = np.unique(labels, return_counts=True)
-    rows = np.flatnonzero(np.isin(labels, group_labels[counts > 1]))  # rows that have a duplicate
+    rows, labels = grouped_rows(hashes, max_distance)
     keys, scores = _members(out, rows, offsets, by)
     groups: dict[int, list[tuple[float, str, int]]] = {}
-    for row, key, score in zip(rows.tolist(), keys, scores.tolist(), strict=True):
-        groups.setdefault(int(labels[row]), []).append((-math.inf if math.isnan(score) else score, key, row))
+    for row, label, key, score in zip(rows.tolist(), labels.tolist(), keys, scores.tolist(), strict=True):
+        groups.setdefault(label, []).append((-math.inf if math.isnan(score) else score, key, row))
     removed = []
     for members in groups.values():
         _, keep_key, keep_row = min(members, key=lambda m: (-m[0], m[1]))  # best score, then smallest key

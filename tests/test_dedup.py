@@ -53,6 +53,7 @@ def test_planted_duplicates_are_found_and_the_best_scored_is_kept(tmp_path, caps
     images[30] = _jpeg(images[3])  # a copy of 3, scored lower
     images[31] = _jpeg(images[7])  # a group 7, 31, 32 where 32 scores best
     images[32] = np.asarray(PIL.Image.fromarray(images[7]).resize((90, 90)).resize((96, 96)))
+    images[33] = images[10].copy()  # the same image twice, the same score: the smaller key is kept
     scores = {i: 0.5 for i in images} | {30: 0.2, 32: 0.9}
     rows = [
         model_row(key=_key(i), status="ok", prompt=f"p{i}", image=img, phash=phash(img), score=scores[i])
@@ -71,9 +72,10 @@ def test_planted_duplicates_are_found_and_the_best_scored_is_kept(tmp_path, caps
         (_key(7), _key(32)),
         (_key(30), _key(3)),
         (_key(31), _key(32)),
+        (_key(33), _key(10)),
     ]
-    assert all(r["by"] == "phash" and r["distance"] <= 12 for r in removed)
-    assert summary["remove"] == 3 and summary["groups"] == 2 and summary["compared"] == 33
+    assert all(r["by"] == "phash" and r["distance"] <= 12 for r in removed) and removed[-1]["distance"] == 0
+    assert summary["remove"] == 4 and summary["groups"] == 3 and summary["compared"] == 34
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
     import duckdb
@@ -82,7 +84,7 @@ def test_planted_duplicates_are_found_and_the_best_scored_is_kept(tmp_path, caps
         f"SELECT key FROM '{out}/shard-*.parquet' WHERE status = 'ok' "
         f"AND key NOT IN (SELECT key FROM '{out}/{REMOVE_FILE}') ORDER BY key"
     ).fetchall()
-    assert [k for (k,) in kept] == sorted(_key(i) for i in images if i not in (7, 30, 31))
+    assert [k for (k,) in kept] == sorted(_key(i) for i in images if i not in (7, 30, 31, 33))
 
 
 def test_embeddings_dedup_by_simhash(tmp_path, capsys):

@@ -22,6 +22,8 @@ LIGHT = [
     "pipeline.crash_guard",  # the pool's wrapper, pickled by the driver: it imports the actor class lazily
     "pipeline.sources.datasource",  # read tasks
     "pipeline.sinks",  # write tasks
+    "pipeline.dedup",  # `janus-pipeline dedup`: Parquet and numpy only
+    "janus.models.fingerprint",  # the driver hashes the weights before Ray starts
     "pipeline.contact_sheet",
     "pipeline.images",  # the caption job's CPU decode and resize tasks, with the next one
     "janus.models.image_processing_vlm",
