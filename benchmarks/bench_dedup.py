@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks.machine import cpu
 from janus.utils.cli import OneLineParser
 
 RESULTS = Path(__file__).parent / "results"
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 text=True,
                 check=True,
             )
-            row = {**json.loads(proc.stdout), "planted": planted, "max_distance": 6}
+            row = {**json.loads(proc.stdout), "planted": planted, "max_distance": 6, "cpu": cpu()}
             print(json.dumps(row), file=sys.stderr)
             results.append(row)
     RESULTS.mkdir(exist_ok=True)

@@ -138,7 +138,7 @@ def output_columns(cfg: JobConfig) -> OutputColumns:
 
 
 @dataclass
-class Plan:
+class CheckedJob:
     """What a job found before Ray starts: its kind, inputs, columns, recipe and output."""
 
     cfg: JobConfig  # ``input.format`` resolved
@@ -150,7 +150,7 @@ class Plan:
     new_recipe: bool  # the output has no recipe yet: the job records its own
 
 
-def plan_job(cfg: JobConfig) -> Plan:
+def check_job(cfg: JobConfig) -> CheckedJob:
     """Everything that can be wrong with the command (input, output, actor class, a recipe other than
     the output's), found before Ray starts; nothing is written."""
     kind = JOB_KINDS[cfg.job]
@@ -164,19 +164,19 @@ def plan_job(cfg: JobConfig) -> Plan:
         raise ConfigError(f"output.url: {exc}") from None
     new_recipe = check_recipe(out, recipe)
     cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"format": fmt})})  # auto resolved
-    return Plan(cfg, kind, listing, columns, recipe, out, new_recipe)
+    return CheckedJob(cfg, kind, listing, columns, recipe, out, new_recipe)
 
 
 def run_job(cfg: JobConfig) -> dict[str, Any]:
     """Run (or resume) a job to completion; returns the summary that the CLI prints."""
     t0 = time.perf_counter()
-    plan = plan_job(cfg)
-    cfg, out, listing = plan.cfg, plan.out, plan.listing
+    job = check_job(cfg)
+    cfg, out, listing = job.cfg, job.out, job.listing
     connect(cfg)
-    if plan.new_recipe:
+    if job.new_recipe:
         if out.committed_shards:
             logger.warning("%s has shards but no recipe file: recording this job's", out.url)
-        record_recipe(out, plan.recipe)
+        record_recipe(out, job.recipe)
     removed = out.cleanup()
     if removed:
         logger.info("removed %d uncommitted leftovers of an earlier run", len(removed))
@@ -191,21 +191,21 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         )
     ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = cfg.compute.start_failures
     journal = start_journal()
-    ds = plan.kind.build(cfg, listing, committed, journal)
+    ds = job.kind.build(cfg, listing, committed, journal)
     del committed  # the filter tasks read it from the object store
-    tar = plan.kind.output == "synthesis" or cfg.output.write_images
-    recipe = plan.columns.recipe_values(plan.recipe)
-    sink = ShardDatasink(out.url, out.storage_options, plan.columns, cfg.output.rows_per_shard, recipe, tar)
+    tar = job.kind.output == "synthesis" or cfg.output.write_images
+    recipe = job.columns.recipe_values(job.recipe)
+    sink = ShardDatasink(out.url, out.storage_options, job.columns, cfg.output.rows_per_shard, recipe, tar)
     try:
         ds.write_datasink(sink)
     finally:
         ray.kill(journal)
-    return summarize(plan, sink.shards, time.perf_counter() - t0)
+    return summarize(job, sink.shards, time.perf_counter() - t0)
 
 
-def summarize(plan: Plan, shards: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
+def summarize(job: CheckedJob, shards: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
     """The job summary: this run's and the output's counts, skipped inputs, duplicates, notes."""
-    cfg, out, listing = plan.cfg, plan.out, plan.listing
+    cfg, out, listing = job.cfg, job.out, job.listing
     written = {f: sum(s.get(f, 0) for s in shards) for f in STAT_COUNTS}
     # writers killed mid-file (a lost node) may leave temporaries; their shards were rewritten whole
     leftovers = out.refresh().cleanup()
@@ -232,7 +232,7 @@ def summarize(plan: Plan, shards: list[dict[str, Any]], elapsed: float) -> dict[
     }
     if cfg.quality.min_score is not None:
         summary["filtered_rows"] = FILTERED_NOTE.format(n=total["filtered"], min_score=cfg.quality.min_score)
-    if plan.kind.contact_sheet and cfg.output.contact_sheet:
+    if job.kind.contact_sheet and cfg.output.contact_sheet:
         from .contact_sheet import write_contact_sheet
 
         summary["contact_sheet"] = write_contact_sheet(out, cfg.output.contact_sheet)

@@ -36,20 +36,20 @@ class RecipeMismatch(ConfigError):
 
 
 def speculative(engine: dict[str, Any]) -> dict[str, Any]:
-    """``engine.speculative``'s method and window as the job configures them; method ``off`` without."""
+    """``engine.speculative`` as it decides images: its method (``off``: one code a pass) and, when on,
+    its window, draft initialisation and ``max_rows`` (above which a batch decodes plainly)."""
     spec = engine.get("speculative") or {}
-    if hasattr(spec, "model_dump"):
-        spec = spec.model_dump()
-    method = spec.get("method") if isinstance(spec, dict) else spec
-    if not method or method == "off":
-        return {"engine.speculative.method": "off", "engine.speculative.window": None}
-    window = spec.get("window") if isinstance(spec, dict) else None
-    return {"engine.speculative.method": str(method), "engine.speculative.window": window}
+    method = spec.get("method", "off")
+    on = method != "off"
+    return {
+        "engine.speculative.method": method,
+        **{f"engine.speculative.{k}": spec.get(k) if on else None for k in ("window", "draft_init", "max_rows")},
+    }
 
 
 def job_recipe(cfg: JobConfig, weights: str) -> dict[str, Any]:
     """The recipe of ``cfg``'s outputs, given its weights' fingerprint (``weights_fingerprint``)."""
-    engine = ENGINE_OPTIONS[cfg.job].model_validate(cfg.engine).model_dump() | cfg.engine
+    engine = ENGINE_OPTIONS[cfg.job].model_validate(cfg.engine).model_dump()  # the defaults filled in
     q = cfg.quality
     recipe: dict[str, Any] = {
         "model.name": cfg.model.path,

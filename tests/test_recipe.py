@@ -15,7 +15,7 @@ import pytest
 
 from janus.models.fingerprint import weights_fingerprint
 from pipeline.config import load_config
-from pipeline.job import plan_job
+from pipeline.job import check_job
 from pipeline.output import OutputDir
 from pipeline.recipe import RECIPE_FILE, RecipeMismatch, differences, job_recipe, record_recipe
 from tests.support import REPO
@@ -75,13 +75,13 @@ def test_what_counts_as_another_recipe(model_dir, tmp_path):
 
 def test_a_rerun_with_another_recipe_is_refused_before_ray_starts(model_dir, tmp_path):
     write_prompts(tmp_path / "p.txt", 3)
-    first = plan_job(_cfg(model_dir, tmp_path))
+    first = check_job(_cfg(model_dir, tmp_path))
     assert first.new_recipe and not (tmp_path / "out").exists()  # planning writes nothing
     record_recipe(OutputDir(str(tmp_path / "out")), first.recipe)
     assert json.loads((tmp_path / "out" / RECIPE_FILE).read_text()) == first.recipe
-    assert not plan_job(_cfg(model_dir, tmp_path, "compute.batch_size=2")).new_recipe  # same recipe
+    assert not check_job(_cfg(model_dir, tmp_path, "compute.batch_size=2")).new_recipe  # same recipe
     with pytest.raises(RecipeMismatch, match="synthesis.temperature: 1.0 in the output, 0.5 now"):
-        plan_job(_cfg(model_dir, tmp_path, "synthesis.temperature=0.5"))
+        check_job(_cfg(model_dir, tmp_path, "synthesis.temperature=0.5"))
 
     args = [a for o in job_overrides(model_dir, str(tmp_path / "p.txt"), str(tmp_path / "out")) for a in ("--set", o)]
     changed = ["--set", "synthesis.cfg_weight=2", "--set", "synthesis.top_k=50"]
