@@ -4,6 +4,7 @@ driver resumes with every image exactly once."""
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,7 @@ def test_caption_resume_after_the_driver_is_killed(ray_session, model_dir, gate,
         *job_overrides(model_dir, str(tmp_path / "images"), str(out)),
         "input.format=images",
         "compute.gpus_per_actor=0",
+        "output.write_images=true",  # the tars too: written before the commit, resumed as the Parquet
         # model-free: what is tested is the kill, the resume filter and the sink, not the captions
         "compute.actor_class=tests.support.scale_actors:GatedCaptionStandIn",
     ]
@@ -119,6 +121,18 @@ def test_caption_resume_after_the_driver_is_killed(ray_session, model_dir, gate,
         committed_before
     )
     assert summary["complete"] and summary["duplicate_keys"] == 0
+    # the tars hold each image exactly once, beside its committed Parquet file, with the row's caption
+    members = []
+    for tar_path in sorted(out.glob("*.tar")):
+        assert (out / tar_path.name.replace(".tar", ".parquet")).exists(), f"{tar_path.name} uncommitted"
+        with tarfile.open(tar_path) as tar:
+            members += [(m.name, tar.extractfile(m).read()) for m in tar]
+    names = [name for name, _ in members]
+    by_key = {r["key"]: r for r in rows}
+    assert sorted(n for n in names if not n.endswith((".txt", ".json"))) == sorted(r["member"] for r in rows)
+    assert len(names) == len(set(names)) == 3 * len(keys)
+    texts = {name.rsplit(".", 1)[0]: data.decode() for name, data in members if name.endswith(".txt")}
+    assert texts == {k: r["caption"] for k, r in by_key.items()}
 
 
 def test_continuous_batching_in_the_caption_actor_gives_the_same_rows(model_dir):

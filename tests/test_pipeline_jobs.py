@@ -24,6 +24,7 @@ from pipeline.config import load_config
 from pipeline.graphs import actor_options
 from pipeline.job import run_job
 from pipeline.output import OutputDir
+from pipeline.recipe import RECIPE_FILE
 from pipeline.sources.image_files import read_images
 from pipeline.sources.prompt_files import PromptDefaults, read_prompts
 from tests.support import REPO
@@ -240,7 +241,9 @@ def test_resume_after_the_driver_is_killed(ray_session, model_dir, gate, tmp_pat
         p.name: p.read_bytes() for p in out.glob("*.parquet") if p.name in committed_before
     } == committed_before
     leftovers = [
-        p.name for p in out.iterdir() if not p.name.startswith("shard-") and p.name != "contact_sheet.png"
+        p.name
+        for p in out.iterdir()
+        if not p.name.startswith("shard-") and p.name not in ("contact_sheet.png", RECIPE_FILE)
     ]
     assert not leftovers
     for tar in out.glob("*.tar"):

@@ -71,7 +71,7 @@ def test_the_plan_counts_rows_shards_bytes_driver_memory_and_gpu_hours(prompts, 
     assert plan["rows"] == {"total": 16, "committed": 0, "to_make": 16, "samples_per_prompt": 2}
     assert plan["input"]["files"] == 2 and plan["input"]["bad_lines"] == 3
     assert plan["shards"]["count"] == 4
-    assert plan["output"]["bytes_per_row"] == pytest.approx(0.6 * 384 * 384 * 3 + 2100)
+    assert plan["output"]["bytes_per_row"] == pytest.approx(0.6 * 384 * 384 * 3 + 3450)
     assert plan["output"]["source"].startswith("assumed")
     assert plan["driver"]["resume_bytes"] == pytest.approx(DRIVER_BASELINE_BYTES + 16 * RESUME_BYTES_PER_KEY)
     gpu = plan["gpu"]
