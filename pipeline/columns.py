@@ -186,8 +186,13 @@ class OutputColumns:
         return tuple(c.name for c in self.columns if c.type is not None and c.source in FROM_MODEL_STAGE)
 
     @cached_property
-    def null_on_error(self) -> tuple[str, ...]:
-        return tuple(c.name for c in self.columns if c.on_error == NULL and c.type is not None)
+    def parquet_names(self) -> tuple[str, ...]:
+        return tuple(self.schema.names)
+
+    @cached_property
+    def null_on_error(self) -> dict[str, None]:
+        """The Parquet columns that are null on an error row, as a record update."""
+        return {c.name: None for c in self.columns if c.on_error == NULL and c.type is not None}
 
     @cached_property
     def markers(self) -> dict[str, Any]:

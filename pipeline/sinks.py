@@ -120,14 +120,14 @@ def _record(row: dict[str, Any], columns: OutputColumns, shard: str, recipe: dic
         status, error = "error", error or f"status {row.get('status')!r}"
     if status == "error" and not error:
         error = "failed (no reason given)"
-    record = dict.fromkeys(columns.schema.names)
+    record = dict.fromkeys(columns.parquet_names)
     for name in columns.stored_from_rows:
         value = row[name]
         record[name] = value if type(value) in _PLAIN_TYPES else _plain(value)
     record.update(recipe)
     record.update(status=status, error=error, shard=shard)
     if status == "error":
-        record.update(dict.fromkeys(columns.null_on_error))
+        record.update(columns.null_on_error)
     for name, marker in columns.markers.items():
         if record[name] == marker:
             record[name] = None
@@ -161,7 +161,7 @@ def _sample(row: dict[str, Any], columns: OutputColumns, shard: str, recipe: dic
             if not _TAR_SAFE_KEY.match(key):
                 raise ValueError(f"key {key!r} cannot name a WebDataset member: use [A-Za-z0-9_-]+ keys")
     except ValueError as exc:
-        record.update(dict.fromkeys(columns.null_on_error), status="error", error=f"cannot store image: {exc}")
+        record.update(columns.null_on_error, status="error", error=f"cannot store image: {exc}")
         return sample
     record["member"] = f"{key}.{ext}"
     sample.image, sample.text = data, text
