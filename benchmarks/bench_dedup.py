@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks.fresh import measure_in_fresh_process
 from benchmarks.machine import cpu
 from janus.utils.cli import OneLineParser
 
@@ -94,13 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.rows:
             root = Path(tmp) / f"out-{n}"
             planted = write_output(root, n, args.rows_per_shard)
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.bench_dedup", "--measure", str(root)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            row = {**json.loads(proc.stdout), "planted": planted, "max_distance": 6, "cpu": cpu()}
+            row = measure_in_fresh_process("benchmarks.bench_dedup", root)
+            row.update(planted=planted, max_distance=6, cpu=cpu())
             print(json.dumps(row), file=sys.stderr)
             results.append(row)
     RESULTS.mkdir(exist_ok=True)

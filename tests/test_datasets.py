@@ -96,9 +96,11 @@ def test_the_stored_caption_is_the_model_text_stripped(demo):
 
 def test_ray_data_reads_the_tars(demo):
     ns = run_snippet("# Ray Data", demo)
-    assert len(ns["samples"]) == 16
-    first = ns["samples"][0]
-    assert first["png"].shape == (96, 96, 3) and first["txt"] and first["json"]["weights"].startswith("sha256:")
+    assert len(ns["samples"]) == len(ns["captioned"]) == 16
+    for sample in ns["samples"] + ns["captioned"]:
+        assert sample["png"].shape == (96, 96, 3) and sample["txt"] and sample["json"]["weights"].startswith("sha256:")
+    captions = {r["key"]: r["caption"] for r in output_rows(str(demo / "out" / "captions"))}
+    assert {s["json"]["key"]: s["txt"] for s in ns["captioned"]} == captions
 
 
 def test_the_recipe_alone_makes_the_same_image(demo):
