@@ -78,7 +78,7 @@ class Captioner(ModelActor):
                 caption[i], tokens[i], finish[i] = res.text.strip(), res.num_tokens, res.finish_reason
                 seconds[i] = per_row_seconds(res)
         out = {
-            **{name: batch[name] for name in CARRIED},  # the reader's and the CPU stage's columns
+            **{name: batch[name] for name in CARRIED if name in batch},  # reader's, CPU stage's: all, in a job
             "caption": objects(caption),
             "question": objects([self.caption.get("question")] * n),
             "model": objects([self.model_name] * n),

@@ -126,7 +126,7 @@ class Synthesizer(ModelActor):
                 out["embedding"][i] = vector
         self.metrics.batch(status, started)
         return {
-            **{name: batch[name] for name in CARRIED},
+            **{name: batch[name] for name in CARRIED if name in batch},  # the writer checks they all are
             **out,
             "status": objects(status),
             "error": objects(error),
