@@ -16,7 +16,15 @@ import posixpath
 from collections.abc import Mapping
 from typing import Any
 
-from .hub import CHECKPOINT_PATTERNS, COMPLETE_MARKER, ModelNotFoundError, is_checkpoint_file, url_cache_dir
+from .hub import (
+    CHECKPOINT_PATTERNS,
+    COMPLETE_MARKER,
+    ModelNotFoundError,
+    is_checkpoint_file,
+    is_hub_id,
+    not_a_model,
+    url_cache_dir,
+)
 
 WHOLE_BYTES = 16 * 2**20  # files up to this size are hashed whole
 EDGE_BYTES = 2**20  # of larger files: the first and the last MiB ...
@@ -42,6 +50,8 @@ def weights_fingerprint(
 
         fs, prefix = fsspec.core.url_to_fs(ref, **dict(storage_options or {}))
         return _fingerprint(fs, prefix.rstrip("/"))
+    if not is_hub_id(ref):
+        raise not_a_model(ref)
     return _hub_revision(ref, cache_dir)
 
 

@@ -57,12 +57,21 @@ def resolve_model_path(
         if ref.startswith("file://") and os.path.isdir(ref[len("file://") :]):
             return Path(ref[len("file://") :])
         return _download_fsspec(ref, cache_dir=cache_dir, storage_options=storage_options or {})
-    if os.path.exists(ref) or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        raise ModelNotFoundError(
-            f"model path {ref!r} is neither an existing directory nor a hub id of the form "
-            "'owner/name' nor a URL such as s3://bucket/prefix"
-        )
+    if not is_hub_id(ref):
+        raise not_a_model(ref)
     return _download_hub(ref, cache_dir=cache_dir, revision=revision, local_files_only=local_files_only)
+
+
+def is_hub_id(ref: str) -> bool:
+    """``owner/name`` that is not a local path: what ``resolve_model_path`` fetches from the hub."""
+    return not (os.path.exists(ref) or ref.startswith((".", "/", "~")) or ref.count("/") != 1)
+
+
+def not_a_model(ref: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model path {ref!r} is neither an existing directory nor a hub id of the form "
+        "'owner/name' nor a URL such as s3://bucket/prefix"
+    )
 
 
 def read_checkpoint_file(
