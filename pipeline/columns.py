@@ -96,6 +96,9 @@ SYNTHESIS: tuple[Column, ...] = (
     ),  # fmt: skip
     _c("scores", pa.list_(pa.float32()), MODEL, NULL, "best-of-k: every candidate's score", serve="candidate_scores"),
     _c("phash", pa.int64(), MODEL, NULL, "64-bit perceptual hash of the image, for near-duplicate search"),
+    _c("decode_method", pa.string(), MODEL, NULL, "how the image's codes were chosen: `off` (one a pass), "
+       "`jacobi` or `coupled` (a batch above `speculative.max_rows` decodes plainly)", serve="decode_method"),
+    _c("decode_passes", pa.int32(), MODEL, NULL, "forward passes that chose the image's codes", serve="decode_passes"),
     WEIGHTS,
     VERSION,
     DTYPE,

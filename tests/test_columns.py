@@ -89,20 +89,14 @@ def test_the_captioner_returns_exactly_the_declared_columns(model_dir, width):
 
 def test_serve_returns_the_declared_quality_fields():
     """Serve's image response names its quality fields as the declarations say (``Column.serve``)."""
-    from dataclasses import dataclass
-
-    from pipeline.serve.app import _quality
-
-    @dataclass
-    class Result:
-        score: float | None = None
-        scores: list | None = None
-        candidate: int | None = None
+    from pipeline.serve.backend import Answer
+    from pipeline.serve.wire import quality_fields
 
     declared = {c.serve: c.name for c in KINDS["synthesis"] if c.serve}
-    assert set(_quality(Result(score=0.5, scores=[0.2, 0.5], candidate=1))) == set(declared)
-    assert set(_quality(Result(score=0.5))) == {"score"}
-    assert _quality(Result(score=0.5, scores=[0.25, 0.5], candidate=1))["candidate_scores"] == [0.25, 0.5]
+    full = Answer(score=0.5, scores=[0.2, 0.5], candidate=1, decode_passes=100, decode_method="jacobi")
+    assert set(quality_fields(full)) == set(declared)
+    assert set(quality_fields(Answer(score=0.5))) == {"score"}
+    assert quality_fields(full)["candidate_scores"] == [0.2, 0.5]
 
 
 def test_the_readme_lists_the_declared_columns():

@@ -25,7 +25,8 @@ class Synthesizer(ModelActor):
     set by the reader for rows that were already bad). Output: the columns ``pipeline.columns``
     declares for the model stage: the input columns, status, error, image (uint8 [H, W, 3]; zeros for
     failed rows), seconds, the model name, and what the model reads back from each image
-    (``quality``): score, candidate/scores (best-of-k), rating_<name>, embedding, phash.
+    (``quality``): score, candidate/scores (best-of-k), rating_<name>, embedding, phash; and how the
+    image was decoded (decode_method, decode_passes).
     Rows whose score is below ``quality.min_score`` get status ``filtered``.
     """
 
@@ -101,6 +102,8 @@ class Synthesizer(ModelActor):
             "score": np.full(n, np.nan, dtype=np.float32),
             "candidate": np.full(n, -1, dtype=np.int32),
             "scores": np.full((n, q.best_of), np.nan, dtype=np.float32),
+            "decode_method": np.full(n, None, dtype=object),
+            "decode_passes": np.zeros(n, dtype=np.int32),
             **{f"rating_{name}": np.full(n, np.nan, dtype=np.float32) for name in q.ratings},
         }
         embeddings: dict[int, np.ndarray] = {}
@@ -109,6 +112,7 @@ class Synthesizer(ModelActor):
                 continue
             out["image"][i] = res.image
             out["seconds"][i], out["phash"][i] = per_row_seconds(res), phash(res.image)
+            out["decode_method"][i], out["decode_passes"][i] = res.decode_method, res.decode_passes or 0
             if res.score is not None:
                 out["score"][i] = res.score
                 if self.min_score is not None and res.score < self.min_score:

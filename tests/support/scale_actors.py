@@ -53,12 +53,15 @@ class _StandIn:
 
 
 def unread(n: int) -> dict[str, np.ndarray]:
-    """The Synthesizer's read-back columns for rows nothing read (no score, no best-of, no hash)."""
+    """The Synthesizer's read-back columns for rows nothing read (no score, no best-of, no hash) and no
+    record of their decoding."""
     return {
         "score": np.full(n, np.nan, dtype=np.float32),
         "candidate": np.full(n, -1, dtype=np.int32),
         "scores": np.full(n, None, dtype=object),
         "phash": np.zeros(n, dtype=np.int64),
+        "decode_method": np.full(n, None, dtype=object),
+        "decode_passes": np.zeros(n, dtype=np.int32),
     }
 
 
