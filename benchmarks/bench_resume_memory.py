@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks.fresh import measure_in_fresh_process
 from janus.utils.cli import OneLineParser
 
 RESULTS = Path(__file__).parent / "results"
@@ -88,13 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             write_committed(root, n, args.rows_per_shard)
             print(f"wrote {n} committed rows in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.bench_resume_memory", "--measure", str(root)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            row = json.loads(proc.stdout)
+            row = measure_in_fresh_process("benchmarks.bench_resume_memory", root)
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
     RESULTS.mkdir(exist_ok=True)

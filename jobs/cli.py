@@ -1,4 +1,4 @@
-"""``janus-pipeline``: the one command users run (batch jobs, and the online server).
+"""``janus-pipeline``: the one command users run (batch jobs, dedup of their outputs, the online server).
 
 Exit codes (``jobs/outcome.py``, listed by ``--help``): 0 done, 1 the job ran but did not complete,
 2 nothing ran because the command, the configuration or the input is wrong (one line on stderr),
@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="store_true")
         if name == "synthesize":
             _plan_arguments(p)
+    p = sub.add_parser("dedup", help="near-duplicate images of an output -> {output}/dedup/remove.parquet")
+    p.add_argument("--output", required=True, help="a job's output URL (output.url)")
+    p.add_argument("--max-distance", type=int, default=6, help="bits of 64 two hashes may differ in (default 6)")
+    p.add_argument("--by", choices=("phash", "embedding"), default="phash", help="which hash (default phash)")
+    p.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
     p = sub.add_parser("serve", help="the OpenAI-compatible online API on Ray Serve (runs until Ctrl-C)")
     p.add_argument(
         "--config", required=True, help="Serve YAML (see configs/serve_*.yaml), as for `serve run`"
@@ -136,6 +141,19 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stdout = stdout
 
 
+def _dedup(args: argparse.Namespace) -> int:
+    """Write the ids to drop beside the shards (which stay as they are); the summary on stdout."""
+    from pipeline.dedup import DedupError, dedup
+    from pipeline.storage import StorageError
+
+    try:
+        summary = dedup(args.output, args.storage_options, args.max_distance, args.by)
+    except (DedupError, StorageError) as exc:
+        return _fail("dedup", exc, 2)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _storage_cause(exc: BaseException):
     """The StorageError behind a job failure (Ray wraps task errors), if that is what it was."""
     from pipeline.storage import StorageError
@@ -193,22 +211,28 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "deploy":
         return _deploy(args, argv)
+    if args.command == "dedup":
+        return _dedup(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from pipeline.config import ConfigError, load_config
-    from pipeline.job import own_sections, prepare, run_job
+    from pipeline.job import check_job, own_sections, run_job
+    from pipeline.recipe import RecipeMismatch
 
     try:
         cfg = load_config(args.config, args.overrides, job=args.command)
         if args.dry_run:
-            prepare(cfg)
+            check_job(cfg)
             print(json.dumps(own_sections(cfg), indent=2, default=str))
             return 0
         if getattr(args, "plan", False):
             return _plan(cfg, args)
         summary = run_job(cfg)
+    except RecipeMismatch as exc:  # one line per difference
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return NOTHING_RAN
     except ConfigError as exc:
         return _fail("bad configuration", exc, NOTHING_RAN)
     except Exception as exc:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from janus.engine.checks import MAX_BEST_OF, RULES  # noqa: F401  (MAX_BEST_OF: Serve's limit reads it here)
 from janus.engine.prompts import (
     DEFAULT_CFG_WEIGHT,
     DEFAULT_MAX_NEW_TOKENS,
@@ -24,17 +25,16 @@ from janus.engine.prompts import (
 )
 
 from .images import DEFAULT_MAX_PIXELS
-from .sources.keys import MAX_SAMPLES_PER_PROMPT, SEED_LIMIT
+from .sources.image_files import IMAGE_READERS
+from .sources.keys import N_SAMPLES
+from .sources.prompt_files import PROMPT_READERS
 
 JOBS = ("synthesize", "caption")
-INPUT_FORMATS = {
-    "synthesize": ("auto", "txt", "jsonl", "csv", "parquet"),
-    "caption": ("auto", "images", "parquet", "webdataset"),
-}
+#: what ``input.format`` takes per job: ``auto`` or one of the job's readers
+INPUT_FORMATS = {"synthesize": ("auto", *PROMPT_READERS), "caption": ("auto", *IMAGE_READERS)}
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _CLASS_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _COLUMN = re.compile(r"^[a-z_][a-z0-9_]*$")
-MAX_BEST_OF = 16
 
 
 class ConfigError(ValueError):
@@ -70,8 +70,8 @@ class ModelSection(Section):
 class SamplingSection(Section):
     """Optional sampling filters for synthesis (off by default, as in DeepSeek's loop)."""
 
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, **RULES["top_k"].bounds())
+    top_p: float | None = Field(None, **RULES["top_p"].bounds())
 
 
 class _EngineOptions(Section):
@@ -146,21 +146,25 @@ class OutputSection(Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     rows_per_shard: int = Field(256, ge=1)
     contact_sheet: int = Field(16, ge=0)  # synthesis: a PNG of the first N images (0 = none)
+    #: caption: tar shards beside the Parquet ones, in img2dataset's layout: ``{key}.jpg|png`` (the source
+    #: image: its own bytes when JPEG or PNG, else re-encoded as PNG), ``{key}.txt`` (the caption),
+    #: ``{key}.json`` (the row). Off by default: it copies the corpus. Synthesis always writes its tars.
+    write_images: bool = False
 
 
 class SynthesisSection(SamplingSection):
-    n_samples: int = Field(1, ge=1, le=MAX_SAMPLES_PER_PROMPT)
-    seed: int = Field(0, ge=0, lt=SEED_LIMIT)  # the job seed: part of every key and derived seed
-    cfg_weight: float = Field(DEFAULT_CFG_WEIGHT, ge=1)
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0)
+    n_samples: int = Field(1, **N_SAMPLES.bounds())
+    seed: int = Field(0, **RULES["seed"].bounds())  # the job seed: part of every key and derived seed
+    cfg_weight: float = Field(DEFAULT_CFG_WEIGHT, **RULES["cfg_weight"].bounds())
+    temperature: float = Field(DEFAULT_TEMPERATURE, **RULES["temperature"].bounds())
 
 
 class CaptionSection(Section):
     question: str = Field(DEFAULT_QUESTION, min_length=1)
-    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
-    temperature: float = Field(0.0, ge=0)  # 0 = greedy, as DeepSeek's example
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, **RULES["max_new_tokens"].bounds())
+    temperature: float = Field(0.0, **RULES["temperature"].bounds())  # 0 = greedy, as DeepSeek's example
+    top_p: float | None = Field(None, **RULES["top_p"].bounds())
+    seed: int = Field(0, **RULES["seed"].bounds())
     #: each actor's batch through the continuous-batching scheduler: a finished answer frees its row
     #: for the next image at once instead of waiting for the batch's longest (1.21x images/s measured
     #: with answers of 8-94 tokens, benchmarks/README.md). Same captions in fp32; in bf16 a caption
@@ -213,7 +217,7 @@ class QualitySection(Section):
 
     score: bool = True  # synthesis: self-verification score column
     min_score: float | None = Field(None, ge=0, le=1)  # synthesis: rows below get status "filtered"
-    best_of: int = Field(1, ge=1, le=MAX_BEST_OF)  # synthesis: candidates per row, the best kept
+    best_of: int = Field(1, **RULES["best_of"].bounds())  # synthesis: candidates per row, the best kept
     #: synthesis: a rated question per column (``rating_<name>``), e.g. {aesthetic: "How would you rate
     #: the aesthetics of this image?"}
     ratings: dict[str, str] = Field(default_factory=dict)
@@ -270,6 +274,7 @@ JOB_ONLY = {
     **dict.fromkeys(("quality.best_of", "quality.ratings"), "synthesize"),
     **dict.fromkeys(("caption", "input.image_column", "input.key_column", "input.max_pixels"), "caption"),
     "compute.preprocess_cpus": "caption",
+    "output.write_images": "caption",  # synthesis always writes its images
 }
 
 

@@ -106,6 +106,28 @@ def model_pixels(
         raise ImageDecodeError(f"cannot resize the {image.width}x{image.height} image: {exc}") from exc
 
 
+#: formats every WebDataset reader decodes (``webdataset``, Ray Data's ``read_webdataset``): kept as
+#: they are in a caption job's tars; magic bytes -> the tar member's extension
+KEPT_FORMATS = {b"\xff\xd8\xff": "jpg", b"\x89PNG\r\n\x1a\n": "png"}
+
+
+def image_extension(data: bytes) -> str | None:
+    """``jpg`` or ``png`` for bytes of those formats, else None."""
+    return next((ext for magic, ext in KEPT_FORMATS.items() if data.startswith(magic)), None)
+
+
+def stored_image(data: bytes, decoded: PIL.Image.Image) -> tuple[bytes, str | None]:
+    """What a caption job's tar holds for a source image: its own bytes when JPEG or PNG, else the
+    decoded image (as the model saw it) as PNG; and the source format when re-encoded."""
+    if image_extension(data):
+        return data, None
+    with _open(data) as img:
+        source_format = (img.format or "unknown").lower()
+    buf = io.BytesIO()
+    decoded.save(buf, format="PNG")
+    return buf.getvalue(), source_format
+
+
 def _dct_matrix(n: int) -> np.ndarray:
     k = np.arange(n)[:, None]
     x = np.arange(n)[None, :]

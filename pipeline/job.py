@@ -1,37 +1,44 @@
-"""The batch jobs as Ray Data graphs: read -> drop committed keys -> model actors -> shard sink.
+"""Running a batch job: the two job kinds in one table, checks before Ray starts, the graph
+(``pipeline.graphs``) into the shard sink, and the job summary.
 
-synthesize: prompt files -> rows (n_samples each) -> Synthesizer actors -> tar + Parquet shards.
-caption:    image files / Parquet / tars -> CPU decode + resize tasks -> Captioner actors -> Parquet.
+synthesize: prompt files -> Synthesizer actors -> tar + Parquet shards.
+caption:    image files / Parquet / tars -> CPU decode -> Captioner actors -> Parquet.
 Every input row becomes exactly one committed output row; a rerun resumes where the last one stopped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
 
-from .config import ConfigError, JobConfig
+from .columns import OutputColumns
+from .config import ConfigError, InputSection, JobConfig
 from .connect import check_where_it_runs, connect
 from .console import quiet_ray_data
-from .crash_guard import CrashGuard, start_journal
-from .images import ImageDecodeError, model_pixels, phash
-from .model_ref import CAPTIONER, SYNTHESIZER, load_class, resolve_model_ref
-from .output import OutputDir, drop_committed
-from .sinks import STAT_COUNTS, ShardDatasink, output_schema
-from .sources.datasource import image_dataset, prompt_dataset
+from .crash_guard import start_journal
+from .graphs import build_caption, build_synthesis, checkpoint_json, model_actor_class
+from .output import OutputDir
+from .recipe import check_recipe, job_recipe, model_weights, record_recipe
+from .sinks import STAT_COUNTS, ShardDatasink
 from .sources.image_files import list_image_inputs
-from .sources.prompt_files import PromptDefaults, list_prompt_files
+from .sources.prompt_files import list_prompt_files
 from .storage import Listing, StorageError
 
 logger = logging.getLogger(__name__)
 SKIPPED_EXAMPLES = 5
+FILTERED_NOTE = (
+    "{n} rows scored below quality.min_score {min_score} and are final: their score is kept in Parquet, "
+    "their image is not stored, and a rerun does not make them again (a stricter threshold is a query "
+    "over the scores; a looser one needs another output)"
+)
 
 
 class InputError(ConfigError):
@@ -70,198 +77,83 @@ def bound_stale_resource_requests() -> int:
     return in_effect
 
 
-def actor_options(cfg: JobConfig) -> dict[str, Any]:
-    """map_batches arguments for the model actor pool (GPU per actor when the cluster has GPUs)."""
-    c = cfg.compute
-    gpus = c.gpus_per_actor
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    from ray.data import ActorPoolStrategy
+@dataclass(frozen=True)
+class JobKind:
+    """What differs between the two jobs; ``run_job`` does the rest the same way for both."""
 
-    # Only named map_batches arguments: **ray_remote_args is deprecated (gone in Ray 2.64). A crashed
-    # actor is still restarted and its batch retried: Ray Data's actor pools default to
-    # max_restarts=-1, max_task_retries=-1, and the sink's writes are idempotent.
-    return {
-        "compute": ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors),
-        "batch_size": c.batch_size,
-        "num_gpus": gpus,
-        "num_cpus": c.cpus_per_actor,
-        "resources": c.resources or None,
-    }
+    output: str  # the output kind: its columns (``pipeline.columns``) and shard files
+    #: (input section) -> (format, files); ``auto`` resolved
+    list_inputs: Callable[[InputSection], tuple[str, Listing]]
+    #: (config, files, committed keys, crash journal) -> the graph up to the model stage's rows
+    build: Callable[[JobConfig, Listing, np.ndarray, Any], Any]
+    contact_sheet: bool  # a contact sheet of the first images is written at the end (output.contact_sheet)
 
 
-def model_actor_class(cfg: JobConfig, default: type | str) -> type | str:
-    """The class the actor pool runs: the job's own (``default``, passed on as given), or
-    ``compute.actor_class`` when set (a custom model, or a test's model-free stand-in that keeps the
-    real reader, pool and sink around it), imported here so that a bad name is a config error."""
-    path = cfg.compute.actor_class
-    if not path:
-        return default
-    try:
-        cls = load_class(path)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"compute.actor_class {path!r} cannot be imported: {exc}") from exc
-    if not isinstance(cls, type):
-        raise ConfigError(f"compute.actor_class {path!r} is not a class")
-    return cls
+def _prompt_inputs(i: InputSection) -> tuple[str, Listing]:
+    listing = list_prompt_files(i.url, i.storage_options, i.format)
+    if not any(listing.sizes):
+        raise InputError(f"{i.url!r} holds no prompts: its {len(listing.paths)} file(s) are empty")
+    return i.format, listing
 
 
-def model_stage(ds, cfg: JobConfig, default: type | str, journal: Any, **kwargs: Any):
-    """The GPU actor pool: ``default`` (or ``compute.actor_class``) constructed with ``kwargs``, each
-    actor inside a ``CrashGuard`` that reports to the job's ``journal``, so a row that crashes its
-    actor every time becomes an error row instead of an endless retry."""
-    return ds.map_batches(
-        CrashGuard,
-        fn_constructor_kwargs={"actor_class": model_actor_class(cfg, default), "journal": journal, **kwargs},
-        **actor_options(cfg),
-    )
+def _image_inputs(i: InputSection) -> tuple[str, Listing]:
+    return list_image_inputs(i.url, i.storage_options, i.format)
 
 
-def full_batches(ds, batch_size: int):
-    """Re-cut ``ds`` into blocks of exactly one model batch before the actor pool.
-
-    Ray Data forms a task's batches within its input bundle, so a block of 21 rows runs as batches
-    of 8, 8 and 5: every read block (Ray splits reads to reach its parallelism target, and the resume
-    filter drops rows) would end in a short batch that costs a GPU nearly a full one. Ray's streaming
-    repartition (strict: every block but the last has exactly this many rows) fixes that without a
-    shuffle. One batch per block also keeps the output streaming: an actor task's outputs form one
-    block, and a block is what the sink commits, so bigger blocks would delay every commit.
-    """
-    return ds.repartition(target_num_rows_per_block=batch_size, strict=True)
-
-
-def model_kwargs(cfg: JobConfig) -> dict[str, Any]:
-    """The actors' ``model`` argument: the model section; ``name`` is what output rows record."""
-    return {**cfg.model.model_dump(), "name": cfg.model.path}
+JOB_KINDS: dict[str, JobKind] = {
+    "synthesize": JobKind("synthesis", _prompt_inputs, build_synthesis, contact_sheet=True),
+    "caption": JobKind("caption", _image_inputs, build_caption, contact_sheet=False),
+}
 
 
 def list_inputs(cfg: JobConfig) -> tuple[str, Listing]:
     """(format, files) of the job's input; a URL that names nothing readable is an ``InputError``."""
-    i = cfg.input
     try:
-        if cfg.job == "synthesize":
-            listing = list_prompt_files(i.url, i.storage_options, i.format)
-            if not any(listing.sizes):
-                raise InputError(f"input.url: {i.url!r} holds no prompts: its {len(listing.paths)} file(s) are empty")
-            return i.format, listing
-        return list_image_inputs(i.url, i.storage_options, i.format)
+        return JOB_KINDS[cfg.job].list_inputs(cfg.input)
     except (FileNotFoundError, ValueError, StorageError) as exc:
         raise InputError(f"input.url: {exc}") from None
 
 
-def build_synthesis(cfg: JobConfig, listing: Listing, committed: np.ndarray, journal: Any):
-    s = cfg.synthesis
-    defaults = PromptDefaults(
-        seed=s.seed, cfg_weight=s.cfg_weight, temperature=s.temperature, n_samples=s.n_samples
-    )
-    ds = prompt_dataset(cfg.input.url, defaults=defaults, fmt=cfg.input.format, listing=listing)
-    ds = full_batches(drop_committed(ds, committed), cfg.compute.batch_size)
-    return model_stage(
-        ds,
-        cfg,
-        SYNTHESIZER,
-        journal,
-        model=model_kwargs(cfg),
-        engine=cfg.engine,
-        sampling={"top_k": s.top_k, "top_p": s.top_p},
-        quality=cfg.quality.options(),
-    )
-
-
-def checkpoint_json(cfg: JobConfig, name: str) -> dict[str, Any]:
-    """One of the checkpoint's config files, read alone: the driver needs sizes, not the weights."""
-    from janus.models.hub import read_checkpoint_file
-
-    m = cfg.model
-    try:
-        ref = resolve_model_ref(m.path, m.cache_dir)
-        return json.loads(read_checkpoint_file(ref, name, cache_dir=m.cache_dir, storage_options=m.storage_options))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.path: {exc}") from None
-
-
-def output_schema_for(cfg: JobConfig):
-    """The Parquet schema of every shard of this job (quality columns included)."""
+def output_columns(cfg: JobConfig) -> OutputColumns:
+    """Every column of this job's shards: its kind's, plus what its quality settings add."""
     from janus.models.siglip_vit import tower_width
 
-    kind = "synthesis" if cfg.job == "synthesize" else "caption"
     q = cfg.quality
-    ratings = list(q.ratings) if kind == "synthesis" else []
     width = tower_width(checkpoint_json(cfg, "config.json")["vision_config"]["params"]) if q.embeddings else None
-    return output_schema(kind, ratings, width)
+    return OutputColumns(JOB_KINDS[cfg.job].output, tuple(q.ratings), width)
 
 
-def preprocess_images(batch: dict[str, np.ndarray], processor: dict, max_pixels: int) -> dict[str, np.ndarray]:
-    """CPU stage: bytes -> decoded, resized and padded uint8 [S, S, 3], so GPUs never wait on JPEG."""
-    from janus.models.image_processing_vlm import VLMImageProcessor
+@dataclass
+class CheckedJob:
+    """What a job found before Ray starts: its kind, inputs, columns, recipe and output."""
 
-    resizer = VLMImageProcessor.from_dict(processor)
-    size = resizer.image_size
-    n = len(batch["key"])
-    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
-    width = np.zeros(n, dtype=np.int32)
-    height = np.zeros(n, dtype=np.int32)
-    hashes = np.zeros(n, dtype=np.int64)
-    status = list(batch["status"])
-    error = list(batch["error"])
-    for i in range(n):
-        if status[i] == "error":
-            continue
-        try:
-            pixels[i], image = model_pixels(batch["image_bytes"][i], resizer, max_pixels)
-            width[i], height[i], hashes[i] = image.width, image.height, phash(image)
-        except ImageDecodeError as exc:
-            status[i], error[i] = "error", str(exc)
-    return {
-        "key": batch["key"],
-        "source": batch["source"],
-        "pixels": pixels,
-        "width": width,
-        "height": height,
-        "phash": hashes,
-        "status": np.array(status, dtype=object),
-        "error": np.array(error, dtype=object),
-    }
+    cfg: JobConfig  # ``input.format`` resolved
+    kind: JobKind
+    listing: Listing
+    columns: OutputColumns
+    recipe: dict[str, Any]
+    out: OutputDir
+    new_recipe: bool  # the output has no recipe yet: the job records its own
 
 
-def build_caption(cfg: JobConfig, listing: Listing, committed: np.ndarray, journal: Any):
-    i = cfg.input
-    ds = image_dataset(i.url, fmt=i.format, image_column=i.image_column, key_column=i.key_column, listing=listing)
-    ds = drop_committed(ds, committed)
-    ds = ds.map_batches(
-        preprocess_images,
-        fn_kwargs={"processor": checkpoint_json(cfg, "preprocessor_config.json"), "max_pixels": i.max_pixels},
-        batch_size=cfg.compute.batch_size,
-        num_cpus=cfg.compute.preprocess_cpus,
-    )
-    return model_stage(
-        full_batches(ds, cfg.compute.batch_size),
-        cfg,
-        CAPTIONER,
-        journal,
-        model=model_kwargs(cfg),
-        engine=cfg.engine,
-        caption=cfg.caption.model_dump(),
-        quality={"embeddings": cfg.quality.embeddings},
-    )
-
-
-def prepare(cfg: JobConfig) -> tuple[str, Listing, Any, OutputDir]:
-    """Everything a run checks before Ray starts (``--dry-run`` stops here): where it runs, that the
-    input lists files of the job's kind with something in them, that the actor class imports and the
-    model reference resolves (ours; a custom ``compute.actor_class`` owns ``model.path``), and that the
-    output is reachable. Returns (input format, listing, output schema, output)."""
+def check_job(cfg: JobConfig) -> CheckedJob:
+    """Everything a run checks before Ray starts (``--dry-run`` stops here), nothing written: where it
+    runs, that the input lists files of the job's kind with something in them, that the actor class
+    imports, that the model reference resolves (its weights' fingerprint), that the output is reachable
+    and holds no other recipe."""
     check_where_it_runs(cfg)
+    kind = JOB_KINDS[cfg.job]
     fmt, listing = list_inputs(cfg)
     model_actor_class(cfg, object)
-    if cfg.compute.actor_class is None:
-        checkpoint_json(cfg, "config.json")
-    schema = output_schema_for(cfg)
+    columns = output_columns(cfg)
+    recipe = job_recipe(cfg, model_weights(cfg))
     try:
         out = OutputDir(cfg.output.url, cfg.output.storage_options)
     except StorageError as exc:
         raise ConfigError(f"output.url: {exc}") from None
-    return fmt, listing, schema, out
+    new_recipe = check_recipe(out, recipe)
+    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"format": fmt})})  # auto resolved
+    return CheckedJob(cfg, kind, listing, columns, recipe, out, new_recipe)
 
 
 def own_sections(cfg: JobConfig) -> dict[str, Any]:
@@ -274,15 +166,17 @@ def own_sections(cfg: JobConfig) -> dict[str, Any]:
 
 
 def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Run (or resume) a job to completion; returns the summary that the CLI prints.
-
-    What can be wrong with the command (input, output, actor class) is found before Ray starts.
-    """
+    """Run (or resume) a job to completion; returns the summary that the CLI prints."""
     t0 = time.perf_counter()
-    fmt, listing, schema, out = prepare(cfg)
+    job = check_job(cfg)
+    cfg, out, listing = job.cfg, job.out, job.listing
     bound_stale_resource_requests()
     connect(cfg)
     quiet_ray_data()
+    if job.new_recipe:
+        if out.committed_shards:
+            logger.warning("%s has shards but no recipe file: recording this job's", out.url)
+        record_recipe(out, job.recipe)
     removed = out.cleanup()
     if removed:
         logger.info("removed %d uncommitted leftovers of an earlier run", len(removed))
@@ -295,38 +189,40 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             cfg.job,
             ", ".join(listing.relative(p) for p in listing.skipped[:SKIPPED_EXAMPLES]),
         )
-    build = build_synthesis if cfg.job == "synthesize" else build_caption
     ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = cfg.compute.start_failures
-    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"format": fmt})})  # auto resolved
     journal = start_journal()
-    ds = build(cfg, listing, committed, journal)
+    ds = job.kind.build(cfg, listing, committed, journal)
     del committed  # the filter tasks read it from the object store
-    kind = "synthesis" if cfg.job == "synthesize" else "caption"
-    sink = ShardDatasink(
-        out.url, out.storage_options, kind, cfg.output.rows_per_shard, schema=schema
-    )
+    tar = job.kind.output == "synthesis" or cfg.output.write_images
+    recipe = job.columns.recipe_values(job.recipe)
+    sink = ShardDatasink(out.url, out.storage_options, job.columns, cfg.output.rows_per_shard, recipe, tar)
     try:
         ds.write_datasink(sink)
     finally:
         ray.kill(journal)
-    elapsed = time.perf_counter() - t0
+    return summarize(job, sink.shards, time.perf_counter() - t0)
 
-    written = {f: sum(s.get(f, 0) for s in sink.shards) for f in STAT_COUNTS}
+
+def summarize(job: CheckedJob, shards: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
+    """The job summary: this run's and the output's counts, skipped inputs, duplicates, notes."""
+    cfg, out, listing = job.cfg, job.out, job.listing
+    written = {f: sum(s.get(f, 0) for s in shards) for f in STAT_COUNTS}
     # writers killed mid-file (a lost node) may leave temporaries; their shards were rewritten whole
     leftovers = out.refresh().cleanup()
     if leftovers:
         logger.info("removed %d leftovers of writers that died mid-file", len(leftovers))
     duplicates = out.duplicates()
+    total = out.totals()
     summary: dict[str, Any] = {
         "job": cfg.job,
         "output": out.url,
         "this_run": {
             **written,
-            "shards": len(sink.shards),
+            "shards": len(shards),
             "seconds": round(elapsed, 2),
             "rows_per_s": round(written["count"] / elapsed, 3) if elapsed > 0 else None,
         },
-        "total": out.totals(),
+        "total": total,
         "skipped_inputs": {
             "count": len(listing.skipped),
             "examples": [listing.relative(p) for p in listing.skipped[:SKIPPED_EXAMPLES]],
@@ -334,7 +230,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         "duplicate_keys": len(duplicates),
         "complete": not duplicates,
     }
-    if cfg.job == "synthesize" and cfg.output.contact_sheet:
+    if cfg.quality.min_score is not None:
+        summary["filtered_rows"] = FILTERED_NOTE.format(n=total["filtered"], min_score=cfg.quality.min_score)
+    if job.kind.contact_sheet and cfg.output.contact_sheet:
         from .contact_sheet import write_contact_sheet
 
         summary["contact_sheet"] = write_contact_sheet(out, cfg.output.contact_sheet)

@@ -28,9 +28,9 @@ DRIVER_BASELINE_BYTES = 226_200_000
 #: assumed until a run's shards say otherwise: an RGB PNG of a photo-like image at 60% of its raw
 #: bytes (442,368 at Janus-Pro's 384 x 384)
 PNG_FRACTION_OF_RAW = 0.6
-#: measured (pipeline.sinks.write_shard, 1000 rows): a row's tar headers and JSON member (~2 KB) and its
-#: Parquet row (~34 bytes, compressed) besides the PNG
-ROW_BYTES_BESIDES_PNG = 2_100
+#: measured (pipeline.sinks.write_shard, 1000 rows with their recipe): a row's tar headers, its `.txt`
+#: (the prompt, padded to 512 bytes) and `.json` members and its Parquet row, besides the PNG
+ROW_BYTES_BESIDES_PNG = 3_450
 JANUS_PRO_IMAGE_PX = 384
 #: where benchmarks/gpu_suite.py records its synthesis sections (a checkout of this repository)
 GPU_SUITE_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "gpu_suite"

@@ -1,7 +1,8 @@
 """Output shards in img2dataset / WebDataset layout, written so that a crash never shows half a shard.
 
 Per shard, in one flat output directory:
-    {shard}.tar          synthesis only: ``{key}.png`` + ``{key}.json`` for every successful sample
+    {shard}.tar          ``{key}.png|jpg`` + ``{key}.txt`` (prompt or caption) + ``{key}.json`` (the
+                         row) for every successful sample: synthesis always, captioning on request
     {shard}_stats.json   counts, first/last key, error messages
     {shard}.parquet      one row per sample, failures included: the commit marker, written LAST
 Each file is written whole and atomically (``storage.atomic_write``). A shard is committed iff its
@@ -35,10 +36,10 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
-from .images import image_size
+from .columns import OutputColumns
+from .images import image_extension, image_size
 from .storage import atomic_write, open_fs
 
-KINDS = ("synthesis", "caption")
 #: row statuses: a result, a failure, or (synthesis) a result below ``quality.min_score``, kept in the
 #: Parquet file with its score but not written to the tar
 STATUSES = ("ok", "error", "filtered")
@@ -48,63 +49,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_ERROR_CHARS = 500  # per-row error messages in stats are grouped by their first characters
 _TAR_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # WebDataset splits member names at the first dot
 
-SYNTHESIS_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("status", pa.string()),  # "ok" or "error"
-        ("error", pa.string()),
-        ("prompt", pa.string()),
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("index", pa.int64()),
-        ("sample", pa.int32()),
-        ("seed", pa.int64()),
-        ("cfg_weight", pa.float64()),
-        ("temperature", pa.float64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("shard", pa.string()),
-        ("member", pa.string()),  # "{key}.png" in "{shard}.tar"; null for failures
-        ("model", pa.string()),
-        ("seconds", pa.float64()),  # this row's share of its batch's model time
-        ("score", pa.float32()),  # self-verification: does the image show its prompt? (0..1)
-        ("candidate", pa.int32()),  # best-of-k: which candidate was kept (0 = the row's own seed)
-        ("scores", pa.list_(pa.float32())),  # best-of-k: every candidate's score
-        ("phash", pa.int64()),  # 64-bit perceptual hash of the image, for near-duplicate search
-    ]
-)
-
-CAPTION_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("source", pa.string()),
-        ("caption", pa.string()),
-        ("question", pa.string()),
-        ("num_tokens", pa.int32()),
-        ("finish_reason", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("shard", pa.string()),
-        ("model", pa.string()),
-        ("seconds", pa.float64()),
-        ("phash", pa.int64()),  # of the image as read, before resizing
-    ]
-)
-
-SCHEMAS = {"synthesis": SYNTHESIS_SCHEMA, "caption": CAPTION_SCHEMA}
-
-
-def output_schema(kind: str, ratings: Iterable[str] = (), embedding_dim: int | None = None) -> pa.Schema:
-    """The kind's schema plus what the job's quality settings add: a ``rating_<name>`` column per rated
-    question and an ``embedding`` column (fixed-size list of float16); the same for every shard."""
-    schema = SCHEMAS[kind]
-    for name in ratings:
-        schema = schema.append(pa.field(f"rating_{name}", pa.float32()))
-    if embedding_dim:
-        schema = schema.append(pa.field("embedding", pa.list_(pa.float16(), embedding_dim)))
-    return schema
+#: the kinds' Parquet schemas without quality columns (declared in ``pipeline.columns``)
+SYNTHESIS_SCHEMA = OutputColumns("synthesis").schema
+CAPTION_SCHEMA = OutputColumns("caption").schema
 
 
 def shard_name(keys: Iterable[str]) -> str:
@@ -120,10 +67,11 @@ def shard_files(shard: str) -> dict[str, str]:
 
 @dataclass
 class Sample:
-    """One output row: its Parquet record and, for a successful synthesis, its PNG."""
+    """One output row: its Parquet record and, when the row goes to the tar, its image and text."""
 
     record: dict[str, Any]
-    png: bytes | None = None
+    image: bytes | None = None  # the tar's image member (``record["member"]``)
+    text: str | None = None  # the tar's ``{key}.txt``: the prompt, or the caption
 
     @property
     def ok(self) -> bool:
@@ -164,44 +112,60 @@ def _plain(value: Any) -> Any:
     return value
 
 
-#: columns that only mean something for a row the model answered (ok or filtered)
-_RESULT_ONLY = ("score", "candidate", "scores", "phash", "embedding")
-
-
-def _sample(row: dict[str, Any], schema: pa.Schema, kind: str, shard: str) -> Sample:
-    """Normalise one result row; anything unusable turns the row into a failure, never an exception."""
+def _record(row: dict[str, Any], columns: OutputColumns, shard: str, recipe: dict[str, Any]) -> dict[str, Any]:
+    """The row's Parquet record: its status normalised, error-row columns nulled, markers as nulls."""
     status = row.get("status") or "ok"
     error = row.get("error") if status != "ok" else None
     if status not in STATUSES:
         status, error = "error", error or f"status {row.get('status')!r}"
     if status == "error" and not error:
         error = "failed (no reason given)"
-    get = row.get
-    record = {}
-    for name in schema.names:
-        value = get(name)
+    record = dict.fromkeys(columns.parquet_names)
+    for name in columns.stored_from_rows:
+        value = row[name]
         record[name] = value if type(value) in _PLAIN_TYPES else _plain(value)
+    record.update(recipe)
     record.update(status=status, error=error, shard=shard)
-    for name in _RESULT_ONLY:
-        if name in record and (status == "error" or (name == "candidate" and record[name] == -1)):
+    if status == "error":
+        record.update(columns.null_on_error)
+    for name, marker in columns.markers.items():
+        if record[name] == marker:
             record[name] = None
     if record.get("scores") is not None:
         record["scores"] = [_plain(v) for v in record["scores"]]
-    png = None
-    if kind == "synthesis":
-        record["member"] = None
-        if status == "ok":
-            try:
-                image = row.get("image")
-                if image is None:
-                    raise ValueError("result has no image")
-                png, record["width"], record["height"] = _png(image)
-                record["member"] = f"{row['key']}.png"
-            except ValueError as exc:
-                record.update(status="error", error=f"cannot store image: {exc}", width=None, height=None)
-    elif status == "ok" and not isinstance(record["caption"], str):
-        record.update(status="error", error="result has no caption text")
-    return Sample(record, png)
+    return record
+
+
+def _sample(row: dict[str, Any], columns: OutputColumns, shard: str, recipe: dict[str, Any], tar: bool) -> Sample:
+    """Normalise one result row; anything unusable turns the row into a failure, never an exception."""
+    sample = Sample(_record(row, columns, shard, recipe))
+    record, key = sample.record, row["key"]
+    text = record["prompt"] if columns.kind == "synthesis" else record["caption"]
+    if not sample.ok:
+        return sample
+    if not isinstance(text, str):
+        record.update(status="error", error=f"result has no {columns.kind} text")
+        return sample
+    if not tar:
+        return sample
+    try:
+        if row.get("image") is None:
+            raise ValueError("result has no image")
+        if columns.kind == "synthesis":
+            data, record["width"], record["height"] = _png(row["image"])
+            ext = "png"
+        else:
+            data, ext = bytes(row["image"]), image_extension(row["image"])
+            if ext is None:
+                raise ValueError("the tar takes JPEG or PNG images")
+            if not _TAR_SAFE_KEY.match(key):
+                raise ValueError(f"key {key!r} cannot name a WebDataset member: use [A-Za-z0-9_-]+ keys")
+    except ValueError as exc:
+        record.update(columns.null_on_error, status="error", error=f"cannot store image: {exc}")
+        return sample
+    record["member"] = f"{key}.{ext}"
+    sample.image, sample.text = data, text
+    return sample
 
 
 class TarShardWriter:
@@ -218,11 +182,12 @@ class TarShardWriter:
         self._tar.addfile(info, io.BytesIO(data))
 
     def write(self, sample: Sample) -> None:
-        if not sample.ok:
+        if not sample.ok or sample.image is None:
             return
         key = sample.record["key"]
         meta = {k: v for k, v in sample.record.items() if k not in ("status", "error")}
-        self._add(f"{key}.png", sample.png)
+        self._add(sample.record["member"], sample.image)
+        self._add(f"{key}.txt", sample.text.encode("utf-8"))
         self._add(f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))
 
     def close(self) -> None:
@@ -294,21 +259,30 @@ def write_shard(
     rows: Sequence[dict[str, Any]] | pa.Table,
     output_url: str,
     storage_options: dict | None = None,
-    kind: str = "synthesis",
-    schema: pa.Schema | None = None,
+    columns: OutputColumns | None = None,
+    recipe: dict[str, Any] | None = None,
+    tar: bool | None = None,
 ) -> dict[str, Any]:
     """Write one batch of results as one committed shard; returns the shard's stats.
 
-    Rows carry ``key`` and ``status``/``error``; synthesis rows carry ``image`` (PNG bytes or uint8
-    [H, W, 3]) and the prompt fields, caption rows ``caption``. Extra fields are not
-    stored: every shard has the same schema, so readers can concatenate them without unification.
+    Every row has exactly the columns the model stage returns (``columns.from_model_stage``): the
+    ``key``, ``status``/``error``, the reader's columns and the model's (synthesis rows an ``image``:
+    PNG bytes or uint8 [H, W, 3]). A missing or undeclared column is a ``ColumnError`` naming it.
+    ``recipe``: the recipe columns' values (``columns.recipe_values``), the same on every row. ``tar``:
+    whether ok rows also go to a WebDataset tar (synthesis: always; caption: ``output.write_images``).
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown shard kind {kind!r}: use one of {KINDS}")
-    schema = schema or SCHEMAS[kind]
+    columns = columns or OutputColumns("synthesis")
+    kind = columns.kind
+    recipe = recipe or {}
+    columns.check_recipe(recipe)
+    tar = kind == "synthesis" if tar is None else tar
     rows = _rows(rows)
     if not rows:
         return {"shard": None, "kind": kind, **dict.fromkeys(STAT_COUNTS, 0)}
+    want = columns.from_model_stage
+    for row in rows:
+        if row.keys() != want:
+            columns.check(row.keys())
     keys = [row.get("key") for row in rows]
     if not all(isinstance(k, str) and k for k in keys):
         raise ValueError("every row needs a non-empty string 'key' (made by pipeline.sources)")
@@ -321,13 +295,14 @@ def write_shard(
     fs, root = open_fs(output_url, storage_options)
     shard = shard_name(keys)
     names = shard_files(shard)
-    if kind != "synthesis":
+    if not tar:
         del names["tar"]
     stats = StatsWriter(fs, f"{root}/{names['stats']}", shard, kind, names)
     writers: list[Any] = [TarShardWriter(fs, f"{root}/{names['tar']}")] if "tar" in names else []
     # Commit order: tar, stats, then the Parquet file that makes the shard visible.
-    writers += [stats, ParquetShardWriter(fs, f"{root}/{names['parquet']}", schema)]
-    for sample in sorted((_sample(row, schema, kind, shard) for row in rows), key=lambda s: s.record["key"]):
+    writers += [stats, ParquetShardWriter(fs, f"{root}/{names['parquet']}", columns.schema)]
+    samples = (_sample(row, columns, shard, recipe, tar) for row in rows)
+    for sample in sorted(samples, key=lambda s: s.record["key"]):
         for writer in writers:
             writer.write(sample)
     for writer in writers:
@@ -346,19 +321,19 @@ class ShardDatasink(Datasink[list[dict[str, Any]]]):
         self,
         output_url: str,
         storage_options: dict | None = None,
-        kind: str = "synthesis",
+        columns: OutputColumns | None = None,
         rows_per_shard: int = 1000,
-        schema: pa.Schema | None = None,
+        recipe: dict[str, Any] | None = None,
+        tar: bool | None = None,
     ):
-        if kind not in KINDS:
-            raise ValueError(f"unknown shard kind {kind!r}: use one of {KINDS}")
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
         self.output_url = output_url
         self.storage_options = storage_options
-        self.kind = kind
+        self.columns = columns or OutputColumns("synthesis")
         self.rows_per_shard = rows_per_shard
-        self.schema = schema or SCHEMAS[kind]
+        self.recipe = recipe
+        self.tar = tar
         self.shards: list[dict[str, Any]] = []
 
     @property
@@ -369,7 +344,9 @@ class ShardDatasink(Datasink[list[dict[str, Any]]]):
         rows = [dict(r) for b in blocks for r in BlockAccessor.for_block(b).iter_rows(public_row_format=True)]
         parts = np.array_split(np.arange(len(rows)), max(1, math.ceil(len(rows) / self.rows_per_shard)))
         return [
-            write_shard([rows[i] for i in part], self.output_url, self.storage_options, self.kind, self.schema)
+            write_shard(
+                [rows[i] for i in part], self.output_url, self.storage_options, self.columns, self.recipe, self.tar
+            )
             for part in parts
             if len(part)
         ]

@@ -25,6 +25,7 @@ def test_image_files_source(store):
         ("sub/b.jpg", "ok"),
     ]
     assert rows[0]["image_bytes"] == png and rows[2]["image_bytes"] == jpg
+    assert all(r["source_key"] is None for r in rows)  # image files have no key of their own
     assert rows[1]["image_bytes"] is None and "0 bytes" in rows[1]["error"]
     assert rows == list(read_images(store.url("imgs"), store.options))
     _, listing = list_image_inputs(store.url("imgs"), store.options)
@@ -55,6 +56,7 @@ def test_parquet_image_source(store):
         ("u2", "images.parquet#1", "error"),
     ]
     assert rows[2]["key"] not in ("u1", "u2") and rows[2]["image_bytes"] == png  # null key: derived
+    assert [r["source_key"] for r in rows] == ["u1", "u2", None]  # the user's keys, where given
     hf = list(read_images(store.url("in"), store.options, fmt="parquet", image_column="hf"))
     assert [r["status"] for r in hf] == ["ok", "ok", "error"] and hf[0]["image_bytes"] == png
     assert len({r["key"] for r in hf}) == 3
@@ -77,6 +79,7 @@ def test_webdataset_source(store):
         ("shard-1.tar#s/000", "ok"),
     ]
     assert "no image member" in rows[2]["error"] and rows[0]["image_bytes"] == jpg
+    assert [r["source_key"] for r in rows[:4]] == ["s/000", "s/001", "s/002", "s/000"]  # the sample's key
     assert rows[0]["key"] != rows[3]["key"]  # same member key in two tars: different keys
     assert [r["status"] for r in rows[4:]] == ["error"] and "cannot read tar" in rows[4]["error"]
     assert rows == list(read_images(store.url("wds"), store.options))
@@ -90,3 +93,16 @@ def test_mixed_image_inputs_need_a_format(tmp_path):
     assert [r["source"] for r in read_images(str(tmp_path), fmt="images")] == ["a.png"]
     with pytest.raises(ValueError, match="unknown image input format 'files'"):
         list(read_images(str(tmp_path), fmt="files"))
+
+
+def test_the_tar_keeps_jpeg_and_png_bytes_and_reencodes_the_rest():
+    from pipeline.images import decode_image, stored_image
+
+    for fmt, kept in (("JPEG", True), ("PNG", True), ("WEBP", False), ("GIF", False), ("BMP", False)):
+        data = encode(image(), fmt)
+        stored, reencoded = stored_image(data, decode_image(data))
+        if kept:
+            assert (stored, reencoded) == (data, None), fmt
+        else:
+            assert reencoded == fmt.lower() and stored.startswith(b"\x89PNG"), fmt
+            assert decode_image(stored).tobytes() == decode_image(data).tobytes()  # what the model saw

@@ -22,11 +22,14 @@ LIGHT = [
     "pipeline.crash_guard",  # the pool's wrapper, pickled by the driver: it imports the actor class lazily
     "pipeline.sources.datasource",  # read tasks
     "pipeline.sinks",  # write tasks
+    "pipeline.dedup",  # `janus-pipeline dedup`: Parquet and numpy only
+    "janus.models.fingerprint",  # the driver hashes the weights before Ray starts
     "pipeline.contact_sheet",
     "pipeline.images",  # the caption job's CPU decode and resize tasks, with the next one
     "janus.models.image_processing_vlm",
     "pipeline.serve.app",  # the HTTP ingress replica (the model deployments import the actors)
     "janus.engine.prompts",
+    "janus.engine.checks",  # request field rules: the config, read tasks and Serve's bodies use them
     "janus.engine.status",
     "janus.engine.health",  # the crash guard asks it whether an actor's device broke
     "janus.engine.detokenize",  # streaming text, beside the tokenizer: torch-free

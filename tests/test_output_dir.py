@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.columns import OutputColumns
 from pipeline.output import OutputDir, filter_committed
-from pipeline.sinks import write_shard
 from pipeline.sources.keys import PACKED_BYTES, packed_keys
+from tests.support.rows import model_row, write_rows
 
 
 def _hex_keys(n: int, start: int = 0) -> list[str]:
@@ -42,8 +43,9 @@ def test_our_keys_pack_losslessly_and_others_hash():
 
 
 def _write(url: str, keys: list[str], status: str = "ok") -> dict:
-    rows = [{"key": k, "status": status, "error": None if status == "ok" else "x", "caption": "c"} for k in keys]
-    return write_shard(rows, url, kind="caption")
+    error = None if status == "ok" else "x"
+    rows = [model_row("caption", key=k, status=status, error=error, caption="c") for k in keys]
+    return write_rows(rows, url, columns=OutputColumns("caption"))
 
 
 def test_output_dir_lists_once_and_answers_everything(tmp_path):

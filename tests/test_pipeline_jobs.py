@@ -21,8 +21,10 @@ import PIL.Image
 import pytest
 
 from pipeline.config import load_config
-from pipeline.job import actor_options, run_job
+from pipeline.graphs import actor_options
+from pipeline.job import run_job
 from pipeline.output import OutputDir
+from pipeline.recipe import RECIPE_FILE
 from pipeline.sources.image_files import read_images
 from pipeline.sources.prompt_files import PromptDefaults, read_prompts
 from tests.support import REPO
@@ -240,7 +242,9 @@ def test_resume_after_the_driver_is_killed(ray_session, model_dir, gate, tmp_pat
         p.name: p.read_bytes() for p in out.glob("*.parquet") if p.name in committed_before
     } == committed_before
     leftovers = [
-        p.name for p in out.iterdir() if not p.name.startswith("shard-") and p.name != "contact_sheet.png"
+        p.name
+        for p in out.iterdir()
+        if not p.name.startswith("shard-") and p.name not in ("contact_sheet.png", RECIPE_FILE)
     ]
     assert not leftovers
     for tar in out.glob("*.tar"):
@@ -330,3 +334,16 @@ def test_an_actor_that_fails_to_start_is_replaced_up_to_start_failures(ray_sessi
     )  # fmt: skip
     with pytest.raises(Exception, match="out of memory while loading the model"):
         run_job(strict)
+
+
+@pytest.mark.timeout(600)
+def test_an_actor_with_the_wrong_columns_fails_the_job_naming_them(ray_session, tmp_path):
+    """A ``compute.actor_class`` that returns other columns than the job's output declares fails the
+    job with a message that names them, and commits nothing (it used to store nulls and drop extras)."""
+    write_prompts(tmp_path / "p.txt", 4)
+    wrong = "compute.actor_class=tests.support.scale_actors:WrongColumnsStandIn"
+    out = tmp_path / "out"
+    cfg = job("stand-in", "synthesize", str(tmp_path / "p.txt"), str(out), "output.contact_sheet=0", wrong)
+    with pytest.raises(Exception, match="returned no column 'phash'; returned a column 'tokens' that is not declared"):
+        run_job(cfg)
+    assert committed_shards(str(out)) == 0

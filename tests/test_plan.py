@@ -20,9 +20,9 @@ from pipeline.plan import (
     measured_images_per_s,
     plan_synthesis,
 )
-from pipeline.sinks import write_shard
 from pipeline.sources.prompt_files import count_prompt_rows, read_prompts
 from tests.support import REPO
+from tests.support.rows import model_row, write_rows
 
 JSONL = [
     {"prompt": "a red circle"},
@@ -71,7 +71,7 @@ def test_the_plan_counts_rows_shards_bytes_driver_memory_and_gpu_hours(prompts, 
     assert plan["rows"] == {"total": 16, "committed": 0, "to_make": 16, "samples_per_prompt": 2}
     assert plan["input"]["files"] == 2 and plan["input"]["bad_lines"] == 3
     assert plan["shards"]["count"] == 4
-    assert plan["output"]["bytes_per_row"] == pytest.approx(0.6 * 384 * 384 * 3 + 2100)
+    assert plan["output"]["bytes_per_row"] == pytest.approx(0.6 * 384 * 384 * 3 + 3450)
     assert plan["output"]["source"].startswith("assumed")
     assert plan["driver"]["resume_bytes"] == pytest.approx(DRIVER_BASELINE_BYTES + 16 * RESUME_BYTES_PER_KEY)
     gpu = plan["gpu"]
@@ -131,12 +131,12 @@ def test_the_model_size_is_read_from_its_name(path, size):
 
 def test_a_resumed_output_counts_its_committed_rows_and_measures_its_bytes(prompts, tmp_path):
     out = tmp_path / "out"
-    rows = [r for r in read_prompts(str(prompts / "b.txt")) if r["status"] == "ok"]
-    for r in rows:
-        r.update(
-            image=np.full((96, 96, 3), 7, np.uint8), tokens=np.zeros(144, np.int32), seconds=0.1, model="m"
-        )
-    write_shard(rows, str(out))
+    rows = [
+        model_row(**r, image=np.full((96, 96, 3), 7, np.uint8), seconds=0.1, model="m")
+        for r in read_prompts(str(prompts / "b.txt"))
+        if r["status"] == "ok"
+    ]
+    write_rows(rows, str(out))
     plan = plan_synthesis(config(prompts, out, "model.path=shapes"), 5.0)
     assert plan["rows"]["committed"] == 3 and plan["rows"]["to_make"] == 13 and plan["gpu"]["images"] == 13
     size = sum(p.stat().st_size for p in out.iterdir())
@@ -146,7 +146,7 @@ def test_a_resumed_output_counts_its_committed_rows_and_measures_its_bytes(promp
 
 def test_an_embedded_model_plans_with_its_own_image_size(prompts, tmp_path):
     plan = plan_synthesis(config(prompts, tmp_path / "out", "model.path=shapes"))
-    assert plan["output"]["bytes_per_row"] == pytest.approx(0.6 * 96 * 96 * 3 + 2100)
+    assert plan["output"]["bytes_per_row"] == pytest.approx(0.6 * 96 * 96 * 3 + 3450)
 
 
 def test_the_resume_figure_is_the_benchmarks_recorded_one():

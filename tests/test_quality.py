@@ -136,12 +136,12 @@ def test_phash_survives_reencoding_and_tells_images_apart():
 def test_the_readme_query_finds_a_planted_near_duplicate(tmp_path):
     import duckdb
 
-    from pipeline.sinks import output_schema, write_shard
+    from tests.support.rows import model_row, write_rows
 
     rows = []
     for i, image in enumerate([_photo(1), _photo(2), _jpeg(_photo(1)), _photo(3)]):
-        rows.append({"key": f"{i:020d}", "status": "ok", "prompt": "p", "image": image, "phash": phash(image)})
-    write_shard(rows, str(tmp_path / "synthesis"), kind="synthesis", schema=output_schema("synthesis"))
+        rows.append(model_row(key=f"{i:020d}", status="ok", prompt="p", image=image, phash=phash(image)))
+    write_rows(rows, str(tmp_path / "synthesis"))
     readme = (REPO / "README.md").read_text()
     query = re.search(r"-- near-duplicate pairs[^\n]*\n(SELECT .*?;)", readme, re.S).group(1)
     pairs = duckdb.sql(query.replace("out/synthesis", str(tmp_path / "synthesis"))).fetchall()

@@ -9,11 +9,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import sinks
+from pipeline.columns import OutputColumns
 from pipeline.output import OutputDir, drop_committed
 from pipeline.sources import datasource
 from pipeline.sources.image_files import read_images
 from pipeline.sources.prompt_files import PROMPT_SCHEMA, PromptDefaults, read_prompts
 from tests.support.inputs import PROMPTS, encode, image, tar_bytes
+from tests.support.rows import recipe_values
+
+RECIPE = recipe_values(OutputColumns("synthesis"))
 
 
 def test_prompt_dataset_matches_local_reader(ray_session, tmp_path):
@@ -41,14 +45,17 @@ def test_image_dataset_matches_local_reader(ray_session, tmp_path):
 def test_datasink_on_s3_with_resume(ray_session, s3_store):
     def _fake_generate(batch: dict) -> dict:
         """Stands in for the GPU actor (defined here so Ray pickles it by value, not by module)."""
+        from tests.support.scale_actors import unread
+
         n = len(batch["key"])
         batch["image"] = np.stack([np.full((8, 8, 3), i % 256, np.uint8) for i in range(n)])
+        batch.update(model=np.full(n, "fake", dtype=object), seconds=np.zeros(n), **unread(n))
         return batch
 
     s3_store.put("in/a.txt", "".join(f"prompt {i}\n" for i in range(30)).encode() + b"\xff\n")
     out = s3_store.url("out")
     ds = datasource.prompt_dataset(s3_store.url("in"), s3_store.options)
-    sink = sinks.ShardDatasink(out, s3_store.options, rows_per_shard=8)
+    sink = sinks.ShardDatasink(out, s3_store.options, rows_per_shard=8, recipe=RECIPE)
     ds.map_batches(_fake_generate, batch_format="numpy").write_datasink(sink)
     assert sum(s["count"] for s in sink.shards) == 31 and all(s["count"] <= 8 for s in sink.shards)
     assert sum(s["failed"] for s in sink.shards) == 1
@@ -61,7 +68,7 @@ def test_datasink_on_s3_with_resume(ray_session, s3_store):
     committed = OutputDir(out, s3_store.options).committed_keys()
     todo = drop_committed(datasource.prompt_dataset(s3_store.url("in"), s3_store.options), committed)
     assert sorted(r["prompt"] for r in todo.take_all()) == ["new one", "new two"]
-    sink = sinks.ShardDatasink(out, s3_store.options, rows_per_shard=8)
+    sink = sinks.ShardDatasink(out, s3_store.options, rows_per_shard=8, recipe=RECIPE)
     todo.map_batches(_fake_generate, batch_format="numpy").write_datasink(sink)
     assert OutputDir(out, s3_store.options).totals()["count"] == 33
     assert OutputDir(out, s3_store.options).duplicates() == {}

@@ -20,7 +20,9 @@ import pytest
 from jobs.outcome import ROWS_FAILED
 from pipeline.actors import Synthesizer
 from pipeline.config import ConfigError, load_config
-from pipeline.job import model_actor_class, run_job
+from pipeline.graphs import model_actor_class
+from pipeline.job import run_job
+from pipeline.recipe import RECIPE_FILE
 from pipeline.sources.prompt_files import read_prompts
 from tests.support.faulty_s3 import FaultPlan, FaultyS3Proxy, Trigger
 from tests.support.jobs import (
@@ -97,7 +99,7 @@ def assert_exactly_once(rows: list[dict], expected_keys: list[str]) -> None:
 def assert_only_committed_shards(directory: Path) -> None:
     """Nothing half-written is visible: every tar and stats file belongs to a committed shard (its
     Parquet file exists), no temporary file is left, and the stats agree with the Parquet rows."""
-    names = {p.name for p in directory.iterdir()}
+    names = {p.name for p in directory.iterdir()} - {RECIPE_FILE}
     for name in names:
         assert name.startswith("shard-"), f"leftover {name}"
         shard = name.split(".")[0].removesuffix("_stats")

@@ -138,13 +138,7 @@ class CaptionEngine(BatchEngine):
             raise RequestError("request has no image")
         if len(images) > self.max_images_per_request:
             raise RequestError(f"{len(images)} images; at most {self.max_images_per_request} per request")
-        check_sampling(req)
-        try:
-            req.max_new_tokens = int(req.max_new_tokens)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(f"bad numeric field: {exc}") from None
-        if req.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        check_sampling(req, "max_new_tokens")
         if not isinstance(req.ignore_eos, (bool, np.bool_)):
             raise RequestError(f"ignore_eos must be true or false, got {req.ignore_eos!r}")
         req.ignore_eos = bool(req.ignore_eos)

@@ -4,7 +4,6 @@ split-and-retry loop that keeps one oversized batch from failing every row in it
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .checks import check_fields
 from .decoder import KVCacheDecoder
 from .status import CANCELLED, ERROR, INTERNAL, INVALID_REQUEST, OK, OUT_OF_MEMORY  # noqa: F401  (re-exported)
 
@@ -110,22 +110,13 @@ def coerce_request(cls: type, req: Any, what: str = "a dict") -> Any:
     return cls(**fields)
 
 
-def check_sampling(req: Any) -> None:
-    """Seed, temperature, top_k and top_p of a request, coerced to numbers and range-checked in place."""
+def check_sampling(req: Any, *extra: str) -> None:
+    """Seed, temperature, top_k, top_p (and the ``extra`` fields) of a request, coerced and checked in
+    place against the one rule each field has (``checks.py``)."""
     try:
-        req.temperature = float(req.temperature)
-        req.seed = int(req.seed)
-        if getattr(req, "top_p", None) is not None:
-            req.top_p = float(req.top_p)
-    except (TypeError, ValueError) as exc:
-        raise RequestError(f"bad numeric field: {exc}") from None
-    if not math.isfinite(req.temperature) or req.temperature < 0:
-        raise RequestError(f"temperature must be >= 0 (0 = greedy), got {req.temperature}")
-    top_k = getattr(req, "top_k", None)
-    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0):
-        raise RequestError(f"top_k must be a non-negative integer, got {top_k}")
-    if req.top_p is not None and not (0.0 < req.top_p <= 1.0):
-        raise RequestError(f"top_p must be in (0, 1], got {req.top_p}")
+        check_fields(req, ("seed", "temperature", "top_k", "top_p", *extra))
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
 
 
 # -- the engine skeleton ----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .captioning import CaptionEngine
+from .checks import check
 from .common import chunks
 from .prompts import RATING_LEVELS, SCORE_ANSWERS, SCORE_QUESTION
 from .synthesis import SynthesisEngine, SynthesisRequest, SynthesisResult
@@ -126,8 +127,7 @@ class QualityOptions:
     embeddings: bool = False
 
     def __post_init__(self) -> None:
-        if self.best_of < 1:
-            raise ValueError(f"best_of must be >= 1, got {self.best_of}")
+        self.best_of = check("best_of", self.best_of)
         if self.best_of > 1 and not self.score:
             raise ValueError("best_of > 1 picks by score: it needs score on")
 
@@ -172,7 +172,7 @@ class CuratedSynthesis:
             req = {"prompt": raw} if isinstance(raw, str) else raw
             k = self.options.best_of
             if isinstance(req, dict) and req.get("best_of") is not None:
-                k = int(req["best_of"])
+                k = check("best_of", req["best_of"])
             seed = req.get("seed", 0) if isinstance(req, dict) else 0
             for j in range(max(k, 1)):
                 expanded.append({**req, "seed": candidate_seed(int(seed), j)} if isinstance(req, dict) else req)

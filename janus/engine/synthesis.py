@@ -9,7 +9,6 @@ per-row reproducible sample (see ``sampling.py``). 576 codes per image -> VQ dec
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -183,13 +182,7 @@ class SynthesisEngine(BatchEngine):
             raise RequestError(f"prompt must be a string, got {type(req.prompt).__name__}")
         if not req.prompt.strip():
             raise RequestError("empty prompt")
-        check_sampling(req)
-        try:
-            req.cfg_weight = float(req.cfg_weight)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(f"bad numeric field: {exc}") from None
-        if not math.isfinite(req.cfg_weight) or req.cfg_weight < 1.0:
-            raise RequestError(f"cfg_weight must be >= 1 (DeepSeek uses 5), got {req.cfg_weight}")
+        check_sampling(req, "cfg_weight")
         ids = self.prompt_ids(req.prompt)
         if len(ids) > self.max_prompt_tokens:
             if not self.truncate_prompts:

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 #: Files a Janus checkpoint directory may hold; anything else under a prefix is not downloaded.
 CHECKPOINT_PATTERNS = ("*.json", "*.bin", "*.safetensors", "*.model", "*.txt", "*.jinja")
-_COMPLETE_MARKER = ".janus-download-complete"
+COMPLETE_MARKER = ".janus-download-complete"
 
 
 class ModelNotFoundError(OSError):
@@ -57,12 +57,21 @@ def resolve_model_path(
         if ref.startswith("file://") and os.path.isdir(ref[len("file://") :]):
             return Path(ref[len("file://") :])
         return _download_fsspec(ref, cache_dir=cache_dir, storage_options=storage_options or {})
-    if os.path.exists(ref) or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        raise ModelNotFoundError(
-            f"model path {ref!r} is neither an existing directory nor a hub id of the form "
-            "'owner/name' nor a URL such as s3://bucket/prefix"
-        )
+    if not is_hub_id(ref):
+        raise not_a_model(ref)
     return _download_hub(ref, cache_dir=cache_dir, revision=revision, local_files_only=local_files_only)
+
+
+def is_hub_id(ref: str) -> bool:
+    """``owner/name`` that is not a local path: what ``resolve_model_path`` fetches from the hub."""
+    return not (os.path.exists(ref) or ref.startswith((".", "/", "~")) or ref.count("/") != 1)
+
+
+def not_a_model(ref: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model path {ref!r} is neither an existing directory nor a hub id of the form "
+        "'owner/name' nor a URL such as s3://bucket/prefix"
+    )
 
 
 def read_checkpoint_file(
@@ -82,8 +91,8 @@ def read_checkpoint_file(
         if "://" in ref:
             import fsspec
 
-            cached = _url_cache_dir(ref, cache_dir)
-            if (cached / _COMPLETE_MARKER).exists():
+            cached = url_cache_dir(ref, cache_dir)
+            if (cached / COMPLETE_MARKER).exists():
                 return (cached / filename).read_bytes()
             fs, prefix = fsspec.core.url_to_fs(ref, **dict(storage_options or {}))
             return fs.cat_file(f"{prefix.rstrip('/')}/{filename}")
@@ -94,7 +103,7 @@ def read_checkpoint_file(
         raise ModelNotFoundError(f"cannot read {filename} of model {ref!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def _url_cache_dir(url: str, cache_dir: str | os.PathLike | None) -> Path:
+def url_cache_dir(url: str, cache_dir: str | os.PathLike | None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / "urls" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:24]
 
@@ -123,16 +132,16 @@ def _download_hub(repo_id: str, *, cache_dir, revision, local_files_only) -> Pat
 def _download_fsspec(url: str, *, cache_dir, storage_options: Mapping[str, Any]) -> Path:
     import fsspec
 
-    target = _url_cache_dir(url, cache_dir)
+    target = url_cache_dir(url, cache_dir)
     root = target.parent.parent
-    if (target / _COMPLETE_MARKER).exists():
+    if (target / COMPLETE_MARKER).exists():
         logger.info("using cached copy of %s in %s", url, target)
         return target
 
     fs, prefix = fsspec.core.url_to_fs(url, **dict(storage_options))
     prefix = prefix.rstrip("/")
     try:
-        files = [p for p in fs.find(prefix) if _wanted(p)]
+        files = [p for p in fs.find(prefix) if is_checkpoint_file(p)]
     except FileNotFoundError:
         files = []
     if not files:
@@ -149,7 +158,7 @@ def _download_fsspec(url: str, *, cache_dir, storage_options: Mapping[str, Any])
             local.parent.mkdir(parents=True, exist_ok=True)
             logger.info("downloading %s", remote)
             fs.get_file(remote, str(local))
-        (tmp / _COMPLETE_MARKER).write_text(url)
+        (tmp / COMPLETE_MARKER).write_text(url)
         if target.exists():  # a concurrent or interrupted download: replace it
             shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
@@ -159,7 +168,7 @@ def _download_fsspec(url: str, *, cache_dir, storage_options: Mapping[str, Any])
     return target
 
 
-def _wanted(path: str) -> bool:
+def is_checkpoint_file(path: str) -> bool:
     from fnmatch import fnmatch
 
     name = path.rsplit("/", 1)[-1]

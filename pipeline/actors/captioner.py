@@ -10,8 +10,11 @@ import numpy as np
 from janus.engine import CaptionEngine
 from janus.engine.quality import Reader
 from janus.models.siglip_vit import tower_width
+from pipeline.columns import OutputColumns
 
 from .common import ModelActor, objects, per_row_seconds
+
+CARRIED = OutputColumns("caption").carried()  # passed through from the reader and the CPU stage
 
 
 class ScheduledBatches:
@@ -37,10 +40,11 @@ class ScheduledBatches:
 class Captioner(ModelActor):
     """Callable class for ``map_batches`` (and the Serve deployment).
 
-    Input columns: key, source, pixels (uint8 [S, S, 3], already resized and padded by the CPU
-    stage), width, height, phash, status/error from that stage. Output: key, source, caption,
-    question, model, num_tokens, width, height, phash, finish_reason, status, error, seconds, and
-    with ``quality.embeddings`` the image's embedding from the understanding tower.
+    Input columns: the image reader's and the CPU stage's (key, source, width, height, phash, ...),
+    pixels (uint8 [S, S, 3], already resized and padded by that stage), status/error. Output: the
+    columns ``pipeline.columns`` declares for the model stage: those input columns but pixels, caption
+    (stripped of leading and trailing whitespace), question, model, num_tokens, finish_reason, status,
+    error, seconds, and with ``quality.embeddings`` the image's embedding from the understanding tower.
     """
 
     engine_class = CaptionEngine
@@ -70,23 +74,15 @@ class Captioner(ModelActor):
         tokens = np.zeros(n, dtype=np.int64)
         seconds = np.zeros(n, dtype=np.float64)
         for i, res in zip(todo, results, strict=True):
-            if res.ok:
-                caption[i], tokens[i], finish[i] = res.text, res.num_tokens, res.finish_reason
+            if res.ok:  # stored as the model wrote it, less the tokenizer's leading space
+                caption[i], tokens[i], finish[i] = res.text.strip(), res.num_tokens, res.finish_reason
                 seconds[i] = per_row_seconds(res)
         out = {
-            "key": batch["key"],
-            "source": batch["source"],
+            **{name: batch[name] for name in CARRIED if name in batch},  # reader's, CPU stage's: all, in a job
             "caption": objects(caption),
             "question": objects([self.caption.get("question")] * n),
             "model": objects([self.model_name] * n),
             "num_tokens": tokens,
-            **{
-                name: objects(
-                    int(v) if s == "ok" else None
-                    for v, s in zip(batch.get(name, [None] * n), status, strict=True)
-                )
-                for name in ("width", "height", "phash")
-            },
             "finish_reason": objects(finish),
             "status": objects(status),
             "error": objects(error),

@@ -10,18 +10,23 @@ import numpy as np
 from janus.engine import SynthesisEngine
 from janus.engine.quality import CuratedSynthesis, QualityOptions
 from janus.models.siglip_vit import tower_width
+from pipeline.columns import OutputColumns
 from pipeline.images import phash
 
 from .common import ModelActor, objects, per_row_seconds
+
+CARRIED = OutputColumns("synthesis").carried()  # the reader's columns, passed through
 
 
 class Synthesizer(ModelActor):
     """Callable class for ``map_batches`` (and the Serve deployment): prompt rows -> image rows.
 
-    Input columns: key, prompt, seed, cfg_weight, temperature (+ status/error set by the reader for
-    rows that were already bad). Output: the input columns plus status, error, image (uint8
-    [H, W, 3]; zeros for failed rows), tokens, seconds, the model name, and what the model reads back
-    from each image (``quality``): score, candidate/scores (best-of-k), rating_<name>, embedding, phash.
+    Input columns: the prompt reader's (key, prompt, seed, cfg_weight, temperature, ...; status/error
+    set by the reader for rows that were already bad). Output: the columns ``pipeline.columns``
+    declares for the model stage: the input columns, status, error, image (uint8 [H, W, 3]; zeros for
+    failed rows), seconds, the model name, and what the model reads back from each image
+    (``quality``): score, candidate/scores (best-of-k), rating_<name>, embedding, phash; and how the
+    image was decoded (decode_method, decode_passes).
     Rows whose score is below ``quality.min_score`` get status ``filtered``.
     """
 
@@ -92,20 +97,22 @@ class Synthesizer(ModelActor):
         size, q = self.engine.image_size, self.quality
         out = {
             "image": np.zeros((n, size, size, 3), dtype=np.uint8),
-            "tokens": np.zeros((n, self.engine.image_tokens), dtype=np.int32),
             "seconds": np.zeros(n, dtype=np.float64),
             "phash": np.zeros(n, dtype=np.int64),
             "score": np.full(n, np.nan, dtype=np.float32),
             "candidate": np.full(n, -1, dtype=np.int32),
             "scores": np.full((n, q.best_of), np.nan, dtype=np.float32),
+            "decode_method": np.full(n, None, dtype=object),
+            "decode_passes": np.zeros(n, dtype=np.int32),
             **{f"rating_{name}": np.full(n, np.nan, dtype=np.float32) for name in q.ratings},
         }
         embeddings: dict[int, np.ndarray] = {}
         for i, res in zip(todo, results, strict=True):
             if not res.ok:
                 continue
-            out["image"][i], out["tokens"][i] = res.image, res.tokens
+            out["image"][i] = res.image
             out["seconds"][i], out["phash"][i] = per_row_seconds(res), phash(res.image)
+            out["decode_method"][i], out["decode_passes"][i] = res.decode_method, res.decode_passes or 0
             if res.score is not None:
                 out["score"][i] = res.score
                 if self.min_score is not None and res.score < self.min_score:
@@ -123,7 +130,7 @@ class Synthesizer(ModelActor):
                 out["embedding"][i] = vector
         self.metrics.batch(status, started)
         return {
-            **batch,
+            **{name: batch[name] for name in CARRIED if name in batch},  # the writer checks they all are
             **out,
             "status": objects(status),
             "error": objects(error),

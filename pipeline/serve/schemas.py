@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from janus.engine.checks import RULES, SEED_LIMIT  # noqa: F401  (SEED_LIMIT: the routes draw seeds below it)
 from janus.engine.prompts import DEFAULT_CFG_WEIGHT, DEFAULT_TEMPERATURE
-from pipeline.sources.keys import SEED_LIMIT  # the batch jobs' seed range: (seed + sample) % SEED_LIMIT
 
 
 class _Body(BaseModel):
@@ -55,11 +55,12 @@ class StreamOptions(_Body):
 class ChatCompletionRequest(_Body):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
-    temperature: float | None = Field(None, ge=0, le=2)  # None: greedy, as the batch caption job
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+    max_tokens: int | None = Field(None, **RULES["max_new_tokens"].bounds())
+    max_completion_tokens: int | None = Field(None, **RULES["max_new_tokens"].bounds())  # max_tokens' newer name
+    # the rule, and OpenAI's upper limit of 2; None: greedy, as the batch caption job
+    temperature: float | None = Field(None, **RULES["temperature"].bounds(), le=2)
+    top_p: float | None = Field(None, **RULES["top_p"].bounds())
+    seed: int | None = Field(None, **RULES["seed"].bounds())
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -83,7 +84,8 @@ class ImageGenerationRequest(_Body):
     stream: bool = False  # server-sent image_generation.* events (n=1)
     partial_images: int | None = Field(None, ge=0, le=3)  # streamed pictures of the grid so far, before the image
     # extensions, passed to the engine exactly as the batch job passes them
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # None: a random seed (returned per image)
-    cfg_weight: float = Field(DEFAULT_CFG_WEIGHT, ge=1)
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0)
-    best_of: int = Field(1, ge=1)  # candidates per image, the best by self-verification score returned
+    seed: int | None = Field(None, **RULES["seed"].bounds())  # None: a random seed (returned per image)
+    cfg_weight: float = Field(DEFAULT_CFG_WEIGHT, **RULES["cfg_weight"].bounds())
+    temperature: float = Field(DEFAULT_TEMPERATURE, **RULES["temperature"].bounds())
+    # candidates per image, the best by self-verification score returned (the server's max_best_of applies)
+    best_of: int = Field(1, **RULES["best_of"].bounds())

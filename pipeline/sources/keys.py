@@ -29,10 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from janus.engine.checks import SEED_LIMIT, Rule
+
 KEY_VERSION = "janus-pipeline/1"
 KEY_CHARS = 20
-SEED_LIMIT = 2**63  # seeds are in [0, SEED_LIMIT): non-negative int64
 MAX_SAMPLES_PER_PROMPT = 10_000
+#: samples per prompt: the job's ``synthesis.n_samples`` and a prompt row's own ``n_samples``
+N_SAMPLES = Rule(int, ge=1, le=MAX_SAMPLES_PER_PROMPT)
 PACKED_BYTES = 12
 
 

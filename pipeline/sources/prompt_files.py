@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import posixpath
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,10 +21,11 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from fsspec.spec import AbstractBufferedFile
 
+from janus.engine.checks import Rule, check
 from janus.engine.prompts import DEFAULT_CFG_WEIGHT, DEFAULT_TEMPERATURE
 
 from ..storage import BAD_FILE_ERRORS, Listing, list_files
-from .keys import MAX_SAMPLES_PER_PROMPT, SEED_LIMIT, keyed_schema, prompt_key_and_seed
+from .keys import N_SAMPLES, keyed_schema, prompt_key_and_seed
 
 MAX_ERROR_TEXT = 2000  # a failed row keeps at most this much of the offending line
 PROMPT_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -89,40 +89,16 @@ def _clip(text: str | None) -> str | None:
     return None if text is None else text[:MAX_ERROR_TEXT]
 
 
-def _as_int(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
+_ID = Rule(int, ge=-(2**63), lt=2**63)  # an integer id is kept as its digits (Parquet ids are int64)
 
 
-def _as_float(name: str, value: Any, low: float) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return float(value)
-
-
+#: a row's own settings, each checked by the one rule its field has (``janus.engine.checks``)
 _OVERRIDES: dict[str, Callable[[str, Any], Any]] = {
-    "seed": lambda n, v: _as_int(n, v, 0, SEED_LIMIT - 1),
-    "cfg_weight": lambda n, v: _as_float(n, v, 0.0),
-    "temperature": lambda n, v: _as_float(n, v, 0.0),
-    "n_samples": lambda n, v: _as_int(n, v, 1, MAX_SAMPLES_PER_PROMPT),
-    "id": lambda n, v: v if isinstance(v, str) else str(_as_int(n, v, -(2**63), 2**63 - 1)),
+    "seed": check,
+    "cfg_weight": check,
+    "temperature": check,
+    "n_samples": N_SAMPLES.check,
+    "id": lambda n, v: v if isinstance(v, str) else str(_ID.check(n, v)),
 }
 
 
@@ -238,7 +214,8 @@ def _parquet_records(f: io.IOBase) -> Iterator[_Record]:
             index += 1
 
 
-_PROMPT_READERS: dict[str, Callable[[io.IOBase], Iterator[_Record]]] = {
+#: format -> its record reader (the formats ``input.format`` takes for synthesis, with ``auto``)
+PROMPT_READERS: dict[str, Callable[[io.IOBase], Iterator[_Record]]] = {
     "txt": _txt_records,
     "jsonl": _jsonl_records,
     "csv": _csv_records,
@@ -249,15 +226,15 @@ _PROMPT_READERS: dict[str, Callable[[io.IOBase], Iterator[_Record]]] = {
 def _prompt_records(fs: AbstractFileSystem, path: str, fmt: str | None) -> Iterator[_Record]:
     inferred, compression = _split_format(path)
     fmt = inferred if fmt in (None, "auto") else fmt
-    if fmt not in _PROMPT_READERS:
-        raise ValueError(f"unknown prompt format for {path!r}: use one of {sorted(_PROMPT_READERS)}")
+    if fmt not in PROMPT_READERS:
+        raise ValueError(f"unknown prompt format for {path!r}: use one of {sorted(PROMPT_READERS)}")
     index = 0
     try:
         with fs.open(path, "rb", compression=compression) as f:
             if fmt != "parquet" and isinstance(f, AbstractBufferedFile):
                 # fsspec's own readline re-reads a whole block per line; BufferedReader reads it once.
                 f = io.BufferedReader(f, 2**20)
-            for record in _PROMPT_READERS[fmt](f):
+            for record in PROMPT_READERS[fmt](f):
                 index = record.index + 1
                 yield record
     except BAD_FILE_ERRORS as exc:
@@ -307,8 +284,8 @@ def prompt_file_rows(
 def list_prompt_files(url: str, storage_options: dict | None = None, fmt: str | None = None) -> Listing:
     """Prompt files under ``url``; without ``fmt`` only known extensions (.txt, .jsonl, ...) count."""
     fmt = None if fmt == "auto" else fmt
-    if fmt is not None and fmt not in _PROMPT_READERS:
-        raise ValueError(f"unknown prompt format {fmt!r}: use 'auto' or one of {sorted(_PROMPT_READERS)}")
+    if fmt is not None and fmt not in PROMPT_READERS:
+        raise ValueError(f"unknown prompt format {fmt!r}: use 'auto' or one of {sorted(PROMPT_READERS)}")
     suffixes = None if fmt else [e + c for e in PROMPT_FORMATS for c in ("", *COMPRESSIONS)]
     return list_files(url, storage_options, suffixes)
 

@@ -52,6 +52,19 @@ class _StandIn:
         self.model_name = f"stand-in:{model.get('name') or model['path']}"
 
 
+def unread(n: int) -> dict[str, np.ndarray]:
+    """The Synthesizer's read-back columns for rows nothing read (no score, no best-of, no hash) and no
+    record of their decoding."""
+    return {
+        "score": np.full(n, np.nan, dtype=np.float32),
+        "candidate": np.full(n, -1, dtype=np.int32),
+        "scores": np.full(n, None, dtype=object),
+        "phash": np.zeros(n, dtype=np.int64),
+        "decode_method": np.full(n, None, dtype=object),
+        "decode_passes": np.zeros(n, dtype=np.int32),
+    }
+
+
 class StandInSynthesizer(_StandIn):
     """Model-free: answers every good prompt row at once with a 384 x 384 image (Janus-Pro's real
     output size, so blocks weigh what production blocks weigh) and the Synthesizer's columns."""
@@ -67,9 +80,9 @@ class StandInSynthesizer(_StandIn):
         out.update(
             status=status,
             image=images,
-            tokens=np.zeros((n, IMAGE_TOKENS), dtype=np.int32),
             seconds=np.zeros(n, dtype=np.float64),
             model=np.array([self.model_name] * n, dtype=object),
+            **unread(n),
         )
         return out
 
@@ -133,7 +146,20 @@ class RejectingStandInSynthesizer(_StandIn):
             status=np.array(["error"] * n, dtype=object),
             error=np.array([e or "stand-in: no model ran" for e in batch["error"]], dtype=object),
             model=np.array([self.model_name] * n, dtype=object),
+            image=np.full(n, None, dtype=object),
+            seconds=np.zeros(n, dtype=np.float64),
+            **unread(n),
         )
+        return out
+
+
+class WrongColumnsStandIn(StandInSynthesizer):
+    """Model-free, with a custom actor's mistake: it returns no ``phash`` and an undeclared ``tokens``."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super().__call__(batch)
+        del out["phash"]
+        out["tokens"] = np.zeros((len(batch["key"]), IMAGE_TOKENS), dtype=np.int32)
         return out
 
 
@@ -173,12 +199,8 @@ class GatedCaptionStandIn(_StandIn):
         def column(values: Any) -> np.ndarray:
             return np.array(list(values), dtype=object)
 
-        def size(name: str) -> np.ndarray:
-            return column(int(v) if good else None for v, good in zip(batch[name], ok, strict=True))
-
         return {
-            "key": batch["key"],
-            "source": batch["source"],
+            **{name: batch[name] for name in batch if name != "pixels"},  # the reader's and CPU stage's
             "caption": column(
                 f"an image of {w} x {h} pixels" if good else None
                 for w, h, good in zip(batch["width"], batch["height"], ok, strict=True)
@@ -186,9 +208,6 @@ class GatedCaptionStandIn(_StandIn):
             "question": column([self.question] * n),
             "model": column([self.model_name] * n),
             "num_tokens": np.where(ok, 8, 0).astype(np.int64),
-            "width": size("width"),
-            "height": size("height"),
-            "phash": size("phash"),
             "finish_reason": column("length" if good else None for good in ok),
             "status": column(batch["status"]),
             "error": column(batch["error"]),
