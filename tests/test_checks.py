@@ -65,7 +65,9 @@ CONFIG_KEYS = {
 
 
 def config_accepts(field: str, value) -> bool:
-    return accepted(lambda: load_config(None, [f"{CONFIG_KEYS[field]}={json.dumps(value)}"]))
+    key = CONFIG_KEYS[field]
+    job = "caption" if key.startswith("caption.") else "synthesize"  # the other job's keys are errors
+    return accepted(lambda: load_config(None, [f"{key}={json.dumps(value)}"], job=job))
 
 
 def prompt_file_accepts(field: str, value, tmp_path) -> bool | None:
