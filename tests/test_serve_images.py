@@ -443,3 +443,26 @@ def test_metrics_with_the_right_counts_and_the_dashboard_plots_only_them(shapes_
     assert plotted and not [m for m in plotted if m not in samples], sorted(
         m for m in plotted if m not in samples
     )
+
+
+def test_best_of_says_which_score_is_which_candidates(shapes_app):
+    """best_of over HTTP: the image is the winning candidate's, and ``candidate_scores[k]`` is candidate
+    k's own score: the candidate asked for alone by its seed scores the same and, for the winner, is
+    the same picture (not only that the best is the maximum)."""
+    from janus.engine.quality import candidate_seed
+
+    body = {"model": MODEL, "prompt": caption(SCENE), "seed": 5, "cfg_weight": 1.5, "best_of": 3}
+    with httpx.Client(base_url=shapes_app["url"], timeout=300) as client:
+        best = client.post("/v1/images/generations", json=body).json()["data"][0]
+        alone = [
+            client.post(
+                "/v1/images/generations", json={**body, "best_of": 1, "seed": candidate_seed(5, k)}
+            ).json()["data"][0]
+            for k in range(3)
+        ]
+    scores, winner = best["candidate_scores"], best["candidate"]
+    assert len(scores) == 3 and winner == scores.index(max(scores)) and best["score"] == scores[winner]
+    for k, item in enumerate(alone):
+        assert item["score"] == pytest.approx(scores[k], abs=1e-4)
+    picture = png_array(base64.b64decode(best["b64_json"]))
+    assert picture.tobytes() == png_array(base64.b64decode(alone[winner]["b64_json"])).tobytes()
