@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from benchmarks.bench_engines import CONFIGS, caption_images
+from janus.checkpoints import write_tiny_checkpoint
 from janus.engine import CaptionEngine, load_model_and_processor
 from janus.engine.scheduler import Scheduler
-from janus.testing import write_tiny_checkpoint
 from janus.utils.cli import OneLineParser
 
 RESULTS = Path(__file__).parent / "results"

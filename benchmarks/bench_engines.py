@@ -40,7 +40,7 @@ import PIL.Image
 import torch
 
 from janus.engine.common import sync
-from janus.testing.reference import reference_caption, reference_generate, t2i_prompt
+from janus.reference import reference_caption, reference_generate, t2i_prompt
 from janus.utils.cli import OneLineParser
 
 IMAGE_TOKENS = 576
@@ -579,8 +579,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
+    from janus.checkpoints import write_tiny_checkpoint
     from janus.models import MultiModalityCausalLM, VLChatProcessor
-    from janus.testing import write_tiny_checkpoint
 
     t0 = time.perf_counter()
     load_start = os.getloadavg()

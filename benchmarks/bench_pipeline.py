@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.machine import cpu
+from janus.checkpoints import write_tiny_checkpoint
 from janus.engine import SynthesisEngine
 from janus.models import MultiModalityCausalLM, VLChatProcessor
-from janus.testing import write_tiny_checkpoint
 from janus.utils.cli import OneLineParser
 
 

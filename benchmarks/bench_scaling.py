@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from benchmarks.machine import cpu
-from janus.testing import write_tiny_checkpoint
+from janus.checkpoints import write_tiny_checkpoint
 from janus.utils.cli import OneLineParser
 from tests.support import REPO
 from tests.support.jobs import cli_summary

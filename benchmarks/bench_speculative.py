@@ -46,7 +46,7 @@ CFG = 5.0
 def load(name: str, threads: int):
     torch.set_num_threads(threads)
     if name == "small":
-        from janus.testing import write_tiny_checkpoint
+        from janus.checkpoints import write_tiny_checkpoint
 
         path = write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "small", seed=0, **CONFIGS["small"])
     else:

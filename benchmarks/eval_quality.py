@@ -98,7 +98,7 @@ def filtering(scores: np.ndarray, ok: list[bool]) -> list[dict[str, float]]:
 def score_cost(threads: int) -> dict[str, Any]:
     """Synthesis vs scoring time for 8 images, bf16, the CPU benchmark model (real-size VQ decoder)."""
     from benchmarks.bench_engines import CONFIGS
-    from janus.testing import write_tiny_checkpoint
+    from janus.checkpoints import write_tiny_checkpoint
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:

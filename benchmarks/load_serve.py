@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _random_copy(args: argparse.Namespace, directory: str) -> str:
     """``--model-path`` (default: the config's model for the route) with random weights, in ``directory``."""
-    from janus.testing.checkpoint import write_random_like
+    from janus.checkpoints import write_random_like
     from pipeline.model_ref import resolve_model_ref
 
     path = args.model_path or _route_config(args)[1]["model"]["path"]

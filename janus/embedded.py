@@ -26,8 +26,8 @@ def embedded_path(name: str, cache_dir: str | os.PathLike | None = None) -> str 
         return str(resources.files("janus.shapes") / "checkpoint")
     if name != TINY:
         return None
+    from janus.checkpoints import write_tiny_checkpoint
     from janus.models.hub import default_cache_dir
-    from janus.testing import write_tiny_checkpoint
 
     target = Path(cache_dir or default_cache_dir()) / "tiny-janus-v1"
     if not (target / "config.json").exists():

@@ -44,7 +44,7 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    from janus.testing import write_tiny_checkpoint
+    from janus.checkpoints import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "janus-tiny", seed=0)
 
@@ -67,7 +67,7 @@ def tiny_processor(tiny_dir):
 def model_dir(tmp_path_factory) -> str:
     """The jobs' and the server's checkpoint: a 2-level VQ (48 px images) is fast, and neither the
     pipeline nor the API cares about the image size."""
-    from janus.testing import write_tiny_checkpoint
+    from janus.checkpoints import write_tiny_checkpoint
 
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("jobs") / "tiny", seed=5, vq_ch_mult=(1, 2)))
 
@@ -122,8 +122,8 @@ def hf_pair(tmp_path_factory):
     """
     from transformers import JanusForConditionalGeneration
 
+    from janus.checkpoints import write_processor_configs, write_tiny_tokenizer
     from janus.models import MultiModalityCausalLM, VLChatProcessor
-    from janus.testing import write_processor_configs, write_tiny_tokenizer
     from tests.support.hf_janus import randomize_, tiny_hf_janus_config, write_official_checkpoint_from_hf
 
     path = tmp_path_factory.mktemp("hf") / "janus-from-hf"

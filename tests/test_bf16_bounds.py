@@ -27,10 +27,10 @@ import torch
 
 import janus.engine.captioning as captioning
 import janus.engine.runner as runner
+from janus.checkpoints import write_tiny_checkpoint
 from janus.engine import CaptionEngine, SynthesisEngine
 from janus.models import MultiModalityCausalLM, VLChatProcessor
-from janus.testing import write_tiny_checkpoint
-from janus.testing.reference import reference_caption, reference_generate
+from janus.reference import reference_caption, reference_generate
 
 CFG = 5.0
 SHARPEN = 8.0

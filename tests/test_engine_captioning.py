@@ -7,7 +7,7 @@ import PIL.Image
 import torch
 
 from janus.engine import CaptionEngine
-from janus.testing.reference import reference_caption
+from janus.reference import reference_caption
 
 
 def image(w: int, h: int, seed: int) -> PIL.Image.Image:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from janus.checkpoints import write_tiny_checkpoint
 from janus.engine import OUT_OF_MEMORY, SynthesisEngine
 from janus.engine import common as engine_common
 from janus.models import MultiModalityCausalLM, VLChatProcessor
-from janus.testing import write_tiny_checkpoint
 
 PROMPTS = [
     "a red apple on a wooden table",
@@ -73,7 +73,7 @@ def test_seed_and_settings_change_the_image(small):
 
 @pytest.mark.slow
 def test_greedy_equals_the_reference_loop(small):
-    from janus.testing.reference import reference_generate
+    from janus.reference import reference_generate
 
     model, processor = small
     # NCHW VQ decode, as the reference: then the pixels too must be identical
@@ -124,7 +124,7 @@ def test_greedy_batch_of_one_prompt_equals_the_reference_parallel_size_loop(smal
     one global generator, we from per-row streams (their distribution is tested in
     test_sampling_oracles.py). Our batch also holds another prompt at another cfg weight, which must
     equal the reference run for that one."""
-    from janus.testing.reference import reference_generate
+    from janus.reference import reference_generate
 
     model, processor = small
     engine = SynthesisEngine(model, processor, max_batch_size=4, vq_channels_last=False)

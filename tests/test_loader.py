@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from janus.checkpoints import write_tiny_checkpoint
 from janus.models import MultiModalityCausalLM, VLChatProcessor
 from janus.models.hub import ModelNotFoundError, resolve_model_path
 from janus.models.loading import CheckpointError
-from janus.testing import write_tiny_checkpoint
 
 
 def small_checkpoint(path, **kw):

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from janus.checkpoints import official_config, save_state_dict
 from janus.models import MultiModalityCausalLM, MultiModalityConfig
-from janus.testing import official_config, save_state_dict
 from tests.support.data import DATA, official_tensors
 
 OFFICIAL = {

@@ -14,10 +14,10 @@ from tokenizers import Tokenizer
 from transformers import JanusImageProcessor
 from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
+from janus.checkpoints import write_processor_configs, write_tiny_tokenizer
 from janus.models import VLChatProcessor, VLMImageProcessor
 from janus.models.conversation import get_conv_template
 from janus.models.processing_vlm import DEFAULT_SYSTEM_PROMPT, BatchedVLChatProcessorOutput
-from janus.testing.tokenizer import write_processor_configs, write_tiny_tokenizer
 from janus.utils.io import load_pil_images
 
 EOS = "<｜end▁of▁sentence｜>"

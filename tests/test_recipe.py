@@ -32,7 +32,7 @@ def test_the_fingerprint_follows_the_weights_not_their_place(tiny_dir, model_dir
         fs.pipe(f"/fingerprint/{path.name}", path.read_bytes())
     assert weights_fingerprint("memory://fingerprint") == here  # read remotely, a few ranges a file
     assert weights_fingerprint(model_dir) != here  # another architecture
-    from janus.testing import write_tiny_checkpoint
+    from janus.checkpoints import write_tiny_checkpoint
 
     retrained = write_tiny_checkpoint(tmp_path / "seed1", seed=1)  # same files and sizes, other values
     assert (retrained / "pytorch_model.bin").stat().st_size == (Path(tiny_dir) / "pytorch_model.bin").stat().st_size

@@ -276,8 +276,8 @@ def test_a_model_with_a_smaller_code_grid_makes_its_own_number_of_codes(tmp_path
     the scheduler then make grid x grid codes, not Janus' 576, and the same ones."""
     import json
 
+    from janus.checkpoints import write_tiny_checkpoint
     from janus.models import MultiModalityCausalLM, VLChatProcessor
-    from janus.testing import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path / "m", seed=3, vq_ch_mult=(1, 2))  # 2 px per code
     cfg = json.loads((path / "config.json").read_text())

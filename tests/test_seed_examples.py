@@ -64,7 +64,7 @@ def adapt(source: str, model_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def seed_checkpoint(tmp_path_factory) -> Path:
     """Tiny weights, small vision tower, all five VQ levels (real 384 px output) at minimal width."""
-    from janus.testing import write_tiny_checkpoint
+    from janus.checkpoints import write_tiny_checkpoint
 
     return write_tiny_checkpoint(
         tmp_path_factory.mktemp("seed") / "janus-tiny",

@@ -101,8 +101,8 @@ def test_captions_say_what_is_drawn(shapes):
 def test_a_random_copy_has_the_shape_but_never_stops_early(shapes, tmp_path):
     """The load test's model (``load_serve --random-weights``): the shapes model's files and architecture
     with fresh weights, so every answer runs to its max_new_tokens where the trained one stops at EOS."""
+    from janus.checkpoints import write_random_like
     from janus.engine import CaptionEngine, load_model_and_processor
-    from janus.testing.checkpoint import write_random_like
     from pipeline.model_ref import resolve_model_ref
 
     source = Path(resolve_model_ref("shapes"))

@@ -38,9 +38,8 @@ CHI2_BOUND = 130.0
 def oracle_model(tmp_path_factory):
     """(model, processor) with 4 image codes on a 2 x 2 grid, weights scaled so that codes depend on
     their context and the distributions are neither flat nor one-hot."""
+    from janus.checkpoints import official_config, write_tiny_checkpoint
     from janus.models import MultiModalityCausalLM, VLChatProcessor
-    from janus.testing import write_tiny_checkpoint
-    from janus.testing.checkpoint import official_config
 
     base = official_config(vocab_size=64, hidden=64, llm_layers=2, llm_heads=4, intermediate=128,
                            vq={"image_token_size": V, "ch": 32, "ch_mult": [1, 2], "z_channels": 64,
@@ -177,8 +176,8 @@ def grid_model(tmp_path_factory):
     """A tiny model with a 10 x 10 code grid: 100 codes per image keep these tests quick."""
     import json
 
+    from janus.checkpoints import write_tiny_checkpoint
     from janus.models import MultiModalityCausalLM, VLChatProcessor
-    from janus.testing import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path_factory.mktemp("grid") / "m", seed=3, vq_ch_mult=(1, 2))
     cfg = json.loads((path / "config.json").read_text())

@@ -39,7 +39,7 @@ def call_estimate_s(shape: str, contender: str, batch: int) -> float:
 
 def model_config(shape: dict[str, Any], dtype: str) -> dict[str, Any]:
     """The official ``config.json`` dict of a shape (write_tiny_checkpoint's keywords)."""
-    from janus.testing import official_config
+    from janus.checkpoints import official_config
 
     return official_config(
         vocab_size=shape["vocab_size"],
@@ -75,13 +75,13 @@ def random_state(cfg: dict[str, Any], dtype: str, device, seed: int = 0) -> dict
     """
     import torch
 
+    from janus.checkpoints import init_tiny_weights
     from janus.models.modeling_vlm import MultiModalityCausalLM
-    from janus.testing.checkpoint import _init_tiny_weights
 
     with torch.device(device):
         model = MultiModalityCausalLM(_multimodality_config(cfg))
     torch.manual_seed(seed)
-    _init_tiny_weights(model)
+    init_tiny_weights(model)
     state = {k: v.detach().to(getattr(torch, dtype)) for k, v in model.state_dict().items()}
     del model
     free_memory()
@@ -108,8 +108,8 @@ def model_from_state(cfg: dict[str, Any], state: dict[str, Any], dtype: str, dev
 
 def processor_for(work: Path):
     """DeepSeek's processor over the tiny stand-in tokenizer (ids are looked up by string)."""
+    from janus.checkpoints import write_processor_configs, write_tiny_tokenizer
     from janus.models import VLChatProcessor
-    from janus.testing import write_processor_configs, write_tiny_tokenizer
 
     directory = work / "processor"
     if not (directory / "tokenizer.json").exists():
@@ -157,7 +157,7 @@ def model_item(rec: Recorder, shape: str, plan: Plan, device, work: Path):
 
 def write_checkpoint(directory: Path, shape_name: str, dtype: str, device) -> dict[str, Any]:
     """A complete checkpoint in the official layout (safetensors), for the jobs' loader path."""
-    from janus.testing import save_state_dict, write_processor_configs, write_tiny_tokenizer
+    from janus.checkpoints import save_state_dict, write_processor_configs, write_tiny_tokenizer
 
     t0 = time.perf_counter()
     if not (directory / "complete").exists():

@@ -116,7 +116,7 @@ def tokenizer_corpus() -> tuple[str, ...]:
 
 
 def official_shapes_config(vocab_size: int, grid: int = GRID) -> dict:
-    from janus.testing import official_config
+    from janus.checkpoints import official_config
 
     return official_config(
         vocab_size=vocab_size,
@@ -133,7 +133,7 @@ def official_shapes_config(vocab_size: int, grid: int = GRID) -> dict:
 
 def write_skeleton(out: Path, grid: int = GRID) -> dict:
     """Tokenizer, processor configs and config.json of the shapes checkpoint (everything but weights)."""
-    from janus.testing import write_processor_configs, write_tiny_tokenizer
+    from janus.checkpoints import write_processor_configs, write_tiny_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     n_tokens = write_tiny_tokenizer(out, corpus=tokenizer_corpus(), vocab_size=BPE_VOCAB)
@@ -684,7 +684,7 @@ def train_llm(model, processor, pool: Pool, args, work: Path) -> None:
 
 def export(model, cfg: dict, skeleton: Path, out: Path) -> None:
     """The trained weights in the official layout (bf16 safetensors, as Janus-Pro ships bf16)."""
-    from janus.testing import save_state_dict
+    from janus.checkpoints import save_state_dict
 
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():

@@ -65,7 +65,7 @@ def image_logits(model, processor, prompt: str, codes: list[int], cfg_weight: fl
     """CFG logits that predict each image code, the prompt and the codes fed whole (no cache)."""
     import torch
 
-    from janus.testing.reference import t2i_prompt
+    from janus.reference import t2i_prompt
 
     device = next(model.parameters()).device
     lm = model.language_model
@@ -84,7 +84,7 @@ def image_logits(model, processor, prompt: str, codes: list[int], cfg_weight: fl
 def c4_understanding(models: dict[str, Any], processor, max_new_tokens: int = 32) -> dict[str, Any]:
     """Greedy answers of the bf16 and fp32 models (DeepSeek's path) and their logits along the fp32 one."""
     from benchmarks.bench_engines import QUESTIONS, caption_images
-    from janus.testing.reference import reference_caption
+    from janus.reference import reference_caption
 
     image, question = caption_images(1)[0], QUESTIONS[0]
     tokens = {
@@ -101,7 +101,7 @@ def c4_understanding(models: dict[str, Any], processor, max_new_tokens: int = 32
 def c4_image_tokens(models: dict[str, Any], processor, n: int = 64) -> dict[str, Any]:
     """The same for the first ``n`` image tokens of DeepSeek's text-to-image loop (greedy, CFG 5)."""
     from benchmarks.bench_engines import PROMPTS
-    from janus.testing.reference import reference_generate
+    from janus.reference import reference_generate
 
     prompt = PROMPTS[0]
     codes = {
@@ -121,7 +121,7 @@ def twin_synthesis(model, processor) -> dict[str, Any]:
     and greedy), and the greedy engine == DeepSeek's loop."""
     from benchmarks.bench_engines import PROMPTS
     from janus.engine import SynthesisEngine
-    from janus.testing.reference import reference_generate
+    from janus.reference import reference_generate
 
     engine = SynthesisEngine(model, processor, max_batch_size=8)
     sampled = {"prompt": PROMPTS[1], "seed": 42, "cfg_weight": 4.0, "temperature": 1.0}
@@ -155,7 +155,7 @@ def twin_caption(model, processor, max_new_tokens: int = 32) -> dict[str, Any]:
     and a request alone == inside the batch."""
     from benchmarks.bench_engines import QUESTIONS, caption_images
     from janus.engine import CaptionEngine
-    from janus.testing.reference import reference_caption
+    from janus.reference import reference_caption
 
     images = caption_images(4)
     requests = [

@@ -159,7 +159,7 @@ def synthesis_items(rec: Recorder, plan: Plan, work: Path, section: str) -> None
         synthesis_row,
     )
     from benchmarks.hf_baseline import hf_janus_from_model
-    from janus.testing.reference import reference_generate, t2i_prompt
+    from janus.reference import reference_generate, t2i_prompt
 
     device = torch.device(plan.device)
     shape = plan.pick(gpu=SHAPES[section], dry="tiny48")

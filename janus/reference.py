@@ -93,20 +93,24 @@ def reference_generate(
     sync(device)
     t1 = time.perf_counter()
 
-    images = None
-    grid = math.isqrt(image_tokens)
-    if grid * grid == image_tokens:
-        vq = model.gen_vision_model
-        dec = vq.decode_code(
-            codes.to(torch.int32), shape=[parallel_size, vq.config.codebook_embed_dim, grid, grid]
-        )
-        dec = dec.to(torch.float32).cpu().numpy().transpose(0, 2, 3, 1)
-        images = np.clip((dec + 1) / 2 * 255, 0, 255).astype(np.uint8)
+    images = _decode_images(model, codes)
     sync(device)
     if timings is not None:
         timings["llm_s"] = t1 - t0
         timings["vq_decode_s"] = time.perf_counter() - t1
     return codes, images
+
+
+def _decode_images(model, codes: torch.Tensor) -> np.ndarray | None:
+    """The example's ``decode_code`` and uint8 postprocessing; None unless the code count is square."""
+    n, image_tokens = codes.shape
+    grid = math.isqrt(image_tokens)
+    if grid * grid != image_tokens:
+        return None
+    vq = model.gen_vision_model
+    dec = vq.decode_code(codes.to(torch.int32), shape=[n, vq.config.codebook_embed_dim, grid, grid])
+    dec = dec.to(torch.float32).cpu().numpy().transpose(0, 2, 3, 1)
+    return np.clip((dec + 1) / 2 * 255, 0, 255).astype(np.uint8)
 
 
 @torch.inference_mode()

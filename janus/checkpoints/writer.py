@@ -10,86 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import official_config
 from .tokenizer import write_processor_configs, write_tiny_tokenizer
-
-
-def official_config(
-    *,
-    vocab_size: int,
-    hidden: int,
-    llm_layers: int,
-    llm_heads: int,
-    intermediate: int,
-    vision: dict[str, Any] | None = None,
-    vq: dict[str, Any] | None = None,
-    dtype: str = "float32",
-    max_position_embeddings: int = 16384,
-) -> dict[str, Any]:
-    """A ``config.json`` dict of the official schema; ``vision``/``vq`` hold our shrinking extensions."""
-    return {
-        "model_type": "multi_modality",
-        "torch_dtype": dtype,
-        "vision_config": {
-            "cls": "CLIPVisionTower",
-            "model_type": "vision",
-            "params": {
-                "image_size": 384,
-                "model_name": "siglip_large_patch16_384",
-                "select_feature": "same",
-                "select_layer": -1,
-                **(vision or {}),
-            },
-        },
-        "aligner_config": {
-            "cls": "MlpProjector",
-            "model_type": "aligner",
-            "params": {
-                "depth": 2,
-                "input_dim": (vision or {}).get("width", 1024),
-                "n_embed": hidden,
-                "projector_type": "mlp_gelu",
-            },
-        },
-        "gen_vision_config": {
-            "cls": "VQ-16",
-            "model_type": "gen_vision",
-            "params": {"image_token_size": 16384, "n_embed": 8, **(vq or {})},
-        },
-        "gen_aligner_config": {
-            "cls": "MlpProjector",
-            "model_type": "gen_aligner",
-            "params": {
-                "depth": 2,
-                "input_dim": (vq or {}).get("n_embed", 8),
-                "n_embed": hidden,
-                "projector_type": "mlp_gelu",
-            },
-        },
-        "gen_head_config": {
-            "cls": "vision_head",
-            "model_type": "gen_head",
-            "params": {
-                "image_token_embed": hidden,
-                "image_token_size": (vq or {}).get("image_token_size", 16384),
-                "n_embed": hidden,
-            },
-        },
-        "language_config": {
-            "hidden_size": hidden,
-            "intermediate_size": intermediate,
-            "max_position_embeddings": max_position_embeddings,
-            "num_attention_heads": llm_heads,
-            "num_hidden_layers": llm_layers,
-            "num_key_value_heads": llm_heads,
-            "torch_dtype": dtype,
-            "vocab_size": vocab_size,
-        },
-    }
 
 
 def write_tiny_checkpoint(
@@ -146,8 +74,6 @@ def write_random_like(source: str | os.PathLike, directory: str | os.PathLike, *
     """A copy of the checkpoint at ``source`` (config, tokenizer and processor files) with fresh random
     weights in place of its own: the same architecture and the same costs per token, but a model that
     never learnt to stop, so its answers run to ``max_new_tokens`` (a load test's fixed lengths)."""
-    import shutil
-
     src, out = Path(source), Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
@@ -174,14 +100,14 @@ def _write_random_weights(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MultiModalityCausalLM(MultiModalityConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
-        _init_tiny_weights(model)
+        init_tiny_weights(model)
     state = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
     if "gen_vision_model.quantize.codebook_used" in state:
         state["gen_vision_model.quantize.codebook_used"] = state["gen_vision_model.quantize.codebook_used"].float()
     save_state_dict(state, out, weights_format=weights_format, shards=shards)
 
 
-def _init_tiny_weights(model: torch.nn.Module) -> None:
+def init_tiny_weights(model: torch.nn.Module) -> None:
     """Small-std normal init: keeps the tiny model's activations and logits in a sane range."""
     for name, p in model.named_parameters():
         if name.endswith("bias"):
