@@ -10,29 +10,21 @@ the process's baseline, its time, and how many planted copies it lists.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from benchmarks.fresh import measure_in_fresh_process
+from benchmarks.fresh import sizes_main, write_shard
 from benchmarks.machine import cpu
-from janus.utils.cli import OneLineParser
 
-RESULTS = Path(__file__).parent / "results"
 PLANTED = 0.01
 
 
-def write_output(root: Path, n: int, rows_per_shard: int) -> int:
-    """``n`` committed ok rows; returns how many are planted near copies of another row."""
-    root.mkdir(parents=True, exist_ok=True)
+def write_output(root: Path, n: int, rows_per_shard: int) -> dict:
+    """``n`` committed ok rows; returns how many are planted near copies of another row (and the
+    distance and machine the result row records)."""
     rng = np.random.default_rng(0)
     hashes = rng.integers(-(2**63), 2**63 - 1, size=n, dtype=np.int64)
     copies = rng.choice(n, int(n * PLANTED), replace=False)
@@ -43,13 +35,8 @@ def write_output(root: Path, n: int, rows_per_shard: int) -> int:
     for start in range(0, n, rows_per_shard):
         stop = min(start + rows_per_shard, n)
         keys = [f"{i:020x}" for i in range(start, stop)]
-        shard = f"shard-{start:020d}"
-        table = pa.table(
-            {"key": keys, "status": ["ok"] * len(keys), "score": scores[start:stop], "phash": hashes[start:stop]}
-        )
-        pq.write_table(table, root / f"{shard}.parquet", compression="zstd")
-        (root / f"{shard}_stats.json").write_text(json.dumps({"shard": shard, "count": len(keys), "ok": len(keys)}))
-    return len(copies)
+        write_shard(root, start, keys, score=scores[start:stop], phash=hashes[start:stop])
+    return {"planted": len(copies), "max_distance": 6, "cpu": cpu()}
 
 
 def _status_kb(field: str) -> int:
@@ -80,29 +67,8 @@ def measure(root: str) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--rows-per-shard", type=int, default=10_000)
-    parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: measure this directory
-    args = parser.parse_args(argv)
-    if args.measure:
-        print(json.dumps(measure(args.measure)))
-        return 0
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in args.rows:
-            root = Path(tmp) / f"out-{n}"
-            planted = write_output(root, n, args.rows_per_shard)
-            row = measure_in_fresh_process("benchmarks.bench_dedup", root)
-            row.update(planted=planted, max_distance=6, cpu=cpu())
-            print(json.dumps(row), file=sys.stderr)
-            results.append(row)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dedup_memory.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(
+        sizes_main(__doc__, "--rows", [100_000, 1_000_000], write_output, measure,
+                   module="benchmarks.bench_dedup", results_file="dedup_memory.json")
+    )  # fmt: skip

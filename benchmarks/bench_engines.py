@@ -48,59 +48,20 @@ IMAGE_TOKENS = 576
 #: write_tiny_checkpoint keyword sets. "small" is the CPU benchmark model: a 4-layer, 512-wide LLM
 #: (vocab 1024) with the REAL-size VQ-16 decoder (ch 128, z 256, 5 levels, 384 px). 1b / 7b are the
 #: Janus-Pro architectures with random weights (GPU only: the checkpoint is written to disk first).
-SMALL: dict[str, Any] = dict(
-    hidden=512,
-    llm_layers=4,
-    llm_heads=8,
-    intermediate=1408,
-    vocab_size=1024,
-    vision_width=256,
-    vision_layers=4,
-    vision_heads=4,
-    vq_ch=128,
-    vq_z_channels=256,
-)
-CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        hidden=64,
-        llm_layers=2,
-        llm_heads=4,
-        intermediate=128,
-        vocab_size=1024,
-        vision_width=64,
-        vision_layers=2,
-        vision_heads=4,
-        vq_ch=32,
-        vq_z_channels=32,
-    ),
-    "small": SMALL,
-    # as small but a quarter-width VQ decoder, so the LLM phase is not buried under it on CPU
-    "small-vq32": dict(SMALL, vq_ch=32, vq_z_channels=64),
-    "1b": dict(
-        hidden=2048,
-        llm_layers=24,
-        llm_heads=16,
-        intermediate=5632,
-        vocab_size=102400,
-        vision_width=1024,
-        vision_layers=24,
-        vision_heads=16,
-        vq_ch=128,
-        vq_z_channels=256,
-    ),
-    "7b": dict(
-        hidden=4096,
-        llm_layers=30,
-        llm_heads=32,
-        intermediate=11008,
-        vocab_size=102400,
-        vision_width=1024,
-        vision_layers=24,
-        vision_heads=16,
-        vq_ch=128,
-        vq_z_channels=256,
-    ),
-}
+_SHAPE_KEYS = (
+    "hidden", "llm_layers", "llm_heads", "intermediate", "vocab_size",
+    "vision_width", "vision_layers", "vision_heads", "vq_ch", "vq_z_channels",
+)  # fmt: skip
+_SHAPES = {
+    #        hidden  layers heads  inter.   vocab  | vision width layers heads | vq ch  z
+    "tiny": (64,     2,     4,     128,     1024,    64,          2,     4,      32,    32),
+    "small": (512,   4,     8,     1408,    1024,    256,         4,     4,      128,   256),
+    "1b": (2048,     24,    16,    5632,    102400,  1024,        24,    16,     128,   256),
+    "7b": (4096,     30,    32,    11008,   102400,  1024,        24,    16,     128,   256),
+}  # fmt: skip
+CONFIGS: dict[str, dict[str, Any]] = {name: dict(zip(_SHAPE_KEYS, row, strict=True)) for name, row in _SHAPES.items()}
+# as small but a quarter-width VQ decoder, so the LLM phase is not buried under it on CPU
+CONFIGS["small-vq32"] = dict(CONFIGS["small"], vq_ch=32, vq_z_channels=64)
 
 PROMPTS = [
     "A photo of a red apple on a wooden table, soft light, high detail",
@@ -227,18 +188,9 @@ def synthesis_contenders(
 
     def run_engine(ps):
         res = engine.generate([{"prompt": p, "seed": i} for i, p in enumerate(ps)])
-        bad = [r.error for r in res if not r.ok]
-        if bad:
-            raise RuntimeError(f"engine failed: {bad[0]}")
-        t = res[0].timings
-        return {
-            "llm_s": t["prefill_s"] + t["decode_s"],
-            "vq_s": t["vq_decode_s"],
-            "steps": IMAGE_TOKENS,
-            "images": [r.image for r in res],
-            "prefill_s": t["prefill_s"],
-            "decode_s": t["decode_s"],
-        }
+        figures = engine_figures(res, "engine")
+        vq_s = res[0].timings["vq_decode_s"]
+        return {**figures, "vq_s": vq_s, "steps": IMAGE_TOKENS, "images": [r.image for r in res]}
 
     def run_ref_per_prompt(ps):
         gen = torch.Generator(device=args.device).manual_seed(0)
@@ -279,6 +231,15 @@ def synthesis_contenders(
     return {k: v for k, v in out.items() if k in args.contenders}
 
 
+def engine_figures(results: list, what: str) -> dict[str, float]:
+    """The model time of one engine call (its results share the batch's timings); raises if a row failed."""
+    bad = [r.error for r in results if not r.ok]
+    if bad:
+        raise RuntimeError(f"{what} failed: {bad[0]}")
+    t = results[0].timings
+    return {"llm_s": t["prefill_s"] + t["decode_s"], "prefill_s": t["prefill_s"], "decode_s": t["decode_s"]}
+
+
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -295,21 +256,51 @@ def bench_synthesis(model, processor, args, common: dict) -> list[Row]:
     decode_bytes = param_bytes(lm.model.layers, lm.model.norm, model.gen_head, model.gen_aligner)
     contenders = synthesis_contenders(model, processor, prompts, args)
     print(f"[synthesis] B={len(prompts)}: {', '.join(contenders)}", flush=True)
-    if args.profile:
-        profile_contenders(contenders, prompts, prompts[:1], "synthesis", args)
+    runs = timed_runs(contenders, prompts, "synthesis", args, common)
+    if runs is None:
         return []
-    runs = run_interleaved(
-        {k: (lambda fn=fn: fn(prompts)) for k, fn in contenders.items()},
-        {k: (lambda fn=fn: fn(prompts[:1])) for k, fn in contenders.items()},
-        args.repeats,
-        common["_device"],
-    )
     rows = [
         synthesis_row(name, times, infos, len(prompts), decode_bytes, common)
         for name, (times, infos) in runs.items()
     ]
     add_ratios(rows, "ref_per_prompt")
     return rows
+
+
+def timed_runs(contenders: dict[str, Callable], items: list, task: str, args, common: dict) -> dict | None:
+    """Each contender on all ``items`` and, interleaved, on the first alone; None with ``--profile``
+    (each contender is profiled instead)."""
+    if args.profile:
+        profile_contenders(contenders, items, items[:1], task, args)
+        return None
+    return run_interleaved(
+        {k: (lambda fn=fn: fn(items)) for k, fn in contenders.items()},
+        {k: (lambda fn=fn: fn(items[:1])) for k, fn in contenders.items()},
+        args.repeats,
+        common["_device"],
+    )
+
+
+def contender_row(
+    task: str, name: str, times: list[float], batch: int, tokens: int, steps: int, llm_s: float,
+    decode_bytes: int, common: dict, extra: dict[str, Any],
+) -> Row:  # fmt: skip
+    """A contender's Row: its best time, and the rates of ``tokens`` and ``steps`` over ``llm_s``."""
+    steps_s = steps / llm_s
+    return Row(
+        task=task,
+        contender=name,
+        batch=batch,
+        times_s=times,
+        best_s=min(times),
+        images_per_s=batch / min(times),
+        llm_s=llm_s,
+        decode_tokens_per_s=tokens / llm_s,
+        steps_per_s=steps_s,
+        bandwidth_gb_s=decode_bytes * steps_s / 1e9,
+        extra=extra,
+        **{k: v for k, v in common.items() if not k.startswith("_")},
+    )
 
 
 def synthesis_row(
@@ -320,29 +311,17 @@ def synthesis_row(
     info = infos[best]
     assert len(info["images"]) == batch
     assert all(im.dtype == np.uint8 and im.shape[-1] == 3 for im in info["images"])
-    steps_s = info["steps"] / info["llm_s"]
-    return Row(
-        task="synthesis",
-        contender=name,
-        batch=batch,
-        times_s=times,
-        best_s=times[best],
-        images_per_s=batch / times[best],
-        llm_s=info["llm_s"],
-        decode_tokens_per_s=batch * IMAGE_TOKENS / info["llm_s"],
-        steps_per_s=steps_s,
-        bandwidth_gb_s=decode_bytes * steps_s / 1e9,
-        extra={
-            "vq_decode_s": info["vq_s"],
-            "decode_bytes": decode_bytes,
-            "llm_s_all": [i["llm_s"] for i in infos],
-            "cpu_s_all": [i["cpu_s"] for i in infos],
-            "vq_decode_s_all": [i["vq_s"] for i in infos],
-            "image_shape": list(info["images"][0].shape),
-            **{k: info[k] for k in ("prefill_s", "decode_s") if k in info},
-        },
-        **{k: v for k, v in common.items() if not k.startswith("_")},
-    )
+    extra = {
+        "vq_decode_s": info["vq_s"],
+        "decode_bytes": decode_bytes,
+        "llm_s_all": [i["llm_s"] for i in infos],
+        "cpu_s_all": [i["cpu_s"] for i in infos],
+        "vq_decode_s_all": [i["vq_s"] for i in infos],
+        "image_shape": list(info["images"][0].shape),
+        **{k: info[k] for k in ("prefill_s", "decode_s") if k in info},
+    }
+    tokens = batch * IMAGE_TOKENS
+    return contender_row("synthesis", name, times, batch, tokens, info["steps"], info["llm_s"], decode_bytes, common, extra)
 
 
 # -- captioning contenders --------------------------------------------------------------------
@@ -376,18 +355,9 @@ def caption_contenders(
                 for i in idx
             ]
         )
-        bad = [r.error for r in res if not r.ok]
-        if bad:
-            raise RuntimeError(f"caption engine failed: {bad[0]}")
-        t = res[0].timings
-        return {
-            "llm_s": t["prefill_s"] + t["decode_s"],
-            "steps": int(t["decode_steps"]),
-            "tokens": sum(r.num_tokens for r in res),
-            "texts": [r.text for r in res],
-            "prefill_s": t["prefill_s"],
-            "decode_s": t["decode_s"],
-        }
+        figures = engine_figures(res, "caption engine")
+        steps = int(res[0].timings["decode_steps"])
+        return {**figures, "steps": steps, "tokens": sum(r.num_tokens for r in res), "texts": [r.text for r in res]}
 
     def run_ref(idx):
         texts, tokens = [], 0
@@ -408,15 +378,9 @@ def bench_caption(model, processor, args, common: dict) -> list[Row]:
     contenders = caption_contenders(model, processor, images, questions, args.max_new_tokens)
     idx = list(range(args.batch))
     print(f"[caption] B={args.batch}: {', '.join(contenders)}", flush=True)
-    if args.profile:
-        profile_contenders(contenders, idx, idx[:1], "caption", args)
+    runs = timed_runs(contenders, idx, "caption", args, common)
+    if runs is None:
         return []
-    runs = run_interleaved(
-        {k: (lambda fn=fn: fn(idx)) for k, fn in contenders.items()},
-        {k: (lambda fn=fn: fn(idx[:1])) for k, fn in contenders.items()},
-        args.repeats,
-        common["_device"],
-    )
     rows = [
         caption_row(name, times, infos, args.batch, decode_bytes, args.max_new_tokens, common)
         for name, (times, infos) in runs.items()
@@ -442,27 +406,14 @@ def caption_row(
     best = int(np.argmin(times))
     info = infos[best]
     llm_s = info["llm_s"] if info["llm_s"] is not None else times[best]  # generate() is all LLM + vision
-    steps_s = info["steps"] / llm_s
-    return Row(
-        task="caption",
-        contender=name,
-        batch=batch,
-        times_s=times,
-        best_s=times[best],
-        images_per_s=batch / times[best],
-        llm_s=llm_s,
-        decode_tokens_per_s=info["tokens"] / llm_s,
-        steps_per_s=steps_s,
-        bandwidth_gb_s=decode_bytes * steps_s / 1e9,
-        extra={
-            "cpu_s_all": [i["cpu_s"] for i in infos],
-            "max_new_tokens": max_new_tokens,
-            "generated_tokens": info["tokens"],
-            "decode_bytes": decode_bytes,
-            **{k: info[k] for k in ("prefill_s", "decode_s") if k in info},
-        },
-        **{k: v for k, v in common.items() if not k.startswith("_")},
-    )
+    extra = {
+        "cpu_s_all": [i["cpu_s"] for i in infos],
+        "max_new_tokens": max_new_tokens,
+        "generated_tokens": info["tokens"],
+        "decode_bytes": decode_bytes,
+        **{k: info[k] for k in ("prefill_s", "decode_s") if k in info},
+    }
+    return contender_row("caption", name, times, batch, info["tokens"], info["steps"], llm_s, decode_bytes, common, extra)
 
 
 # -- reporting --------------------------------------------------------------------------------

@@ -9,39 +9,27 @@ per size, runs what a job's driver runs on resume and at the end: ``OutputDir.co
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from benchmarks.fresh import measure_in_fresh_process
-from janus.utils.cli import OneLineParser
-
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.fresh import sizes_main, write_shard
 
 
-def write_committed(root: Path, n: int, rows_per_shard: int) -> None:
+def write_committed(root: Path, n: int, rows_per_shard: int) -> dict:
     """``n`` committed rows in shards of ``rows_per_shard``: what a finished synthesis job leaves."""
-    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     for start in range(0, n, rows_per_shard):
         count = min(rows_per_shard, n - start)
         raw = rng.integers(0, 256, size=(count, 10), dtype=np.uint8)
         keys = [bytes(r).hex() for r in raw]
-        shard = f"shard-{start:020d}"
-        table = pa.table(
-            {"key": keys, "status": ["ok"] * count, "prompt": ["a red circle on the left"] * count}
-        )
-        stats = {"shard": shard, "count": count, "ok": count, "failed": 0}
-        (root / f"{shard}_stats.json").write_text(json.dumps(stats))
-        pq.write_table(table, root / f"{shard}.parquet", compression="zstd")
+        write_shard(root, start, keys, prompt=["a red circle on the left"] * count)
+    print(f"wrote {n} committed rows in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    return {}
 
 
 def measure(root: str) -> dict:
@@ -72,30 +60,8 @@ def measure(root: str) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--keys", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--rows-per-shard", type=int, default=10_000)
-    parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: measure this directory
-    args = parser.parse_args(argv)
-    if args.measure:
-        print(json.dumps(measure(args.measure)))
-        return 0
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in args.keys:
-            root = Path(tmp) / f"out-{n}"
-            t0 = time.perf_counter()
-            write_committed(root, n, args.rows_per_shard)
-            print(f"wrote {n} committed rows in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-            row = measure_in_fresh_process("benchmarks.bench_resume_memory", root)
-            print(json.dumps(row), file=sys.stderr)
-            rows.append(row)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "resume_memory.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(json.dumps(rows, indent=2))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(
+        sizes_main(__doc__, "--keys", [1_000_000, 10_000_000], write_committed, measure,
+                   module="benchmarks.bench_resume_memory", results_file="resume_memory.json")
+    )  # fmt: skip

@@ -21,6 +21,17 @@ from janus.engine.common import sync
 # the (tested) official <-> HF name mapping lives with the tests that check it
 from tests.support.hf_janus import conversion_plan, hf_janus_config, rope_theta
 
+#: hf_janus_config's keywords that are the language model config's fields of the same name
+_LANGUAGE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
+)  # fmt: skip
+#: hf_janus_config's VQ keywords -> the fields of our VQ config
+_VQ_FIELDS = {
+    "vq_ch": "ch", "vq_z_channels": "z_channels", "vq_num_res_blocks": "num_res_blocks",
+    "codebook_size": "codebook_size", "codebook_dim": "codebook_embed_dim",
+}  # fmt: skip
+
 
 def hf_config_for(model, processor):
     """The ``JanusConfig`` that describes ``model`` (a loaded ``MultiModalityCausalLM``)."""
@@ -30,14 +41,7 @@ def hf_config_for(model, processor):
     vq = model.gen_vision_model.config
     tok = processor.tokenizer
     return hf_janus_config(
-        vocab_size=lc.vocab_size,
-        hidden_size=lc.hidden_size,
-        intermediate_size=lc.intermediate_size,
-        num_hidden_layers=lc.num_hidden_layers,
-        num_attention_heads=lc.num_attention_heads,
-        num_key_value_heads=lc.num_key_value_heads,
-        max_position_embeddings=lc.max_position_embeddings,
-        rms_norm_eps=lc.rms_norm_eps,
+        **{name: getattr(lc, name) for name in _LANGUAGE_FIELDS},
         rope_theta=rope_theta(lc),
         vision_width=tower.embed_dim,
         vision_layers=len(tower.blocks),
@@ -45,12 +49,8 @@ def hf_config_for(model, processor):
         vision_mlp_ratio=block.mlp.fc1.out_features / tower.embed_dim,
         image_size=tower.patch_embed.img_size[0],
         patch_size=tower.patch_embed.patch_size[0],
-        vq_ch=vq.ch,
         vq_ch_mult=tuple(vq.ch_mult),
-        vq_z_channels=vq.z_channels,
-        vq_num_res_blocks=vq.num_res_blocks,
-        codebook_size=vq.codebook_size,
-        codebook_dim=vq.codebook_embed_dim,
+        **{name: getattr(vq, field) for name, field in _VQ_FIELDS.items()},
         image_token_id=processor.image_id,
         pad_token_id=processor.pad_id,
         bos_token_id=tok.bos_token_id,

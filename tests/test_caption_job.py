@@ -13,7 +13,6 @@ import pytest
 
 from janus.engine import CaptionEngine
 from janus.models.image_processing_vlm import VLMImageProcessor
-from pipeline.config import load_config
 from pipeline.images import decode_image, model_pixels
 from pipeline.job import run_job
 from pipeline.output import OutputDir
@@ -21,6 +20,7 @@ from pipeline.sources.image_files import read_images
 from tests.support.inputs import encode
 from tests.support.jobs import (
     committed_shards,
+    job_config,
     job_overrides,
     kill_driver_mid_job,
     output_rows,
@@ -51,18 +51,8 @@ def write_images(folder: Path, n: int) -> dict[str, bytes]:
 def test_each_stored_caption_equals_the_engine_on_the_same_image(ray_session, model_dir, tmp_path):
     files = write_images(tmp_path / "images", 5)
     out = tmp_path / "out"
-    overrides = job_overrides(model_dir, str(tmp_path / "images"), str(out))
-    cfg = load_config(
-        None,
-        [
-            "job=caption",
-            *overrides,
-            "input.format=images",
-            f"caption.question={QUESTION}",
-            f"caption.max_new_tokens={MAX_NEW_TOKENS}",
-            "compute.gpus_per_actor=0",
-        ],
-    )
+    settings = ("input.format=images", f"caption.question={QUESTION}", f"caption.max_new_tokens={MAX_NEW_TOKENS}")
+    cfg = job_config(model_dir, "caption", tmp_path / "images", out, *settings, "compute.gpus_per_actor=0")
     run_job(cfg)
     rows = {r["source"]: r for r in output_rows(str(out))}
     assert sorted(rows) == sorted(files)

@@ -12,14 +12,9 @@ import pytest
 import yaml
 
 from jobs.cli import main as cli_main
-from pipeline.config import (
-    ENGINE_OPTIONS,
-    ConfigError,
-    JobConfig,
-    engine_option_names,
-    load_config,
-)
+from pipeline.config import ENGINE_OPTIONS, ConfigError, JobConfig, load_config
 from pipeline.connect import SUBMITTED_JOB_ENV, cluster_address
+from pipeline.sections import engine_option_names
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from benchmarks.gpu_suite import GPU_PLAN, SECTIONS, Recorder
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A hang guard, not an expectation: the dry run starts ~20 Python processes (Ray and Serve), which
-#: took from 6 to over 14 minutes on a shared 2-core machine with a training job and other test runs.
+#: take 6 to over 14 minutes on a shared 2-core machine with a training job and other test runs.
 DRY_RUN_LIMIT_S = 1200
 
 

@@ -31,7 +31,7 @@ from tests.support import REPO
 from tests.support.inputs import encode
 from tests.support.jobs import (
     committed_shards,
-    job_overrides,
+    job_config,
     kill_driver_mid_job,
     output_rows,
     session_env,
@@ -44,9 +44,9 @@ from tests.support.stores import new_bucket
 GATED = "compute.actor_class=tests.support.scale_actors:GatedStandIn"  # model-free: see its docstring
 
 
-def job(model_dir: str, job: str, input_url: str, output_url: str, *extra: str):
+def job(model_dir: str, job: str, input_url: str | Path, output_url: str | Path, *extra: str):
     short = ["caption.max_new_tokens=4"] if job == "caption" else []
-    return load_config(None, [f"job={job}", *job_overrides(model_dir, input_url, output_url, *short, *extra)])
+    return job_config(model_dir, job, input_url, output_url, *short, *extra)
 
 
 def stats(url: str) -> dict[str, int]:
@@ -73,15 +73,8 @@ PROMPT_LINES = [
 def test_synthesis_job_on_fake_gpus_with_bad_prompts(ray_session, model_dir, tmp_path):
     (tmp_path / "prompts.txt").write_bytes(b"\n".join(PROMPT_LINES) + b"\n")
     out = tmp_path / "out"
-    cfg = job(
-        model_dir,
-        "synthesize",
-        str(tmp_path / "prompts.txt"),
-        str(out),
-        "synthesis.n_samples=2",
-        "engine.max_prompt_tokens=256",
-        "output.contact_sheet=4",
-    )
+    settings = ("synthesis.n_samples=2", "engine.max_prompt_tokens=256", "output.contact_sheet=4")
+    cfg = job(model_dir, "synthesize", tmp_path / "prompts.txt", out, *settings)
     assert actor_options(cfg)["num_gpus"] == 1  # the cluster has (fake) GPUs: one per actor
     summary = run_job(cfg)
 
@@ -113,7 +106,7 @@ def test_rerun_makes_no_duplicates_and_same_seed_same_image(ray_session, model_d
         "\n".join(json.dumps({"prompt": f"prompt number {i}", "seed": 100 + i}) for i in range(3)) + "\n"
     )
     out = tmp_path / "out"
-    cfg = job(model_dir, "synthesize", str(tmp_path / "p.jsonl"), str(out), "compute.gpus_per_actor=0")
+    cfg = job(model_dir, "synthesize", tmp_path / "p.jsonl", out, "compute.gpus_per_actor=0")
     run_job(cfg)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     again = run_job(cfg)
@@ -121,7 +114,7 @@ def test_rerun_makes_no_duplicates_and_same_seed_same_image(ray_session, model_d
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
     # a second output with the same rows gives the same shards and byte-identical images
     other = tmp_path / "other"
-    run_job(job(model_dir, "synthesize", str(tmp_path / "p.jsonl"), str(other), "compute.gpus_per_actor=0"))
+    run_job(job(model_dir, "synthesize", tmp_path / "p.jsonl", other, "compute.gpus_per_actor=0"))
     assert pngs(other) == pngs(out) and len(pngs(out)) == 3
 
 
@@ -135,7 +128,7 @@ def test_the_model_pool_gets_full_batches_and_a_resume_too(ray_session, model_di
         (tmp_path / "in" / name).write_text("\n".join(f"{name} prompt {i}" for i in range(n)) + "\n")
     out = tmp_path / "out"
     settings = ["compute.actor_class=tests.support.scale_actors:BatchSizeStandIn", "compute.batch_size=8"]
-    cfg = job(model_dir, "synthesize", str(tmp_path / "in"), str(out), *settings)
+    cfg = job(model_dir, "synthesize", tmp_path / "in", out, *settings)
 
     def batch_sizes(rows: list[dict]) -> list[int]:
         sizes = [int(r["seconds"]) for r in rows]
@@ -256,15 +249,8 @@ def test_resume_after_the_driver_is_killed(ray_session, model_dir, gate, tmp_pat
 def test_killed_actor_is_replaced_and_every_row_lands_once(ray_session, model_dir, gate, tmp_path):
     keys = write_prompts(tmp_path / "p.txt", 32)
     out = tmp_path / "out"
-    cfg = job(
-        model_dir,
-        "synthesize",
-        str(tmp_path / "p.txt"),
-        str(out),
-        "compute.gpus_per_actor=0",
-        "output.contact_sheet=0",
-        GATED,
-    )
+    settings = ("compute.gpus_per_actor=0", "output.contact_sheet=0", GATED)
+    cfg = job(model_dir, "synthesize", tmp_path / "p.txt", out, *settings)
     result: dict = {}
 
     def run() -> None:
@@ -321,7 +307,7 @@ def test_an_actor_that_fails_to_start_is_replaced_up_to_start_failures(ray_sessi
     ``compute.start_failures=0`` (Ray Data's own default) the same failure ends the job."""
     keys = write_prompts(tmp_path / "p.txt", 8)
     fails = ("compute.actor_class=tests.support.scale_actors:FailsOnceAtStart", "compute.gpus_per_actor=0")
-    cfg = job("stand-in", "synthesize", str(tmp_path / "p.txt"), str(tmp_path / "a"), "output.contact_sheet=0", *fails)
+    cfg = job("stand-in", "synthesize", tmp_path / "p.txt", tmp_path / "a", "output.contact_sheet=0", *fails)
     assert cfg.compute.start_failures == 2
     summary = run_job(cfg)
     assert (gate.folder / "failed-at-start").exists()  # the first actor did fail
@@ -329,8 +315,7 @@ def test_an_actor_that_fails_to_start_is_replaced_up_to_start_failures(ray_sessi
 
     gate.reset()
     strict = job(
-        "stand-in", "synthesize", str(tmp_path / "p.txt"), str(tmp_path / "b"), "output.contact_sheet=0",
-        "compute.start_failures=0", *fails,
+        "stand-in", "synthesize", tmp_path / "p.txt", tmp_path / "b", "output.contact_sheet=0", "compute.start_failures=0", *fails
     )  # fmt: skip
     with pytest.raises(Exception, match="out of memory while loading the model"):
         run_job(strict)
@@ -339,11 +324,12 @@ def test_an_actor_that_fails_to_start_is_replaced_up_to_start_failures(ray_sessi
 @pytest.mark.timeout(600)
 def test_an_actor_with_the_wrong_columns_fails_the_job_naming_them(ray_session, tmp_path):
     """A ``compute.actor_class`` that returns other columns than the job's output declares fails the
-    job with a message that names them, and commits nothing (it used to store nulls and drop extras)."""
+    job with a message that names them, and commits nothing (never a shard with nulls in a missing
+    column or without an undeclared one)."""
     write_prompts(tmp_path / "p.txt", 4)
     wrong = "compute.actor_class=tests.support.scale_actors:WrongColumnsStandIn"
     out = tmp_path / "out"
-    cfg = job("stand-in", "synthesize", str(tmp_path / "p.txt"), str(out), "output.contact_sheet=0", wrong)
+    cfg = job("stand-in", "synthesize", tmp_path / "p.txt", out, "output.contact_sheet=0", wrong)
     with pytest.raises(Exception, match="returned no column 'phash'; returned a column 'tokens' that is not declared"):
         run_job(cfg)
     assert committed_shards(str(out)) == 0

@@ -14,12 +14,11 @@ import fsspec
 import pytest
 
 from janus.models.fingerprint import weights_fingerprint
-from pipeline.config import load_config
 from pipeline.job import check_job
 from pipeline.output import OutputDir
 from pipeline.recipe import RECIPE_FILE, RecipeMismatch, differences, job_recipe, record_recipe
 from tests.support import REPO
-from tests.support.jobs import job_overrides, write_prompts
+from tests.support.jobs import job_config, job_overrides, write_prompts
 
 
 def test_the_fingerprint_follows_the_weights_not_their_place(tiny_dir, model_dir, tmp_path):
@@ -40,7 +39,7 @@ def test_the_fingerprint_follows_the_weights_not_their_place(tiny_dir, model_dir
 
 
 def _cfg(model_dir: str, tmp_path: Path, *extra: str):
-    return load_config(None, ["job=synthesize", *job_overrides(model_dir, str(tmp_path / "p.txt"), str(tmp_path / "out"), *extra)])
+    return job_config(model_dir, "synthesize", tmp_path / "p.txt", tmp_path / "out", *extra)
 
 
 def test_what_counts_as_another_recipe(model_dir, tmp_path):

@@ -90,6 +90,15 @@ def settings(model_dir: str, input_url: str, output_url: str, *extra: str, job: 
     return job_overrides(model_dir, input_url, output_url, own, *extra)
 
 
+def on_workers(min_actors: int, max_actors: int) -> tuple[str, ...]:
+    """``--set`` values for a pool of ``min_actors`` to ``max_actors`` actors on the worker nodes (never the head)."""
+    return (
+        f"compute.min_actors={min_actors}",
+        f"compute.max_actors={max_actors}",
+        f"compute.resources={{{WORKER_RESOURCE}: 1}}",
+    )
+
+
 def assert_exactly_once(rows: list[dict], expected_keys: list[str]) -> None:
     counts = Counter(r["key"] for r in rows)
     assert not [k for k, n in counts.items() if n > 1], "duplicated rows"
@@ -148,7 +157,7 @@ def test_synthesis_and_caption_on_a_three_node_cluster(cluster, model_dir, s3_op
     fs = fsspec.filesystem("s3", **s3_options)
     fs.put_file(str(tmp_path / "p.txt"), f"{bucket}/prompts/p.txt")
     s3 = json.dumps(s3_options)
-    pool = ["compute.min_actors=2", "compute.max_actors=2", f"compute.resources={{{WORKER_RESOURCE}: 1}}"]
+    pool = on_workers(2, 2)
     images, captions = f"s3://{bucket}/images", f"s3://{bucket}/captions"
 
     log = tmp_path / "synthesize.log"
@@ -188,15 +197,7 @@ def test_losing_a_worker_node_mid_job(cluster, model_dir, gate, tmp_path):
     kept, doomed = cluster.workers(2, **NODE)
     keys = write_prompts(tmp_path / "p.txt", 24)
     out, log = tmp_path / "out", tmp_path / "job.log"
-    overrides = settings(
-        model_dir,
-        str(tmp_path / "p.txt"),
-        str(out),
-        GATED,
-        "compute.min_actors=2",
-        "compute.max_actors=2",
-        f"compute.resources={{{WORKER_RESOURCE}: 1}}",
-    )
+    overrides = settings(model_dir, str(tmp_path / "p.txt"), str(out), GATED, *on_workers(2, 2))
     gate.hold(from_call=1)  # one batch gets through (a committed shard); every later one waits
     cli = start_cli("synthesize", overrides, cluster.driver_env(), log)
     gate.wait_for_entry(lambda e: e.held and e.node_id == doomed.node_id, cli.ended)
@@ -223,8 +224,7 @@ def test_two_node_losses_during_the_same_rows_make_no_error_row(cluster, gate, t
     (first,) = cluster.workers(1, **NODE)
     keys = write_prompts(tmp_path / "p.txt", 4)  # one batch
     out, log = tmp_path / "out", tmp_path / "job.log"
-    one_actor = ("compute.min_actors=1", "compute.max_actors=1", f"compute.resources={{{WORKER_RESOURCE}: 1}}")
-    overrides = settings("stand-in", str(tmp_path / "p.txt"), str(out), GATED, *one_actor)
+    overrides = settings("stand-in", str(tmp_path / "p.txt"), str(out), GATED, *on_workers(1, 1))
     gate.hold(from_call=0)  # every call waits until the gate opens
     cli = start_cli("synthesize", overrides, cluster.driver_env(), log)
     gate.wait_for_entry(lambda e: e.held and e.node_id == first.node_id, cli.ended)
@@ -255,15 +255,7 @@ def test_a_node_added_mid_job_gets_actors_and_work(cluster, model_dir, gate, tmp
     # joined, Ray Data has grown the pool onto it and the new actor has taken a batch.
     keys = write_prompts(tmp_path / "p.txt", 48)
     out, log = tmp_path / "out", tmp_path / "job.log"
-    overrides = settings(
-        model_dir,
-        str(tmp_path / "p.txt"),
-        str(out),
-        GATED,
-        "compute.min_actors=1",
-        "compute.max_actors=2",
-        f"compute.resources={{{WORKER_RESOURCE}: 1}}",
-    )
+    overrides = settings(model_dir, str(tmp_path / "p.txt"), str(out), GATED, *on_workers(1, 2))
     gate.hold(from_call=1)
     cli = start_cli("synthesize", overrides, cluster.driver_env(), log)
     gate.wait_for_entry(lambda e: e.held and e.node_id == first.node_id, cli.ended)

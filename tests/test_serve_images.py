@@ -237,7 +237,7 @@ def test_a_stream_without_partials_is_one_completed_event(shapes_app):
     assert [(name, data["type"]) for name, data in got] == [("image_generation.completed",) * 2]
 
 
-# -- clients that leave free their rows (issue 36) ---------------------------------------------------
+# -- clients that leave free their rows -------------------------------------------------------------
 
 
 def test_a_client_leaving_a_streamed_image_frees_its_rows(shapes_app):
@@ -300,7 +300,7 @@ def test_a_fresh_ingress_ends_its_first_stream_with_its_last_token(shapes_app):
             last_text = max(t for t, finish in stamps if finish is None)
             finish = next(t for t, f in stamps if f is not None)
             gaps.append(finish - last_text)
-    assert gaps[0] < 0.5, gaps  # a lazy import or set-up at the end took seconds here
+    assert gaps[0] < 0.5, gaps  # a lazy import or set-up at the end would take seconds here
 
 
 # -- metrics an operator can graph -------------------------------------------------------------------

@@ -23,6 +23,7 @@ from janus.engine import SynthesisEngine
 from janus.engine.prompts import t2i_prompt_ids, unconditional_ids
 from janus.engine.scheduler import Scheduler
 from janus.engine.speculative import SpeculativeOptions, Speculator
+from tests.test_scheduler import SYNTH
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -163,12 +164,7 @@ def test_plain_codes_follow_the_exact_distribution(oracle_model):
 
 # -- reproducibility ---------------------------------------------------------------------------------------
 
-REQUESTS = [
-    {"prompt": "a red apple on a table", "seed": 1},
-    {"prompt": "a cat", "seed": 7, "cfg_weight": 3.0},
-    {"prompt": "two dogs in the snow, photo", "seed": 3, "temperature": 0.0},
-    {"prompt": "a blue house", "seed": 11, "top_k": 50},
-]
+REQUESTS = SYNTH  # the scheduler tests' requests: each its own seed and settings
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +255,8 @@ def test_the_job_and_serve_configs_take_the_engines_options():
     import typing
 
     from janus.engine.speculative import DRAFT_INITS, METHODS
-    from pipeline.config import ConfigError, SpeculativeSection, SynthesisEngineOptions, load_config
+    from pipeline.config import ConfigError, load_config
+    from pipeline.sections import SpeculativeSection, SynthesisEngineOptions
 
     fields = SpeculativeSection.model_fields
     assert typing.get_args(fields["method"].annotation) == METHODS

@@ -140,6 +140,15 @@ def _level(res: list[nn.Module], attn: list[nn.Module]) -> nn.Module:
     return block
 
 
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A level's resnet blocks, each followed by its attention block where the level has them."""
+    for i, res in enumerate(level.res):
+        h = res(h)
+        if len(level.attn):
+            h = level.attn[i](h)
+    return h
+
+
 def _mid(channels: int) -> nn.ModuleList:
     return nn.ModuleList(
         [ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)]
@@ -173,10 +182,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.conv_blocks:
-            for i, res in enumerate(level.res):
-                h = res(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
+            h = _run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         for m in self.mid:
@@ -212,10 +218,7 @@ class Decoder(nn.Module):
         for m in self.mid:
             h = m(h)
         for level in self.conv_blocks:
-            for i, res in enumerate(level.res):
-                h = res(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
+            h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(_swish(self.norm_out(h)))

@@ -107,14 +107,25 @@ class JanusAPI:
             )
         return backend
 
+    async def _model_route(
+        self, request: Request, path: str, backend: Backend | None, what: str, body: type, route
+    ) -> Response:
+        """A route of one model: counted under its served name; a request for another model is a 404
+        before ``route(req, call, backend)`` runs."""
+        call = Call(path, model=backend.name if backend else "")
+
+        async def checked(req: Any, call: Call) -> Response:
+            return await route(req, call, self._backend(backend, req.model, what))
+
+        return await self.door.handle(request, call, body, checked)
+
     # -- chat ------------------------------------------------------------------------------------
     @api.post(CHAT)
     async def chat_completions(self, request: Request) -> Response:
-        call = Call(CHAT, model=self.caption.name if self.caption else "")
-        return await self.door.handle(request, call, ChatCompletionRequest, self._chat)
+        what = "chat completions"
+        return await self._model_route(request, CHAT, self.caption, what, ChatCompletionRequest, self._chat)
 
-    async def _chat(self, req: ChatCompletionRequest, call: Call) -> Response:
-        backend = self._backend(self.caption, req.model, "chat completions")
+    async def _chat(self, req: ChatCompletionRequest, call: Call, backend: Backend) -> Response:
         info = await backend.ready_info()
         chat = chat_input(req.messages, info["image_tag"])
         if len(chat.image_urls) > info["max_images"]:
@@ -157,11 +168,10 @@ class JanusAPI:
     # -- images ----------------------------------------------------------------------------------
     @api.post(IMAGES)
     async def images_generations(self, request: Request) -> Response:
-        call = Call(IMAGES, model=self.synthesis.name if self.synthesis else "")
-        return await self.door.handle(request, call, ImageGenerationRequest, self._images)
+        what = "image generation"
+        return await self._model_route(request, IMAGES, self.synthesis, what, ImageGenerationRequest, self._images)
 
-    async def _images(self, req: ImageGenerationRequest, call: Call) -> Response:
-        backend = self._backend(self.synthesis, req.model, "image generation")
+    async def _images(self, req: ImageGenerationRequest, call: Call, backend: Backend) -> Response:
         self._check_image_request(req)
         info = await backend.ready_info()
         side = info["image_size"]

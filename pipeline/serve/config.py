@@ -21,17 +21,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipeline.config import (
-    MAX_BEST_OF,
+from janus.engine.checks import MAX_BEST_OF
+from pipeline.config import QualitySection
+from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.sections import (
     CaptionEngineOptions,
     ModelSection,
-    QualitySection,
     SamplingSection,
     Section,
     SynthesisEngineOptions,
     one_line,
 )
-from pipeline.images import DEFAULT_MAX_PIXELS
 
 IMPORT_PATH = "pipeline.serve.app:build_app"
 

@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
+from pipeline.config import JobConfig, load_config
 from pipeline.job import REQUEST_EXPIRE_S
 from pipeline.sources.prompt_files import read_prompts
 
@@ -28,8 +29,8 @@ from . import REPO
 
 #: a job that commits nothing new for this long is stuck
 STALL_S = 600.0
-#: the longest a job may take to reach its first batch or shard: the actors' start and model load took
-#: 7 minutes on a 2-core machine shared with other Ray jobs and a training run
+#: the longest a job may take to reach its first batch or shard: the actors' start and model load take
+#: up to 7 minutes on a 2-core machine shared with other Ray jobs and a training run
 START_S = 1200.0
 
 
@@ -46,6 +47,11 @@ def job_overrides(model_dir: str, input_url: str, output_url: str, *extra: str) 
         "engine.max_batch_size=4",
         *extra,
     ]
+
+
+def job_config(model_dir: str, job: str, input_url: str | Path, output_url: str | Path, *extra: str) -> JobConfig:
+    """The validated config of a ``job`` over ``job_overrides``, as the CLI would load it."""
+    return load_config(None, [f"job={job}", *job_overrides(model_dir, str(input_url), str(output_url), *extra)])
 
 
 def million_row_job(input_url: str, output_url: str, s3_options: dict, n: int) -> list[str]:
