@@ -245,14 +245,15 @@ def test_options_are_checked():
 def test_counter_uniforms_are_addressed_not_consumed():
     from janus.engine.sampling import counter_uniforms
 
-    seeds = torch.tensor([0, 1, -5, 2**62])
-    positions = torch.arange(12).view(4, 3)
+    seeds = [0, 1, -5, 2**62]
+    positions = np.arange(12).reshape(4, 3)
     a = counter_uniforms(seeds, 1, positions)
     b = counter_uniforms(seeds[2:3], 1, positions[2:3])  # one row alone: the same values
-    assert torch.equal(a[2:3], b) and ((a > 0) & (a < 1)).all()
-    many = counter_uniforms(torch.tensor([7]), 2, torch.arange(20_000)[None])[0]
+    assert np.array_equal(a[2:3], b) and ((a > 0) & (a < 1)).all()
+    many = counter_uniforms([7], 2, np.arange(20_000)[None])[0]
     assert abs(float(many.mean()) - 0.5) < 0.01 and len(set(many.tolist())) > 19_900
-    assert not torch.equal(counter_uniforms(seeds, 2, positions), a)  # streams differ
+    assert not np.array_equal(counter_uniforms(seeds, 2, positions), a)  # streams differ
+    assert not np.array_equal(counter_uniforms([2**32 + 1], 1, positions[:1]), counter_uniforms([1], 1, positions[:1]))
 
 
 def test_the_job_and_serve_configs_take_the_engines_options():
