@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import ray
 
+from janus.models.vq_config import VQConfig
+
 from .columns import OutputColumns
 from .config import ConfigError, InputSection, JobConfig
 from .connect import check_where_it_runs, connect
@@ -203,6 +205,21 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     return summarize(job, sink.shards, time.perf_counter() - t0)
 
 
+def decoding(cfg: JobConfig, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """How this run's images were decoded: forward passes per image and image codes per pass (1 for
+    plain decoding; more with ``engine.speculative``)."""
+    decoded = sum(s.get("decoded", 0) for s in shards)
+    if not decoded:
+        return {}
+    passes = sum(s.get("decode_passes", 0) for s in shards) / decoded
+    out = {"decode_passes_per_image": round(passes, 2)}
+    try:
+        params = checkpoint_json(cfg, "config.json")["gen_vision_config"]["params"]
+    except (ConfigError, KeyError):  # a custom actor class's model: its codes per image are its own
+        return out
+    return {**out, "codes_per_pass": round(VQConfig.from_params(params).image_tokens / passes, 2)}
+
+
 def summarize(job: CheckedJob, shards: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
     """The job summary: this run's and the output's counts, skipped inputs, duplicates, notes."""
     cfg, out, listing = job.cfg, job.out, job.listing
@@ -221,6 +238,7 @@ def summarize(job: CheckedJob, shards: list[dict[str, Any]], elapsed: float) -> 
             "shards": len(shards),
             "seconds": round(elapsed, 2),
             "rows_per_s": round(written["count"] / elapsed, 3) if elapsed > 0 else None,
+            **decoding(cfg, shards),
         },
         "total": total,
         "skipped_inputs": {

@@ -205,10 +205,14 @@ class StatsWriter:
         self._statuses: Counter[str] = Counter()
         self._seconds = 0.0
         self._errors: Counter[str] = Counter()
+        self._passes = self._decoded = 0  # synthesis: forward passes of the images made, and how many
 
     def write(self, sample: Sample) -> None:
         self._keys.append(sample.record["key"])
         self._seconds += sample.record.get("seconds") or 0.0
+        if sample.record["status"] != "error" and sample.record.get("decode_passes"):
+            self._passes += int(sample.record["decode_passes"])
+            self._decoded += 1
         self._statuses[sample.record["status"]] += 1
         if sample.record["status"] == "error":
             self._errors[str(sample.record["error"])[:MAX_ERROR_CHARS]] += 1
@@ -224,6 +228,8 @@ class StatsWriter:
             seconds=self._seconds,
             errors=dict(sorted(self._errors.items())),
         )
+        if self._decoded:
+            self.stats.update(decode_passes=self._passes, decoded=self._decoded)
         atomic_write(self._fs, self._path, json.dumps(self.stats, indent=1, sort_keys=True).encode("utf-8"))
 
 

@@ -240,14 +240,15 @@ def test_options_are_checked():
 def test_counter_uniforms_are_addressed_not_consumed():
     from janus.engine.sampling import counter_uniforms
 
-    seeds = torch.tensor([0, 1, -5, 2**62])
-    positions = torch.arange(12).view(4, 3)
+    seeds = [0, 1, -5, 2**62]
+    positions = np.arange(12).reshape(4, 3)
     a = counter_uniforms(seeds, 1, positions)
     b = counter_uniforms(seeds[2:3], 1, positions[2:3])  # one row alone: the same values
-    assert torch.equal(a[2:3], b) and ((a > 0) & (a < 1)).all()
-    many = counter_uniforms(torch.tensor([7]), 2, torch.arange(20_000)[None])[0]
+    assert np.array_equal(a[2:3], b) and ((a > 0) & (a < 1)).all()
+    many = counter_uniforms([7], 2, np.arange(20_000)[None])[0]
     assert abs(float(many.mean()) - 0.5) < 0.01 and len(set(many.tolist())) > 19_900
-    assert not torch.equal(counter_uniforms(seeds, 2, positions), a)  # streams differ
+    assert not np.array_equal(counter_uniforms(seeds, 2, positions), a)  # streams differ
+    assert not np.array_equal(counter_uniforms([2**32 + 1], 1, positions[:1]), counter_uniforms([1], 1, positions[:1]))
 
 
 def test_the_job_and_serve_configs_take_the_engines_options():
@@ -267,3 +268,56 @@ def test_the_job_and_serve_configs_take_the_engines_options():
     assert cfg.engine["speculative"] == {"method": "jacobi"}
     with pytest.raises(ConfigError, match="speculative"):
         load_config("configs/demo_synthesize.yaml", ["engine.speculative.window=1"])
+
+
+# -- in the jobs and in Serve -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(600)
+def test_a_job_and_serve_decode_speculatively_and_say_so(ray_session, serve_port, tmp_path):
+    """``engine.speculative`` through a Ray Data job (each row's decode_method and decode_passes, the
+    summary's codes per pass) and through Serve (the image's decode_passes), on the shapes model; the
+    job's image is the engine's for the same request, method and window."""
+    import base64
+    import io
+
+    import httpx
+    import PIL.Image
+    import pyarrow.parquet as pq
+    from ray import serve
+
+    from janus.shapes import Scene, caption
+    from pipeline.config import load_config
+    from pipeline.job import run_job
+    from pipeline.serve.app import build_app
+
+    spec = {"method": "coupled", "window": 8}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(caption(Scene(c, "circle", "left", "white")) + "\n" for c in ("red", "blue")))
+    overrides = [f"input.url={prompts}", f"output.url={tmp_path / 'out'}", "model.dtype=float32",
+                 "compute.batch_size=2", "compute.cpus_per_actor=0.5", "engine.speculative.method=coupled",
+                 "engine.speculative.window=8"]
+    summary = run_job(load_config(overrides=overrides, job="synthesize"))
+    assert summary["complete"] and summary["this_run"]["ok"] == 2
+    assert summary["this_run"]["codes_per_pass"] > 1.5
+    rows = [r for f in sorted((tmp_path / "out").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert {r["decode_method"] for r in rows} == {"coupled"} and all(r["decode_passes"] < 144 for r in rows)
+    engine = SynthesisEngine.from_pretrained("shapes", dtype="float32", speculative=spec)
+    row = rows[0]
+    ref = engine.generate([{k: row[k] for k in ("prompt", "seed", "cfg_weight", "temperature")}])[0]
+    assert ref.decode_passes == row["decode_passes"]
+
+    model = {"path": "shapes", "name": "janus-shapes", "dtype": "float32"}
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    args = {"api": {"deployment": small}, "caption": None,
+            "synthesis": {"model": model, "engine": {"speculative": spec}, "deployment": small}}
+    try:
+        serve.run(build_app(args), name="speculative", route_prefix="/speculative")
+        body = {"prompt": row["prompt"], "seed": row["seed"], "cfg_weight": row["cfg_weight"]}
+        with httpx.Client(base_url=f"http://127.0.0.1:{serve_port}/speculative", timeout=300) as client:
+            item = client.post("/v1/images/generations", json=body).json()["data"][0]
+    finally:
+        serve.delete("speculative")
+    assert item["decode_method"] == "coupled" and item["decode_passes"] == row["decode_passes"]
+    image = np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB"))
+    assert np.array_equal(image, ref.image)

@@ -7,8 +7,10 @@ therefore give the same tokens alone or inside any batch, and no step needs a ho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -83,37 +85,34 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor)
     return torch.where(params.temperature <= 0, logits.argmax(dim=-1), picked)
 
 
-# -- counter-based uniforms: a value per (seed, stream, position, index), computed where it is needed --
+# -- counter-based uniforms: a value per (seed, stream, position), computed where it is needed ----------
 
 _MASK32 = 0xFFFF_FFFF
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mix (Wellons' lowbias32) on int64 tensors holding values < 2**32: every product
-    stays below 2**63, so the result is the same on any device and in any batch."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+def _hash32(x: np.ndarray) -> np.ndarray:
+    """A 32-bit integer mix (Wellons' lowbias32) on uint64 arrays holding values < 2**32."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & np.uint64(_MASK32)
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x846CA68B)) & np.uint64(_MASK32)
+    return x ^ (x >> np.uint64(16))
 
 
-def counter_uniforms(
-    seeds: torch.Tensor, stream: int, positions: torch.Tensor, index: torch.Tensor | None = None
-) -> torch.Tensor:
-    """float64 uniforms in (0, 1), one per (seed, stream, position[, index]): ``seeds`` [n] int64,
-    ``positions`` [n, ...] int64, ``index`` [...] broadcast after them -> [n, ..., *index.shape].
+def counter_uniforms(seeds: Sequence[int], stream: int, positions: np.ndarray) -> np.ndarray:
+    """float64 uniforms in (0, 1), one per (seed, stream, position): ``seeds`` [n] (any integers, their
+    64-bit pattern), ``positions`` [n, ...] non-negative integers -> [n, ...].
 
     A method that may look at the same position several times (speculative decoding) needs values it
     can address, not a stream it consumes in order: the value for a row's position is the same whatever
-    else ran, so a row's result does not depend on its batch."""
-    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    z = _hash32(lo ^ _hash32(hi ^ _hash32(torch.full_like(lo, stream))))
-    z = z.view(-1, *([1] * (positions.dim() - 1)))
-    z = _hash32(z ^ _hash32(positions & _MASK32))
-    if index is not None:
-        z = _hash32(z.reshape(*z.shape, *([1] * index.dim())) ^ _hash32(index & _MASK32))
-    return (z.double() + 0.5) / 2.0**32
+    else ran, so a row's result does not depend on its batch. Computed on the host with numpy (a few
+    values a pass; no device work or sync)."""
+    words = np.array([int(s) % 2**64 for s in seeds], dtype=np.uint64)
+    lo, hi = words & np.uint64(_MASK32), words >> np.uint64(32)
+    z = _hash32(lo ^ _hash32(hi ^ _hash32(np.full_like(lo, stream))))
+    positions = np.asarray(positions, dtype=np.uint64)
+    z = _hash32(z.reshape(-1, *([1] * (positions.ndim - 1))) ^ _hash32(positions & np.uint64(_MASK32)))
+    return (z.astype(np.float64) + 0.5) / 2.0**32
 
 
 def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .sampling import counter_uniforms, inverse_cdf
@@ -111,8 +112,8 @@ class Speculator:
     def first(self, states: list[Drafts], probs: torch.Tensor) -> list[int]:
         """Each request's first code from its prompt's distribution ``probs`` [n, V], then drafts for
         the window after it."""
-        zero = torch.zeros(len(states), 1, dtype=torch.long, device=self.device)
-        first = inverse_cdf(probs, counter_uniforms(self._seeds(states), _SAMPLE, zero)[:, 0]).tolist()
+        u = self._uniforms(states, _SAMPLE, np.zeros((len(states), 1), dtype=np.int64))[:, 0]
+        first = inverse_cdf(probs, u).tolist()
         for state, code in zip(states, first, strict=True):
             self._redraft(state, [code], None, passes=0)
         return first
@@ -133,15 +134,13 @@ class Speculator:
         redrafts the rest of its window."""
         n, w, _ = probs.shape
         dev, d = self.device, max(w - 1, 1)
-        seeds = self._seeds(states)
-        done = torch.tensor([len(c) for c in chosen], device=dev)
-        index = done[:, None] + torch.arange(w, device=dev)[None, :]  # [n, W] output positions
+        index = np.array([len(c) for c in chosen])[:, None] + np.arange(w)[None, :]  # [n, W] output positions
         drafted = torch.tensor([(s.tokens + [0] * d)[:d] for s in states], device=dev)
         q = torch.stack([self._padded_q(s, d) for s in states])  # [n, d, V]
         fed = torch.tensor(windows, device=dev)
         real = torch.arange(d, device=dev)[None, :] < (fed - 1)[:, None]
         p = probs[:, :d] if w > 1 else torch.zeros_like(q)
-        u = counter_uniforms(seeds, _ACCEPT, done[:, None] + torch.arange(d, device=dev))
+        u = self._uniforms(states, _ACCEPT, index[:, :d])
         accepted = (self.accepts(u, p, q, drafted) & real).long().cumprod(-1).sum(-1)  # [n] leading accepted
         rows = torch.arange(n, device=dev)
         p_k = probs[rows, accepted]
@@ -150,7 +149,7 @@ class Speculator:
         # left the residual no mass)
         use_residual = (accepted < fed - 1) & (residual.sum(-1) > 0)
         target = torch.where(use_residual[:, None], residual, p_k)
-        u = counter_uniforms(seeds, _SAMPLE, index.gather(1, accepted[:, None]))[:, 0]
+        u = self._uniforms(states, _SAMPLE, index).gather(1, accepted[:, None])[:, 0]
         new = inverse_cdf(target, u)
         accepted_l, new_l, drafted_l = accepted.tolist(), new.tolist(), drafted.tolist()
         out = []
@@ -199,10 +198,10 @@ class Speculator:
         ``min(1, q(d) / q'(d))`` and otherwise replaced from ``norm(max(0, q - q'))``: the maximal
         coupling of q' and q, so each draft is still exactly a draw from q and changes only as much as
         its distribution did."""
-        seed = self._seeds([state])
-        pos = torch.arange(start, start + len(q), device=self.device)
-        fresh = inverse_cdf(q, counter_uniforms(seed, _DRAFT, (pos * 4096 + passes)[None])[0])
-        old = pos - state.start  # where each position was in the previous window
+        pos = np.arange(start, start + len(q))
+        draw_u = self._uniforms([state], _DRAFT, (pos * 4096 + passes)[None])[0]
+        fresh = inverse_cdf(q, draw_u)
+        old = torch.as_tensor(pos - state.start, device=self.device)  # where each was in the last window
         have = (old >= 0) & (old < len(state.tokens))
         if self.method != "coupled" or not bool(have.any()):
             return fresh
@@ -210,10 +209,9 @@ class Speculator:
         prev = torch.tensor(state.tokens, device=self.device)[at]  # [m]
         prev_q = state.q[at]  # [m, V]
         ratio = q.gather(-1, prev[:, None])[:, 0] / prev_q.gather(-1, prev[:, None])[:, 0]
-        keep = counter_uniforms(seed, _KEEP, (pos * 4096 + passes)[None])[0] < ratio
+        keep = self._uniforms([state], _KEEP, (pos * 4096 + passes)[None])[0] < ratio
         residual = (q - prev_q).clamp(min=0)
-        moved = inverse_cdf(torch.where(residual.sum(-1, keepdim=True) > 0, residual, q),
-                            counter_uniforms(seed, _DRAFT, (pos * 4096 + passes)[None])[0])
+        moved = inverse_cdf(torch.where(residual.sum(-1, keepdim=True) > 0, residual, q), draw_u)
         return torch.where(have, torch.where(keep, prev, moved), fresh)
 
     def _initial(self, state: Drafts, codes: list[int], count: int) -> tuple[torch.Tensor, list[int]]:
@@ -236,6 +234,7 @@ class Speculator:
             q = torch.cat([q, torch.full((w - len(q), self.vocab), 1.0, device=self.device)])
         return q[:w]
 
-    def _seeds(self, states: list[Drafts]) -> torch.Tensor:
-        """Seeds as int64 (their 64-bit pattern: the generator reads both 32-bit halves)."""
-        return torch.tensor([((s.seed + 2**63) % 2**64) - 2**63 for s in states], device=self.device)
+    def _uniforms(self, states: list[Drafts], stream: int, positions: np.ndarray) -> torch.Tensor:
+        """Each request's uniforms of ``stream`` at ``positions`` [n, ...], on the device."""
+        u = counter_uniforms([s.seed for s in states], stream, positions)
+        return torch.from_numpy(u).to(self.device)
