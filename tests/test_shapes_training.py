@@ -8,12 +8,13 @@ import random
 import numpy as np
 import pytest
 
-from janus.shapes import HELD_OUT, Scene, caption, draw
+from janus.shapes import HELD_OUT, Scene, caption, draw, judge
 from janus.shapes.data import ATTRIBUTES, all_scenes, random_scene
 from training.shapes.batches import CFG_DROPOUT, Batches, Pool
 from training.shapes.cli import main
 from training.shapes.examples import (
     ATTRIBUTE_QUESTIONS,
+    CAPTION_QUESTIONS,
     READOUT_QUESTIONS,
     attribute_answer,
     partial_caption,
@@ -274,6 +275,8 @@ def test_a_12_by_12_code_grid_trains_and_encodes_to_144_codes(tmp_path):
     assert vq_params(12)["ch_mult"] == [1, 2, 2, 2] and vq_params(12)["image_size"] == 96
     with pytest.raises(ValueError, match="power of two"):
         vq_params(10)
+    # --image-size: 64 px at 16 x 16 is 4 px per code, the size in the config
+    assert vq_params(16, 64)["ch_mult"] == [1, 2, 2] and vq_params(16, 64)["image_size"] == 64
     torch.manual_seed(0)
     cfg = write_skeleton(tmp_path / "skeleton", grid=12)
     vq = build_model(cfg).gen_vision_model
@@ -290,6 +293,14 @@ def test_a_12_by_12_code_grid_trains_and_encodes_to_144_codes(tmp_path):
         exact = np.stack([draw(s) for s in pool.scenes])
         assert torch.equal(pool.codes, vq_codes(vq, exact))
         assert not np.array_equal(pool.images, exact)
+        # 64 px at 16 x 16: the codes are of each scene drawn at 64 px with the same variations as its
+        # 96 px pixels, and --vq-pixels' decoded images are 64 px
+        small = build_model(write_skeleton(tmp_path / "small", grid=16, size=64)).gen_vision_model.eval()
+        pool = Pool(small, 4, 0, decoded=True)
+        at_64 = np.stack([draw(s, 64, np.random.default_rng([0, 3, i])) for i, s in enumerate(pool.scenes)])
+        assert pool.images.shape == (4, 96, 96, 3) and pool.decoded.shape == (4, 64, 64, 3)
+        assert torch.equal(pool.codes, vq_codes(small, at_64)) and pool.codes.shape == (4, 256)
+        assert [judge(a)["position"] for a in at_64] == [judge(b)["position"] for b in pool.images]
     finally:
         torch.set_num_threads(threads)
 
@@ -332,3 +343,52 @@ def test_nothing_at_run_time_imports_the_trainer():
                 names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] == "training"]
     assert not offenders, offenders
+
+
+
+def test_text_first_rows_are_what_serve_renders_for_a_text_then_image_chat(skeleton_processor):
+    """--text-first: a caption row with its question before the image is token for token the prompt Serve
+    builds from an OpenAI chat whose text part comes before its image part (an image-first row: the other
+    order's); the score's yes/no questions keep the image first; --vq-pixels: the row's pixels are the
+    VQ's decoding of the scene, not its drawing."""
+    import torch
+
+    from janus.engine.prompts import SCORE_QUESTION, chat_prompt
+    from pipeline.serve.inputs import chat_input
+    from pipeline.serve.schemas import ChatMessage
+
+    processor = skeleton_processor
+    tok, tag = processor.tokenizer, processor.image_tag
+    scene = Scene("red", "circle", "left", "blue")
+    pool = _one_scene_pool(scene)
+    pool.decoded = np.stack([draw(Scene("white", "square", "top", "black"))])
+
+    def served(*parts: str | None) -> list[int]:
+        """The ids Serve prefills for a user message of these parts (None: the image part)."""
+        content = [{"type": "image_url", "image_url": {"url": "x"}} if p is None else {"type": "text", "text": p} for p in parts]
+        conversation = chat_input([ChatMessage(role="user", content=content)], tag).conversation
+        ids = torch.tensor(tok.encode(chat_prompt(processor, conversation)), dtype=torch.long)
+        return processor.add_image_token((ids == processor.image_id).nonzero().flatten(), ids)[0].tolist()
+
+    batches = Batches(processor, pool, yes_no=0.0, text_first=1.0)
+    ids, _, labels, _, _ = batches.understanding([0] * 6, random.Random(0))
+    asked = set()
+    for row, lab in zip(ids, labels, strict=True):
+        prompt = row[: int((lab != -100).nonzero()[0])].tolist()
+        question = max((q for q in CAPTION_QUESTIONS if q in tok.decode(prompt)), key=len)
+        assert prompt == served(question, None)
+        asked.add(question)
+    assert len(asked) > 1
+    image_first, _ = batches.understanding_ids(CAPTION_QUESTIONS[0], caption(scene))
+    assert image_first == served(None, CAPTION_QUESTIONS[0]) != served(CAPTION_QUESTIONS[0], None)
+
+    pairs = Batches(processor, pool, yes_no=1.0, text_first=1.0).understanding([0] * 4, random.Random(0))[0]
+    words = SCORE_QUESTION.split('"')[0]
+    for row in pairs:
+        text = tok.decode(row)
+        assert words in text and text.index(tag) < text.index(words)
+
+    drawn_pixels = Batches(processor, pool, yes_no=0.0).understanding([0], random.Random(0))[3]
+    decoded_pixels = Batches(processor, pool, yes_no=0.0, vq_pixels=1.0).understanding([0], random.Random(0))[3]
+    assert torch.equal(drawn_pixels, processor.image_processor([pool.images[0]], return_tensors="pt").pixel_values)
+    assert torch.equal(decoded_pixels, processor.image_processor([pool.decoded[0]], return_tensors="pt").pixel_values)

@@ -17,7 +17,7 @@ from janus.engine.prompts import (
     t2i_prompt_ids,
     unconditional_ids,
 )
-from janus.shapes.data import ATTRIBUTES, Scene, caption, random_scene
+from janus.shapes.data import ATTRIBUTES, IMAGE_SIZE, Scene, caption, draw, random_scene
 
 from .examples import (
     ATTRIBUTE_QUESTIONS,
@@ -27,30 +27,45 @@ from .examples import (
     partial_caption,
     perturbed,
 )
-from .model import drawn
-from .vq import vq_codes
+from .vq import image_size, vq_codes, vq_pixels
 
 CFG_DROPOUT = 0.1
 
 
 class Pool:
     """Drawn training scenes, their pixels and their VQ codes, made once (the codes cached in ``work``:
-    encoding 16k images takes minutes, drawing them again does not). The pixels (understanding's input)
-    are drawn with jitter; the codes (generation's targets) too, or with ``exact`` from the scenes drawn
-    exactly: one right image per prompt, its colours, shape and position, nothing else to model."""
+    encoding 16k images takes minutes, drawing them again does not). Each scene is drawn with its own
+    variations (position, size, shade, rotation), at 96 px for understanding and at the VQ's size for the
+    codes (generation's targets), or with ``exact`` the codes come from the scenes drawn exactly: one
+    image per prompt, nothing else to model (a lookup table, not a sampler). With ``decoded``, also the
+    pixels the VQ makes of those codes: what generated images look like."""
 
-    def __init__(self, vq, n: int, seed: int, work: Path | None = None, exact: bool = False):
+    def __init__(
+        self, vq, n: int, seed: int, work: Path | None = None, exact: bool = False, decoded: bool = False
+    ):
         rng = np.random.default_rng([seed, 3])
         self.scenes = [random_scene(rng) for _ in range(n)]
-        self.images = drawn(self.scenes, rng)
-        name = f"pool_codes_{seed}_{n}{'_exact' if exact else ''}.pt"
+        self.images = self._drawn(seed, IMAGE_SIZE, exact=False)
+        size = image_size(vq)
+        name = f"pool_codes_{seed}_{n}_{size}px{'_exact' if exact else ''}.pt"
         cache = work / name if work is not None else None
         if cache is not None and cache.exists():
             self.codes = torch.load(cache, weights_only=True)
         else:
-            self.codes = vq_codes(vq, drawn(self.scenes, None) if exact else self.images)
+            same = size == IMAGE_SIZE and not exact
+            self.codes = vq_codes(vq, self.images if same else self._drawn(seed, size, exact))
             if cache is not None:
                 torch.save(self.codes, cache)
+        self.decoded = vq_pixels(vq, self.codes) if decoded else None
+
+    def _drawn(self, seed: int, size: int, exact: bool) -> np.ndarray:
+        """Every scene at ``size`` px: each with its own variations (the same at every size), or exactly."""
+        return np.stack(
+            [
+                draw(s, size, None if exact else np.random.default_rng([seed, 3, i]))
+                for i, s in enumerate(self.scenes)
+            ]
+        )
 
 
 class Batches:
@@ -68,8 +83,12 @@ class Batches:
         partial_prompts: float = 0.0,
         prompt_readout: float = 0.0,
         pairs_from: int = 0,
+        text_first: float = 0.0,
+        vq_pixels: float = 0.0,
     ):
         self.processor = processor
+        self.text_first = text_first
+        self.vq_pixels = vq_pixels
         self.pairs_from = pairs_from
         self.prompt_readout = prompt_readout
         self.partial_prompts = partial_prompts
@@ -107,9 +126,15 @@ class Batches:
             mask[row, length - len(p) :] = 1
         return ids, mask
 
-    def understanding_ids(self, question: str, answer: str) -> tuple[list[int], list[int]]:
-        """(prompt ids with the image tokens expanded, answer ids + EOS) for one image and question."""
-        prompt = chat_prompt(self.processor, question_turns(question, 1, self.processor.image_tag))
+    def understanding_ids(
+        self, question: str, answer: str, text_first: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """(prompt ids with the image tokens expanded, answer ids + EOS) for one image and question; the
+        image in front of the question, or with ``text_first`` after it, as Serve renders a chat whose
+        text part comes before its image part."""
+        tag = self.processor.image_tag
+        question = f"{question}\n{tag}" if text_first else question
+        prompt = chat_prompt(self.processor, question_turns(question, 1, tag))
         ids = torch.tensor(self.tok.encode(prompt), dtype=torch.long)
         ids, _ = self.processor.add_image_token((ids == self.processor.image_id).nonzero().flatten(), ids)
         return ids.tolist(), self.tok.encode(" " + answer, add_special_tokens=False) + [self.eos]
@@ -125,9 +150,20 @@ class Batches:
         for i in idx:
             scene = self.pool.scenes[i]
             asked = self._single(scene, rng) if yes_no is None else self._asked(scene, rng, yes_no)
-            rows += asked
-            images += [i] * len(asked)
+            rows += [(q, a, self._text_first(q, rng)) for q, a in asked]
+            pixels = (
+                self.pool.images
+                if not self.vq_pixels or rng.random() >= self.vq_pixels
+                else self.pool.decoded
+            )
+            images += [pixels[i]] * len(asked)
         return self._right_padded(rows, images)
+
+    def _text_first(self, question: str, rng: random.Random) -> bool:
+        """Whether a caption or one-attribute row puts its question before the image (``text_first`` of
+        them); the score's questions keep the image first, the layout ``quality.Reader`` asks in."""
+        asks_about_image = question in CAPTION_QUESTIONS or question in ATTRIBUTE_QUESTIONS.values()
+        return bool(self.text_first) and asks_about_image and rng.random() < self.text_first
 
     def _single(self, scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
         """Phases 1 and 2 of the shipped model: half captions, half single yes/no questions."""
@@ -168,16 +204,16 @@ class Batches:
             for asked, answer in ((scene, SCORE_ANSWERS[0]), (other, SCORE_ANSWERS[1]))
         ]
 
-    def _right_padded(self, rows: list[tuple[str, str]], idx: list[int]):
-        """(ids, mask, labels, pixels, image positions) of (question, answer) rows about pool images ``idx``."""
-        tokens = [self.understanding_ids(q, a) for q, a in rows]
+    def _right_padded(self, rows: list[tuple[str, str, bool]], images: list[np.ndarray]):
+        """(ids, mask, labels, pixels, image positions) of (question, answer, text first) rows, one image each."""
+        tokens = [self.understanding_ids(*row) for row in rows]
         length = max(len(p) + len(a) for p, a in tokens)
-        ids = torch.full((len(idx), length), self.pad, dtype=torch.long)
-        labels = torch.full((len(idx), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(idx), length), dtype=torch.long)
+        ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
         for row, (p, a) in enumerate(tokens):  # right padding: training only
             ids[row, : len(p) + len(a)] = torch.tensor(p + a)
             labels[row, len(p) : len(p) + len(a)] = torch.tensor(a)
             mask[row, : len(p) + len(a)] = 1
-        pixels = self.processor.image_processor(list(self.pool.images[idx]), return_tensors="pt").pixel_values
+        pixels = self.processor.image_processor(images, return_tensors="pt").pixel_values
         return ids, mask, labels, pixels, ids == self.processor.image_id

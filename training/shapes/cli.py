@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from janus.shapes.data import ATTRIBUTES
+from janus.shapes.data import ATTRIBUTES, IMAGE_SIZE
 from janus.utils.cli import OneLineParser
 
 from .batches import CFG_DROPOUT, Pool
@@ -52,6 +52,12 @@ def _vq_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=GRID,
         help="codes along a generated image's side (24: 4 px per code; 12: 8 px)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=IMAGE_SIZE,
+        help="the side of the images the model generates (it reads 96 px ones); with --grid, the pixels per code",
     )
     parser.add_argument(
         "--vq-no-restarts", action="store_true", help="codes no batch picks die instead of restarting"
@@ -127,6 +133,20 @@ def _understanding_options(parser: argparse.ArgumentParser) -> None:
         default=list(ATTRIBUTES),
         help="the attributes a one-change yes/no negative may change (default: any of the four)",
     )
+    parser.add_argument(
+        "--text-first",
+        type=float,
+        default=0.0,
+        help="caption and one-attribute rows whose question comes before the image (as a chat whose text "
+        "part comes first renders); the score's questions keep the image first",
+    )
+    parser.add_argument(
+        "--vq-pixels",
+        type=float,
+        default=0.0,
+        help="understanding rows that see the image the VQ decodes from the scene's codes (what generated "
+        "images look like) instead of the drawn one",
+    )
     _score_ablations(parser)
 
 
@@ -169,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     work = Path(args.work)
     skeleton = work / "skeleton"
-    cfg = write_skeleton(skeleton, args.grid)
+    cfg = write_skeleton(skeleton, args.grid, args.image_size)
     from janus.models import VLChatProcessor
 
     processor = VLChatProcessor.from_pretrained(skeleton)
@@ -189,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     with torch.no_grad():  # image-token embeddings start as the (normalised) codebook
         model.gen_embed.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=1))
-    pool = Pool(vq, args.pool, args.seed, work, exact=args.exact_shapes)
+    pool = Pool(vq, args.pool, args.seed, work, exact=args.exact_shapes, decoded=args.vq_pixels > 0)
     logger.info("pool of %d scenes encoded in %.0fs", len(pool.scenes), time.time() - t0)
     args.minutes -= (time.time() - t0) / 60
     train_llm(model, processor, pool, args, work)

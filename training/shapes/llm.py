@@ -41,6 +41,8 @@ def _batches(processor, pool: Pool, args: argparse.Namespace) -> Batches:
         partial_prompts=args.partial_prompts,
         prompt_readout=args.prompt_readout,
         pairs_from=args.pairs_from,
+        text_first=args.text_first,
+        vq_pixels=args.vq_pixels,
     )
 
 

@@ -11,8 +11,8 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _generation_logits(model, ids, mask, codes) -> torch.Tensor:
-    """Teacher-forced image-code logits [B, codes, V]: prompt + codes[:-1] in (through gen_head)."""
+def generation_logits(model, ids, mask, codes) -> torch.Tensor:
+    """Teacher-forced image-code logits [B, codes, V]: left-padded prompt + codes[:-1] in (through gen_head)."""
     lm = model.language_model
     embeds = torch.cat([lm.get_input_embeddings()(ids), model.prepare_gen_img_embeds(codes[:, :-1])], dim=1)
     full_mask = torch.cat([mask, torch.ones_like(codes[:, :-1])], dim=1)
@@ -42,7 +42,7 @@ def code_loss(logits: torch.Tensor, codes: torch.Tensor, shape_weight: float = 1
 
 def generation_loss(model, ids, mask, codes, shape_weight: float = 1.0) -> torch.Tensor:
     """Teacher-forced next-code prediction: prompt + codes[:-1] in, codes out."""
-    return code_loss(_generation_logits(model, ids, mask, codes), codes, shape_weight)
+    return code_loss(generation_logits(model, ids, mask, codes), codes, shape_weight)
 
 
 def guided_generation_loss(
@@ -56,7 +56,7 @@ def guided_generation_loss(
     alone, drew worse the stronger the guidance (all-correct 0.14 at cfg 1, 0.0 at cfg 5). Training
     the guided logits themselves teaches both branches to keep CFG's extrapolation on the right code.
     Sampling is unchanged: the engines apply the same formula to the same two branches."""
-    logits = _generation_logits(model, ids, mask, codes)
+    logits = generation_logits(model, ids, mask, codes)
     n = ids.shape[0] // 2
     guided = logits[n:] + scale * (logits[:n] - logits[n:])
     return code_loss(logits, codes, shape_weight), code_loss(guided, codes[:n], shape_weight)

@@ -23,15 +23,15 @@ NUM_IMAGE_TOKENS = (IMAGE_SIZE // VISION["patch_size"]) ** 2
 BPE_VOCAB = 512
 
 
-def vq_params(grid: int = GRID) -> dict:
-    """The VQ's config params for a ``grid`` x ``grid`` code grid of a 96 px image: one 2x downsampling
-    level per halving (24: 4 px per code, three levels; 12: 8 px, four levels, as shipped)."""
-    per_code = IMAGE_SIZE // grid if grid > 0 and IMAGE_SIZE % grid == 0 else 0
+def vq_params(grid: int = GRID, size: int = IMAGE_SIZE) -> dict:
+    """The VQ's config params for a ``grid`` x ``grid`` code grid of a ``size`` px image: one 2x
+    downsampling level per halving (96 px at 24: 4 px per code, three levels; at 12: 8 px, four levels)."""
+    per_code = size // grid if grid > 0 and size % grid == 0 else 0
     if per_code < 2 or per_code & (per_code - 1):
-        raise ValueError(f"--grid {grid} must be {IMAGE_SIZE} px divided by a power of two (48, 24, 12, 6)")
+        raise ValueError(f"--grid {grid} must be {size} px divided by a power of two")
     params = dict(VQ, ch_mult=[1] + [2] * (per_code.bit_length() - 1))
-    if grid != GRID:  # Janus' 24 x 24 grid needs no image size in the config (written as before)
-        params["image_size"] = IMAGE_SIZE
+    if grid != GRID or size != IMAGE_SIZE:  # Janus' 24 x 24 grid needs no image size in the config
+        params["image_size"] = size
     return params
 
 
@@ -48,7 +48,7 @@ def tokenizer_corpus() -> tuple[str, ...]:
     return tuple(texts)
 
 
-def official_shapes_config(vocab_size: int, grid: int = GRID) -> dict:
+def official_shapes_config(vocab_size: int, grid: int = GRID, size: int = IMAGE_SIZE) -> dict:
     from janus.testing import official_config
 
     return official_config(
@@ -58,20 +58,21 @@ def official_shapes_config(vocab_size: int, grid: int = GRID) -> dict:
         llm_heads=LLM["llm_heads"],
         intermediate=LLM["intermediate"],
         vision={k: v for k, v in VISION.items()},
-        vq=vq_params(grid),
+        vq=vq_params(grid, size),
         dtype="bfloat16",
         max_position_embeddings=LLM["max_position_embeddings"],
     )
 
 
-def write_skeleton(out: Path, grid: int = GRID) -> dict:
-    """Tokenizer, processor configs and config.json of the shapes checkpoint (everything but weights)."""
+def write_skeleton(out: Path, grid: int = GRID, size: int = IMAGE_SIZE) -> dict:
+    """Tokenizer, processor configs and config.json of the shapes checkpoint (everything but weights);
+    it generates ``size`` px images as a ``grid`` x ``grid`` code grid and reads 96 px ones."""
     from janus.testing import write_processor_configs, write_tiny_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     n_tokens = write_tiny_tokenizer(out, corpus=tokenizer_corpus(), vocab_size=BPE_VOCAB)
     write_processor_configs(out, image_size=IMAGE_SIZE, num_image_tokens=NUM_IMAGE_TOKENS)
-    cfg = official_shapes_config(-(-n_tokens // 64) * 64, grid)
+    cfg = official_shapes_config(-(-n_tokens // 64) * 64, grid, size)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return cfg
 
@@ -92,9 +93,9 @@ def build_model(cfg: dict):
     return model.float()
 
 
-def drawn(scenes: list[Scene], rng: np.random.Generator | None) -> np.ndarray:
-    """The scenes drawn; ``rng``: with small position/size jitter, None: exactly (one image per scene)."""
-    return np.stack([draw(s, IMAGE_SIZE, rng) for s in scenes])
+def drawn(scenes: list[Scene], rng: np.random.Generator | None, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The scenes drawn ``size`` px; ``rng``: each with its variations, None: exactly (one image per scene)."""
+    return np.stack([draw(s, size, rng) for s in scenes])
 
 
 def to_unit(pixels: np.ndarray) -> torch.Tensor:

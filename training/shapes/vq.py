@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from janus.shapes.data import COLORS, IMAGE_SIZE, PALETTE, random_scene
+from janus.shapes.data import COLORS, PALETTE, random_scene
 from janus.shapes.judge import correct, judge
 
 from .model import drawn, to_unit
@@ -65,16 +65,20 @@ def uniform_code_loss(
     return F.mse_loss(z[flat], codebook[colour[flat]])
 
 
-def _vq_batch(
-    step: int, steps: int, batch: int, seed: int, crop: int, cell: int, jitter: bool
-) -> torch.Tensor:
+def image_size(vq) -> int:
+    """The side in pixels of the images the VQ encodes and decodes."""
+    return vq.config.grid * vq.config.downsample
+
+
+def _vq_batch(step: int, steps: int, batch: int, seed: int, crop: int, vq, jitter: bool) -> torch.Tensor:
     """The step's drawn scenes in [-1, 1]; with ``crop``, a crop of them on code-cell boundaries."""
     rng = np.random.default_rng([seed, 1, step])
-    x = to_unit(drawn([random_scene(rng) for _ in range(batch)], rng if jitter else None))
+    size, cell = image_size(vq), vq.config.downsample
+    x = to_unit(drawn([random_scene(rng) for _ in range(batch)], rng if jitter else None, size))
     if crop and step < 0.9 * steps:
         # convolutions learn as well from crops, 4x cheaper; the last 10% of steps see whole images,
         # so the bottleneck's attention block gets used to the whole code grid
-        y0, x0 = (int(v) * cell for v in rng.integers(0, (IMAGE_SIZE - crop) // cell + 1, size=2))
+        y0, x0 = (int(v) * cell for v in rng.integers(0, (size - crop) // cell + 1, size=2))
         x = x[:, :, y0 : y0 + crop, x0 : x0 + crop]
     return x
 
@@ -115,7 +119,7 @@ def train_vq(
     t_end = time.time() + minutes * 60
     vq.train()
     for step in range(start, steps):
-        x = _vq_batch(step, steps, batch, seed, crop, vq.config.downsample, jitter)
+        x = _vq_batch(step, steps, batch, seed, crop, vq, jitter)
         for group in opt.param_groups:
             group["lr"] = lr_at(1e-3, step, steps, warmup=100)
         losses, ids, flat = vq_losses(vq, x, uniform=bool(uniform_weight))
@@ -163,15 +167,23 @@ def vq_codes(vq, images: np.ndarray, batch: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
+def vq_pixels(vq, codes: torch.Tensor, batch: int = 64) -> np.ndarray:
+    """The images the VQ decodes from code grids [N, grid * grid]: uint8 [N, H, W, 3]."""
+    grid, out = vq.config.grid, []
+    for i in range(0, len(codes), batch):
+        chunk = codes[i : i + batch]
+        pixels = vq.decode_code(chunk, shape=[len(chunk), vq.config.codebook_embed_dim, grid, grid])
+        out.append(np.clip((pixels.permute(0, 2, 3, 1).numpy() + 1) / 2 * 255, 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+@torch.no_grad()
 def vq_roundtrip_accuracy(vq, n: int, seed: int, jitter: bool = True) -> float:
     """How often the judge reads a drawn scene correctly after encode + decode through the VQ."""
     rng = np.random.default_rng([seed, 2])
     scenes = [random_scene(rng) for _ in range(n)]
-    images = drawn(scenes, rng if jitter else None)
-    codes = vq_codes(vq, images)
-    grid = vq.config.grid
-    pixels = vq.decode_code(codes, shape=[n, vq.config.codebook_embed_dim, grid, grid])
-    arr = np.clip((pixels.permute(0, 2, 3, 1).numpy() + 1) / 2 * 255, 0, 255).astype(np.uint8)
+    images = drawn(scenes, rng if jitter else None, image_size(vq))
+    decoded = vq_pixels(vq, vq_codes(vq, images))
     return float(
-        np.mean([correct(judge(a), s.attributes())["all"] for a, s in zip(arr, scenes, strict=True)])
+        np.mean([correct(judge(a), s.attributes())["all"] for a, s in zip(decoded, scenes, strict=True)])
     )
