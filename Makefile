@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m jobs.cli caption --config configs/demo_caption.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check janus pipeline jobs tests benchmarks
+	$(VENV)/bin/ruff check janus pipeline jobs training tests benchmarks
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)

@@ -1,11 +1,13 @@
 """Does the self-verification score help choose which images to keep? Measured on the shapes model,
 judged by numpy (``janus.shapes.judge``), plus what the score costs on the CPU benchmark model.
 
-    python -m benchmarks.eval_quality [--n 128] [--skip-cost]
+    python -m benchmarks.eval_quality [--n 128] [--cfg 1.5] [--skip-cost]
 
-1. ranking: AUROC of score(image, its own prompt) against score(image, the prompt with one attribute
-   changed), per attribute, over ``--n`` images generated at ``--cfg`` (default 5), and over the same
-   scenes drawn (the reading alone, apart from the drawing);
+1. ranking: how well the score (with each image's own prompt) tells the generated images the judge
+   reads right from those it reads wrong (AUROC, ``--n`` in-distribution prompts at ``--cfg``, default
+   1.5, where the model makes enough mistakes to rank); and AUROC of score(image, its own prompt)
+   against score(image, the prompt with one attribute changed), per attribute, over the same images
+   and over the same scenes drawn (the reading alone, apart from the drawing);
 2. best-of: the judge's all-correct rate with best_of 4 against best_of 1 (candidate 0 is the row's own
    seed, so best_of 1 is exactly the plain image);
 3. filtering: kept fraction and all-correct rate of what is kept, for several min_score thresholds
@@ -55,6 +57,20 @@ def ranking(reader: Reader, images: list[np.ndarray], wanted: list[Scene], seed:
     out["mean_score_own_prompt"] = round(float(own.mean()), 4)
     out["mean_score_changed_prompt"] = round(float(np.mean(negatives_all)), 4)
     return out
+
+
+def score_vs_judge(scores: np.ndarray, ok: list[bool]) -> dict[str, Any]:
+    """AUROC of the score between the images the judge reads right and those it reads wrong: does the
+    model flag its own mistakes?"""
+    right, wrong = scores[np.asarray(ok)], scores[~np.asarray(ok)]
+    value = auroc(right.tolist(), wrong.tolist()) if len(right) and len(wrong) else None
+    return {
+        "auroc": round(value, 4) if value is not None else None,
+        "right": len(right),
+        "wrong": len(wrong),
+        "mean_score_right": round(float(right.mean()), 4) if len(right) else None,
+        "mean_score_wrong": round(float(wrong.mean()), 4) if len(wrong) else None,
+    }
 
 
 def plot(points: list[dict[str, float]], path: Path) -> None:
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--best-of", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--skip-cost", action="store_true")
-    ap.add_argument("--cfg", type=float, default=5.0, help="cfg weight of the generated images")
+    ap.add_argument("--cfg", type=float, default=1.5, help="cfg weight of the generated images")
     args = ap.parse_args(argv)
     model, processor = shapes_model(args)
     synth = SynthesisEngine(model, processor, max_batch_size=32)
@@ -151,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": args.model,
         "n": args.n,
         "cfg_weight": args.cfg,
+        "score_vs_judge": score_vs_judge(scores, ok_single),
         "ranking_auroc": ranking(curated.reader, [r.image for r in single], wanted, args.seed),
         # the same on drawn scenes: how well the model reads, apart from how well it draws
         "ranking_auroc_drawn": ranking(curated.reader, [draw(s, rng=rng) for s in wanted], wanted, args.seed),

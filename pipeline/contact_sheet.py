@@ -1,4 +1,5 @@
-"""A quick-look PNG of the first N images of a synthesis output, each with its prompt under it."""
+"""A quick-look PNG of the first N images of a synthesis output: the samples of one prompt side by side
+in a row (different seeds of the same prompt), each with its prompt and seed under it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import tarfile
 import textwrap
+from typing import Any
 
 import PIL.Image
 import PIL.ImageDraw
@@ -17,13 +19,15 @@ from .sinks import shard_files
 from .storage import atomic_write
 
 THUMB = 160
-CAPTION_LINES = 3
+CAPTION_LINES = 3  # the prompt on two, the seed on the third
 LINE = 12  # pixels per caption line (PIL's default bitmap font)
 
+Thumb = tuple[PIL.Image.Image, dict[str, Any]]  # (image, its tar member's JSON: prompt, seed, sample, ...)
 
-def _thumbnails(out: OutputDir, n: int) -> list[tuple[PIL.Image.Image, str]]:
-    """(image, prompt) of the first ``n`` samples of the committed shards' tars."""
-    found: list[tuple[PIL.Image.Image, str]] = []
+
+def _thumbnails(out: OutputDir, n: int) -> list[Thumb]:
+    """(image, metadata) of the first ``n`` samples of the committed shards' tars."""
+    found: list[Thumb] = []
     for shard in out.committed_shards:
         if len(found) >= n:
             break
@@ -37,28 +41,50 @@ def _thumbnails(out: OutputDir, n: int) -> list[tuple[PIL.Image.Image, str]]:
                     continue
                 image = PIL.Image.open(tar.extractfile(members[member_name])).convert("RGB")
                 meta = members.get(member_name[: -len(".png")] + ".json")
-                prompt = json.loads(tar.extractfile(meta).read()).get("prompt", "") if meta else ""
-                found.append((image.resize((THUMB, THUMB), PIL.Image.Resampling.NEAREST), prompt or ""))
+                found.append(
+                    (
+                        image.resize((THUMB, THUMB), PIL.Image.Resampling.NEAREST),
+                        json.loads(tar.extractfile(meta).read()) if meta else {},
+                    )
+                )
     return found
 
 
+def layout(thumbs: list[Thumb]) -> list[list[Thumb]]:
+    """Rows of the sheet: one per prompt (in order of first appearance) holding its samples in sample
+    order, when some prompt has several; else the images tiled in a square."""
+    by_prompt: dict[str, list[Thumb]] = {}
+    for thumb in thumbs:
+        by_prompt.setdefault(thumb[1].get("prompt") or "", []).append(thumb)
+    rows = [sorted(g, key=lambda t: (t[1].get("sample", 0), t[1].get("seed", 0))) for g in by_prompt.values()]
+    if max(len(r) for r in rows) > 1:
+        return rows
+    cols = math.ceil(math.sqrt(len(thumbs)))
+    return [thumbs[i : i + cols] for i in range(0, len(thumbs), cols)]
+
+
+def _label(meta: dict[str, Any]) -> list[str]:
+    lines = textwrap.wrap(meta.get("prompt") or "", width=THUMB // 6)[: CAPTION_LINES - 1]
+    return lines + ([f"seed {meta['seed']}"] if meta.get("seed") is not None else [])
+
+
 def write_contact_sheet(out: OutputDir, n: int, name: str = "contact_sheet.png") -> str | None:
-    """Tile the first ``n`` images with their prompts; returns the sheet's URL (None if no images)."""
+    """Tile the first ``n`` images with their prompts and seeds; returns the sheet's URL (None if no images)."""
     thumbs = _thumbnails(out, n)
     if not thumbs:
         return None
-    cols = math.ceil(math.sqrt(len(thumbs)))
-    rows = math.ceil(len(thumbs) / cols)
+    rows = layout(thumbs)
+    cols = max(len(r) for r in rows)
     cell_h = THUMB + CAPTION_LINES * LINE + 6
-    sheet = PIL.Image.new("RGB", (cols * THUMB, rows * cell_h), (255, 255, 255))
+    sheet = PIL.Image.new("RGB", (cols * THUMB, len(rows) * cell_h), (255, 255, 255))
     pen = PIL.ImageDraw.Draw(sheet)
     font = PIL.ImageFont.load_default()
-    for i, (thumb, prompt) in enumerate(thumbs):
-        x, y = (i % cols) * THUMB, (i // cols) * cell_h
-        sheet.paste(thumb, (x, y))
-        lines = textwrap.wrap(prompt, width=THUMB // 6)[:CAPTION_LINES]
-        for j, line in enumerate(lines):
-            pen.text((x + 3, y + THUMB + 2 + j * LINE), line, fill=(0, 0, 0), font=font)
+    for r, row in enumerate(rows):
+        for c, (thumb, meta) in enumerate(row):
+            x, y = c * THUMB, r * cell_h
+            sheet.paste(thumb, (x, y))
+            for j, line in enumerate(_label(meta)):
+                pen.text((x + 3, y + THUMB + 2 + j * LINE), line, fill=(0, 0, 0), font=font)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     atomic_write(out.fs, out.path(name), buf.getvalue())

@@ -152,3 +152,13 @@ def phash(image: np.ndarray | PIL.Image.Image) -> int:
     bits = low > np.median(low[1:])
     value = int(np.packbits(bits).view(">u8")[0])
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def distinct(hashes: list[int], bits: int = 4) -> int:
+    """How many images are distinct by ``phash``: each counted unless its hash is within ``bits`` bits
+    of one counted before it (greedy, in order). The shapes model's samples of one prompt are measured so."""
+    kept: list[int] = []
+    for h in hashes:
+        if all(bin((h ^ k) & (2**64 - 1)).count("1") > bits for k in kept):
+            kept.append(h)
+    return len(kept)

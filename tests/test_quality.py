@@ -133,6 +133,17 @@ def test_phash_survives_reencoding_and_tells_images_apart():
     assert isinstance(phash(_photo(0)), int) and -(2**63) <= phash(_photo(0)) < 2**63
 
 
+def test_distinct_counts_images_more_than_a_few_bits_apart():
+    """A re-encoded copy is the same image; other images count, whatever their order."""
+    from pipeline.images import distinct
+
+    photos = [_photo(seed) for seed in range(4)]
+    hashes = [phash(p) for p in photos] + [phash(_jpeg(p)) for p in photos]
+    assert distinct(hashes) == 4 and distinct(hashes[::-1]) == 4
+    assert distinct([phash(photos[0])] * 8) == 1 and distinct([]) == 0
+    assert distinct([0, 0b11111, 0b1111]) == 2  # 5 bits from the first counts, 4 bits does not
+
+
 def test_the_readme_query_finds_a_planted_near_duplicate(tmp_path):
     import duckdb
 

@@ -25,7 +25,7 @@ SKIP_BLOCKS = {
     "ray job submit": "needs a cluster's Jobs API; tests/test_cluster_entry.py submits the demo job to a local head",
     "kubectl": "needs a Kubernetes cluster with KubeRay; tests/test_kuberay.py validates the manifests",
     "docker build": "builds and pushes an image: needs Docker and a registry",
-    "janus.shapes.train": "retrains the shapes model: ~115 min of 2 CPU cores",
+    "training.shapes": "retrains the shapes model: ~115 min of 2 CPU cores",
 }
 #: shell commands that cannot run here, the rest of their block runs: why
 SKIP_LINES = {"make test": "runs this test suite"}

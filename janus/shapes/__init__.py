@@ -1,7 +1,7 @@
 """The shapes world: a drawn data set, its judge, and the small Janus trained on it (``model.path: shapes``).
 
-Everything here but ``train.py`` is run-time code: the grammar, the drawing and the numpy judge that
-reads an image's attributes back without any model. ``train.py`` is never imported at run time.
+Run-time code only: the grammar, the drawing and the numpy judge that reads an image's attributes back
+without any model, plus the shipped checkpoint. Its trainer is ``training.shapes``, outside the package.
 """
 
 from .data import (

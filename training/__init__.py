@@ -1,0 +1,1 @@
+"""Training tools: run from the repository root, never imported at run time by janus, pipeline or jobs."""
