@@ -195,7 +195,7 @@ def draw(scene: Scene, size: int = IMAGE_SIZE, rng: np.random.Generator | None =
         degrees = rng.uniform(-JITTER_ROTATION, JITTER_ROTATION) if scene.shape != "circle" else 0.0
     fill, background = _shade(PALETTE[scene.color], rng), _shade(PALETTE[scene.background], rng)
     points = _outline(scene.shape, extent, degrees)
-    xs, ys = zip(*points) if points else ((-extent / 2, extent / 2),) * 2
+    xs, ys = zip(*points, strict=True) if points else ((-extent / 2, extent / 2),) * 2
     cx = min(max(cx, MARGIN - min(xs)), 1 - MARGIN - max(xs))
     cy = min(max(cy, MARGIN - min(ys)), 1 - MARGIN - max(ys))
     image = PIL.Image.new("RGB", (size, size), background)
