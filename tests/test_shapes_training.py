@@ -10,16 +10,9 @@ import pytest
 
 from janus.shapes import HELD_OUT, Scene, caption, draw, judge
 from janus.shapes.data import ATTRIBUTES, all_scenes, random_scene
+from training.shapes import examples
 from training.shapes.batches import CFG_DROPOUT, Batches, Pool
 from training.shapes.cli import main
-from training.shapes.examples import (
-    ATTRIBUTE_QUESTIONS,
-    CAPTION_QUESTIONS,
-    READOUT_QUESTIONS,
-    attribute_answer,
-    partial_caption,
-    perturbed,
-)
 from training.shapes.losses import code_loss, code_weights, generation_loss, guided_generation_loss
 from training.shapes.model import build_model, to_unit, tokenizer_corpus, vq_params, write_skeleton
 from training.shapes.state import lr_at
@@ -33,7 +26,7 @@ def test_held_out_combinations_are_never_trained_on():
     assert all(random_scene(rng, held_out=True).held_out for _ in range(50))
     r = random.Random(0)
     scenes = all_scenes(held_out=False)
-    assert not any(perturbed(scenes[r.randrange(len(scenes))], r).held_out for _ in range(5000))
+    assert not any(examples.perturbed(scenes[r.randrange(len(scenes))], r).held_out for _ in range(5000))
     corpus = " ".join(tokenizer_corpus())
     for color, shape in HELD_OUT:
         assert f"{color} {shape}" not in corpus
@@ -126,7 +119,7 @@ def test_yes_no_negatives_and_attribute_questions_are_what_the_flags_ask(skeleto
     scenes = all_scenes(held_out=False)
     for _ in range(500):
         scene = scenes[r.randrange(len(scenes))]
-        other = perturbed(scene, r, ("shape", "position"))
+        other = examples.perturbed(scene, r, ("shape", "position"))
         changed = [k for k, v in scene.attributes().items() if other.attributes()[k] != v]
         assert len(changed) == 1 and changed[0] in ("shape", "position") and not other.held_out
 
@@ -150,12 +143,12 @@ def test_yes_no_negatives_and_attribute_questions_are_what_the_flags_ask(skeleto
     asked = answers(Batches(processor, _one_scene_pool(scene), yes_no=0.0, attribute_questions=1.0), 0)
     seen = set()
     for prompt, answer in asked:
-        field = next(f for f, q in ATTRIBUTE_QUESTIONS.items() if q in prompt)
-        assert answer == " " + attribute_answer(scene, field)
+        field = next(f for f, q in examples.ATTRIBUTE_QUESTIONS.items() if q in prompt)
+        assert answer == " " + examples.attribute_answer(scene, field)
         seen.add(field)
     assert len(seen) >= 2
-    assert attribute_answer(scene, "position") == "on the left"
-    assert attribute_answer(Scene("red", "circle", "center", "blue"), "position") == "in the center"
+    assert examples.attribute_answer(scene, "position") == "on the left"
+    assert examples.attribute_answer(Scene("red", "circle", "center", "blue"), "position") == "in the center"
 
     pairs = answers(Batches(processor, _one_scene_pool(scene), yes_no=1.0, negative_fields=("position",)), 1)
     assert [a for _, a in pairs] == [" yes", " no"] * 8  # each image asked twice
@@ -172,14 +165,14 @@ def test_yes_no_negatives_and_attribute_questions_are_what_the_flags_ask(skeleto
         {a for _, a in rows}
     ) > 1  # the prompt's, not the image's
     for prompt, answer in rows:
-        assert READOUT_QUESTIONS["shape"].split('"')[0] in prompt and f"a red{answer} on the left" in prompt
+        assert examples.READOUT_QUESTIONS["shape"].split('"')[0] in prompt and f"a red{answer} on the left" in prompt
 
     # --partial-prompts: shorter prompts in the caption's words; the pair still differs in the changed
     # attribute, and the shape (the noun) is always there
-    assert partial_caption(scene, {"shape"}) == "a circle"
-    assert partial_caption(scene, {"shape", "position"}) == "a circle on the left"
-    assert partial_caption(scene, {"color", "shape", "background"}) == "a red circle, blue background"
-    assert partial_caption(scene, set(ATTRIBUTES)) == caption(scene)
+    assert examples.partial_caption(scene, {"shape"}) == "a circle"
+    assert examples.partial_caption(scene, {"shape", "position"}) == "a circle on the left"
+    assert examples.partial_caption(scene, {"color", "shape", "background"}) == "a red circle, blue background"
+    assert examples.partial_caption(scene, set(ATTRIBUTES)) == caption(scene)
     batches = Batches(
         processor, _one_scene_pool(scene), yes_no=1.0, negative_fields=("shape",), partial_prompts=1.0
     )
@@ -375,12 +368,12 @@ def test_text_first_rows_are_what_serve_renders_for_a_text_then_image_chat(skele
     asked = set()
     for row, lab in zip(ids, labels, strict=True):
         prompt = row[: int((lab != -100).nonzero()[0])].tolist()
-        question = max((q for q in CAPTION_QUESTIONS if q in tok.decode(prompt)), key=len)
+        question = max((q for q in examples.CAPTION_QUESTIONS if q in tok.decode(prompt)), key=len)
         assert prompt == served(question, None)
         asked.add(question)
     assert len(asked) > 1
-    image_first, _ = batches.understanding_ids(CAPTION_QUESTIONS[0], caption(scene))
-    assert image_first == served(None, CAPTION_QUESTIONS[0]) != served(CAPTION_QUESTIONS[0], None)
+    image_first, _ = batches.understanding_ids(examples.CAPTION_QUESTIONS[0], caption(scene))
+    assert image_first == served(None, examples.CAPTION_QUESTIONS[0]) != served(examples.CAPTION_QUESTIONS[0], None)
 
     pairs = Batches(processor, pool, yes_no=1.0, text_first=1.0).understanding([0] * 4, random.Random(0))[0]
     words = SCORE_QUESTION.split('"')[0]

@@ -4,7 +4,9 @@ the engines use at run time (text -> image codes, and image -> text)."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,38 +70,27 @@ class Pool:
         )
 
 
+@dataclass
 class Batches:
-    """Training batches in exactly the token layout the engines use at run time."""
+    """Training batches in exactly the token layout the engines use at run time; the fields after
+    ``pool`` are the trainer's mixing flags (``python -m training.shapes --help`` says each)."""
 
-    def __init__(
-        self,
-        processor,
-        pool: Pool,
-        cfg_dropout: float = CFG_DROPOUT,
-        yes_no: float | None = None,
-        easy: float = 0.0,
-        negative_fields: tuple[str, ...] = ATTRIBUTES,
-        attribute_questions: float = 0.0,
-        partial_prompts: float = 0.0,
-        prompt_readout: float = 0.0,
-        pairs_from: int = 0,
-        text_first: float = 0.0,
-        vq_pixels: float = 0.0,
-    ):
-        self.processor = processor
-        self.text_first = text_first
-        self.vq_pixels = vq_pixels
-        self.pairs_from = pairs_from
-        self.prompt_readout = prompt_readout
-        self.partial_prompts = partial_prompts
-        self.attribute_questions = attribute_questions
-        self.easy = easy
-        self.negative_fields = negative_fields
-        self.cfg_dropout = cfg_dropout
-        self.yes_no = yes_no
-        self.tok = processor.tokenizer
-        self.pool = pool
-        self.pad = processor.pad_id
+    processor: Any
+    pool: Pool
+    cfg_dropout: float = CFG_DROPOUT
+    yes_no: float | None = None
+    easy: float = 0.0
+    negative_fields: tuple[str, ...] = ATTRIBUTES
+    attribute_questions: float = 0.0
+    partial_prompts: float = 0.0
+    prompt_readout: float = 0.0
+    pairs_from: int = 0
+    text_first: float = 0.0
+    vq_pixels: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.tok = self.processor.tokenizer
+        self.pad = self.processor.pad_id
         self.eos = self.tok.eos_token_id
 
     def generation(self, idx: list[int], rng: random.Random):
