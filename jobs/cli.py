@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from janus.utils.cli import OneLineParser
@@ -133,12 +134,21 @@ def _serve(args: argparse.Namespace) -> int:
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         ask_for_token_auth()  # for the local Ray `serve run` starts: on, without Ray's warning
     argv = ["run", args.config, *(["--address", args.address] if args.address else [])]
+    _stop_on_signals()
     stdout, sys.stdout = sys.stdout, DropLines(sys.stdout, SERVE_SHUTDOWN_NOISE)
     try:
         return serve_cli.main(argv, prog_name="serve", standalone_mode=False) or 0
     finally:
         sys.stdout.flush()
         sys.stdout = stdout
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C takes `serve run`'s graceful path (Serve shuts down, then the local Ray it started), even
+    where the parent ignored SIGINT (a command started with ``&`` by a script, or by a test runner's
+    worker): a server that cannot be interrupted is a surprise. SIGTERM is Ray's: the driver exits
+    and the local Ray stops with it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _dedup(args: argparse.Namespace) -> int:

@@ -96,3 +96,20 @@ def test_failed_rows_decide_the_exit_code(ray_session, tmp_path, capsys):
     # the same output judged again under the default: nothing left to run, and 2 failed rows in 6 pass
     code, printed, last = _run(some, capsys)
     assert code == DONE and printed["this_run"]["count"] == 0 and printed["total"]["failed"] == 2
+
+
+@pytest.mark.timeout(30)
+def test_serve_stops_on_ctrl_c_even_when_started_with_it_ignored():
+    """A shell script's ``janus-pipeline serve &`` (and a test runner's worker) start the server with
+    SIGINT ignored; the server takes it back, so Ctrl-C or ``kill -INT`` stop it gracefully (the README
+    test stops its servers that way and asserts exit code 0)."""
+    import signal
+
+    from jobs import cli
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cli._stop_on_signals()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
