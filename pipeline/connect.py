@@ -54,6 +54,21 @@ def check_where_it_runs(cfg: JobConfig) -> None:
         )
 
 
+def started_here(address: str) -> str:
+    """``auto`` as the docs mean it: the cluster that ``ray start`` began on this machine (its address
+    file in Ray's temp dir, ``RAY_TMPDIR`` honoured). Ray's own ``auto`` prefers any single Ray process
+    it finds running over that file, which on a machine with another Ray (a test's, a notebook's)
+    attaches to the wrong cluster. Without the file, Ray's rule applies."""
+    if address != "auto":
+        return address
+    try:
+        from ray._private.utils import read_ray_address
+
+        return read_ray_address() or address
+    except Exception:  # a private API: its failure leaves the choice to Ray
+        return address
+
+
 def running_local_ray() -> str | None:
     """The GCS address of a Ray already running on this machine, if any (for the log only)."""
     try:
@@ -94,8 +109,9 @@ def connect(cfg: JobConfig) -> None:
                 ", ".join(f"ray.{k}={v}" for k, v in sized.items()),
                 address,
             )
-        logger.info("attaching to the Ray cluster at %s", address)
-        ray.init(address=address, **quiet)
+        resolved = started_here(address)
+        logger.info("attaching to the Ray cluster at %s%s", address, f" ({resolved})" if resolved != address else "")
+        ray.init(address=resolved, **quiet)
         return
     running = running_local_ray()
     logger.info(

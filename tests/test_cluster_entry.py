@@ -59,7 +59,8 @@ def test_beside_a_running_head_the_plain_command_starts_a_private_ray_and_auto_a
     args = stand_in_job(tmp_path, str(tmp_path / "attached"), "ray.address=auto", "ray.num_cpus=2")
     proc = cli(args, head.with_token(), tmp_path / "attached.log")
     assert proc.returncode == 0, (tmp_path / "attached.log").read_text()
-    assert "attaching to the Ray cluster at auto" in proc.stderr
+    # auto is the cluster `ray start` began here (its address file), whatever other Ray runs beside it
+    assert "attaching to the Ray cluster at auto (" in proc.stderr and f":{head.gcs_port})" in proc.stderr
     assert "ignoring ray.num_cpus=2: they size a Ray that the job starts" in proc.stderr
     assert {r["status"] for r in output_rows(str(tmp_path / "attached"))} == {"ok"}
 

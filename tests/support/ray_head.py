@@ -70,7 +70,6 @@ class RayHead:
             f"--num-cpus={num_cpus}",
             "--num-gpus=0",
             f"--object-store-memory={200 * 2**20}",
-            f"--temp-dir={self.temp_dir}",
             "--disable-usage-stats",
             *(f"{flag}={port}" for flag, port in ports.items()),
         ]
@@ -93,7 +92,8 @@ class RayHead:
 
     def _wait_until_up(self) -> None:
         deadline = time.monotonic() + START_S
-        address_file = Path(self.temp_dir) / "ray_current_cluster"
+        # RAY_TMPDIR/ray, as a user's `ray start` keeps /tmp/ray: where a plain ray.init() looks for it
+        address_file = Path(self.temp_dir) / "ray" / "ray_current_cluster"
         while not (address_file.exists() and self._listening(self.dashboard_port)):
             assert self.process.poll() is None, f"ray start exited ({self.process.returncode}):\n{self.tail()}"
             assert time.monotonic() < deadline, f"no Ray head after {START_S:.0f} s:\n{self.tail()}"
