@@ -64,8 +64,16 @@ def answer_tokens(args: argparse.Namespace, i: int) -> int:
     return int(np.random.default_rng([7, i]).integers(lo, hi + 1))
 
 
+def _prompt_list(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise SystemExit(f"load_serve: no prompts in {path}")
+    return prompts
+
+
 def request_body(
-    route: str, model: str, i: int, max_tokens: int, ignore_eos: bool = False
+    route: str, model: str, i: int, max_tokens: int, ignore_eos: bool = False, prompts: list[str] | None = None
 ) -> tuple[str, dict[str, Any]]:
     if route == "chat":
         image = {"type": "image_url", "image_url": {"url": _png_data_url()}}
@@ -79,7 +87,7 @@ def request_body(
         return "/v1/chat/completions", body
     return "/v1/images/generations", {
         "model": model,
-        "prompt": f"a lighthouse at dusk, variant {i}",
+        "prompt": prompts[i % len(prompts)] if prompts else f"a lighthouse at dusk, variant {i}",
         "seed": i,
     }
 
@@ -88,7 +96,7 @@ async def _send(
     client: httpx.AsyncClient, route: str, model: str, i: int, args: argparse.Namespace, stream: bool
 ) -> tuple[int, float, float | None]:
     """One request: (HTTP status or 0, seconds to the end, seconds to the first content when streamed)."""
-    path, body = request_body(route, model, i, answer_tokens(args, i), args.ignore_eos)
+    path, body = request_body(route, model, i, answer_tokens(args, i), args.ignore_eos, args.prompt_list)
     t0 = time.perf_counter()
     first = None
     try:
@@ -148,7 +156,7 @@ async def _warmup(url: str, route: str, model: str, args: argparse.Namespace) ->
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout) as client:
         for i in range(args.warmup):
             j = args.requests + i
-            path, body = request_body(route, model, j, answer_tokens(args, j), args.ignore_eos)
+            path, body = request_body(route, model, j, answer_tokens(args, j), args.ignore_eos, args.prompt_list)
             (await client.post(path, json=body)).raise_for_status()
 
 
@@ -493,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
         "with the trained weights, whose text streams as real words (random weights mostly make tokens "
         "that end inside a character, so their text is held back to the end)",
     )
+    parser.add_argument(
+        "--prompts",
+        help="images route: prompts from this file, one per line, taken in turn (default: one prompt the "
+        "shapes model never saw, whose codes it is unsure of; configs/demo_prompts.txt is what it draws)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", help="also write the result JSON here")
@@ -522,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         help="every mode gets the same arrivals: --loads are fractions of the first mode's saturation",
     )
     args = parser.parse_args(argv)
+    args.prompt_list = _prompt_list(args.prompts) if args.prompts else None
     if args.random_weights:
         with tempfile.TemporaryDirectory(prefix="load_serve_model.") as tmp:
             args.model_label = f"{args.model_path or 'the config model'}, random weights"
