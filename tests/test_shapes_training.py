@@ -385,3 +385,26 @@ def test_text_first_rows_are_what_serve_renders_for_a_text_then_image_chat(skele
     decoded_pixels = Batches(processor, pool, yes_no=0.0, vq_pixels=1.0).understanding([0], random.Random(0))[3]
     assert torch.equal(drawn_pixels, processor.image_processor([pool.images[0]], return_tensors="pt").pixel_values)
     assert torch.equal(decoded_pixels, processor.image_processor([pool.decoded[0]], return_tensors="pt").pixel_values)
+
+
+@pytest.mark.timeout(60)
+def test_the_readmes_rebuild_commands_are_the_trainers_flags():
+    """The README's rebuild block is too long for its test to run (~115 min); its every training
+    command is parsed here, so a renamed or dropped flag fails."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from training.shapes.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "-m training.shapes" in b]
+    lines = block.replace("\\\n", " ").splitlines()
+    (common,) = [line for line in lines if line.startswith('T="')]
+    base = shlex.split(common.split("-m training.shapes", 1)[1].rstrip('"'))
+    runs = [shlex.split(line)[1:] for line in lines if line.startswith("$T ")]
+    assert len(runs) == 3
+    parser = build_parser()
+    for run in runs:
+        args = parser.parse_args([*base, *run])
+        assert args.grid == 12 and args.exact_shapes and args.out
