@@ -37,7 +37,7 @@ CFG_DROPOUT = 0.1
 class Pool:
     """Drawn training scenes, their pixels and their VQ codes, made once (the codes cached in ``work``:
     encoding 16k images takes minutes, drawing them again does not). Each scene is drawn with its own
-    variations (position, size, shade, rotation), at 96 px for understanding and at the VQ's size for the
+    jitter (position and size, `janus.shapes.draw`), at 96 px for understanding and at the VQ's size for the
     codes (generation's targets), or with ``exact`` the codes come from the scenes drawn exactly: one
     image per prompt, nothing else to model (a lookup table, not a sampler). With ``decoded``, also the
     pixels the VQ makes of those codes: what generated images look like."""
