@@ -65,8 +65,10 @@ def answer_tokens(args: argparse.Namespace, i: int) -> int:
 
 
 def _prompt_list(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    """The prompts of a prompt file (or folder) in any format the synthesis job reads, read by its reader."""
+    from pipeline.sources.prompt_files import read_prompts
+
+    prompts = [row["prompt"] for row in read_prompts(path) if row.get("prompt")]
     if not prompts:
         raise SystemExit(f"load_serve: no prompts in {path}")
     return prompts
