@@ -3,9 +3,10 @@
     python -m benchmarks.bench_dedup --rows 100000 1000000
 
 Writes committed shards straight as Parquet + stats (10,000 rows a shard: key, status, random 64-bit
-phash, score), with 1% of the rows planted as near copies (1-5 bits flipped) of others; then, in a fresh
-process per size, runs what the command runs (``pipeline.dedup.dedup``) and reports its peak RSS above
-the process's baseline, its time, and how many planted copies it lists.
+phash, score), with 10,000 rows at every size planted as near copies (1-5 bits flipped) of others, so
+that the row count is what changes; then, in a fresh process per size, runs what the command runs
+(``pipeline.dedup.dedup``) and reports its peak RSS above the process's baseline, its time, and how many
+rows it lists.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from benchmarks.fresh import sizes_main, write_shard
 from benchmarks.machine import cpu
 
-PLANTED = 0.01
+PLANTED = 10_000  # near copies at every size
 
 
 def write_output(root: Path, n: int, rows_per_shard: int) -> dict:
@@ -27,7 +28,7 @@ def write_output(root: Path, n: int, rows_per_shard: int) -> dict:
     distance and machine the result row records)."""
     rng = np.random.default_rng(0)
     hashes = rng.integers(-(2**63), 2**63 - 1, size=n, dtype=np.int64)
-    copies = rng.choice(n, int(n * PLANTED), replace=False)
+    copies = rng.choice(n, min(PLANTED, n // 4), replace=False)
     originals = rng.choice(np.setdiff1d(np.arange(n), copies), len(copies), replace=False)
     flips = [sum(1 << int(b) for b in rng.choice(64, rng.integers(1, 6), replace=False)) for _ in copies]
     hashes[copies] = hashes[originals] ^ np.array(flips, dtype=np.uint64).view(np.int64)

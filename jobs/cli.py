@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-distance", type=int, default=6, help="bits of 64 two hashes may differ in (default 6)")
     p.add_argument("--by", choices=("phash", "embedding"), default="phash", help="which hash (default phash)")
     p.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
+    p.add_argument(
+        "--tmp-dir", help="local directory for the hash spill, 16 bytes a row (default: the system's temp dir)"
+    )
     p = sub.add_parser("serve", help="the OpenAI-compatible online API on Ray Serve (runs until Ctrl-C)")
     p.add_argument(
         "--config", required=True, help="Serve YAML (see configs/serve_*.yaml), as for `serve run`"
@@ -157,7 +160,7 @@ def _dedup(args: argparse.Namespace) -> int:
     from pipeline.storage import StorageError
 
     try:
-        summary = dedup(args.output, args.storage_options, args.max_distance, args.by)
+        summary = dedup(args.output, args.storage_options, args.max_distance, args.by, args.tmp_dir)
     except (DedupError, StorageError) as exc:
         return _fail("dedup", exc, 2)
     print(json.dumps(summary, indent=2))

@@ -13,8 +13,9 @@ import pytest
 
 from jobs.cli import main as cli_main
 from pipeline.columns import OutputColumns
-from pipeline.dedup import REMOVE_FILE, near_pairs, simhash
+from pipeline.dedup import REMOVE_FILE, simhash
 from pipeline.images import phash
+from pipeline.near_duplicates import HashSpill, groups, near_pairs
 from tests.support.rows import model_row, write_rows
 
 
@@ -28,6 +29,35 @@ def test_the_pair_search_finds_what_comparing_all_pairs_finds(n):
     for d in range(13):
         want = np.stack(np.nonzero(np.triu(bits <= d, 1)), axis=1)
         assert np.array_equal(near_pairs(hashes, d), want), d
+
+
+def _same_groups(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+    """The same rows grouped the same way (labels are names, compared by first appearance)."""
+
+    def named(labels: np.ndarray) -> list[int]:
+        seen: dict[int, int] = {}
+        return [seen.setdefault(label, len(seen)) for label in labels.tolist()]
+
+    return np.array_equal(a[0], b[0]) and named(a[1]) == named(b[1])
+
+
+@pytest.mark.parametrize("part_rows", [1 << 18, 900, 64])
+def test_the_spilled_search_groups_rows_as_comparing_all_pairs_does(part_rows):
+    """Hashes spilled shard by shard and searched a partition at a time (one partition, a few, many)
+    give the groups that comparing every pair gives, identical hashes included, at every distance."""
+    rng = np.random.default_rng(part_rows)
+    base = rng.integers(0, 2**63, size=3000, dtype=np.int64).view(np.uint64)
+    flips = [sum(1 << int(b) for b in rng.choice(64, k, replace=False)) for _ in range(200) for k in (0, 1, 4, 7, 11)]
+    near = base[np.repeat(np.arange(200), 5)] ^ np.array(flips, dtype=np.uint64)
+    hashes = rng.permutation(np.concatenate([base, near]))
+    bits = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    for d in (0, 2, 6, 12):
+        want = groups(np.stack(np.nonzero(np.triu(bits <= d, 1)), axis=1))
+        with HashSpill(part_rows=part_rows) as spill:
+            for shard in np.array_split(hashes, 7):
+                spill.add(shard)
+            assert _same_groups(groups(spill.pairs(d)), want), d
+            assert spill.rows == len(hashes)
 
 
 def _photo(seed: int) -> np.ndarray:
@@ -65,7 +95,9 @@ def test_planted_duplicates_are_found_and_the_best_scored_is_kept(tmp_path, caps
         write_rows(part, str(out))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    assert cli_main(["dedup", "--output", str(out), "--max-distance", "6"]) == 0
+    spill = tmp_path / "spill"
+    assert cli_main(["dedup", "--output", str(out), "--max-distance", "6", "--tmp-dir", str(spill)]) == 0
+    assert spill.is_dir() and not any(spill.iterdir())  # the spill is gone
     summary = json.loads(capsys.readouterr().out)
     removed = pq.read_table(out / REMOVE_FILE).to_pylist()
     assert [(r["key"], r["duplicate_of"]) for r in removed] == [
