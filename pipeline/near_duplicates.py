@@ -29,8 +29,6 @@ PART_ROWS = 1 << 14  # rows a partition of the spill aims at: small partitions p
 READ_ROWS = 1 << 16  # spilled rows read at once (1 MB)
 MAX_PARTS = 256  # partition files open at once
 SPILLED = np.dtype([("hash", "<u8"), ("row", "<i8")])
-
-
 TABLE_BITS = 24  # bands up to this wide look their buckets up in a table (2^bits entries), wider ones search
 
 
@@ -46,9 +44,13 @@ def plan_bands(n: int, max_distance: int) -> tuple[list[tuple[int, int]], int]:
         return m * probes * (1 + 4 * n / 2**width)
 
     m = min(range(1, min(max_distance + 1, 16) + 1), key=cost)
+    return split_bits(m), max_distance // m
+
+
+def split_bits(m: int) -> list[tuple[int, int]]:
+    """(bit offset, width) of ``m`` bands over 64 bits, the first ``64 % m`` one bit wider."""
     widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
-    starts = np.cumsum([0, *widths[:-1]]).tolist()
-    return list(zip(starts, widths, strict=True)), max_distance // m
+    return list(zip(np.cumsum([0, *widths[:-1]]).tolist(), widths, strict=True))
 
 
 def _flips(width: int, radius: int) -> Iterator[int]:
@@ -154,17 +156,13 @@ def pairs_among(hashes: np.ndarray, rows: np.ndarray, max_distance: int) -> np.n
     distinct, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
     leader = rows[first[inverse]]
     same = np.stack([leader, rows], axis=1)[leader != rows]
-    near = (
-        rows[first[near_pairs(distinct, max_distance)]] if len(distinct) > 1 else np.zeros((0, 2), np.int64)
-    )
-    return np.concatenate([same, near.reshape(-1, 2)]).astype(np.int64)
+    near = rows[first[near_pairs(distinct, max_distance)]]
+    return np.concatenate([same, near]).astype(np.int64)
 
 
 def exact_bands(max_distance: int) -> list[tuple[int, int]]:
     """(bit offset, width) of ``max_distance + 1`` bands: hashes within the distance agree in one."""
-    m = max_distance + 1
-    widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
-    return list(zip(np.cumsum([0, *widths[:-1]]).tolist(), widths, strict=True))
+    return split_bits(max_distance + 1)
 
 
 def spread_bits(hashes: np.ndarray, start: int, width: int) -> np.ndarray:
@@ -223,7 +221,7 @@ class HashSpill:
             else:
                 for start, width in exact_bands(max_distance):
                     for pairs in self._band_pairs(spill, start, width, max_distance):
-                        f.write(np.sort(pairs, axis=1).tobytes())
+                        f.write(pairs.tobytes())
         pairs = np.sort(np.fromfile(found, np.int64).reshape(-1, 2), axis=1)
         return np.unique(pairs, axis=0) if len(pairs) else pairs
 
