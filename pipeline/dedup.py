@@ -128,7 +128,11 @@ def find_duplicates(
         raise DedupError(f"--by must be one of {', '.join(METHODS)}, got {by!r}")
     if not 0 <= max_distance <= MAX_DISTANCE:
         raise DedupError(f"--max-distance must be in [0, {MAX_DISTANCE}] bits of 64, got {max_distance}")
-    with HashSpill(tmp_dir) as spill:
+    try:
+        spill = HashSpill(tmp_dir)
+    except OSError as exc:
+        raise DedupError(f"--tmp-dir {tmp_dir}: cannot hold the hash spill ({exc.strerror or exc})") from exc
+    with spill:
         offsets = spill_hashes(out, by, spill)
         pairs = spill.pairs(max_distance)
     rows, labels = groups(pairs)

@@ -136,12 +136,14 @@ def test_embeddings_dedup_by_simhash(tmp_path, capsys):
     removed = pq.read_table(tmp_path / "out" / REMOVE_FILE).to_pylist()
     assert [(r["key"], r["duplicate_of"], r["by"]) for r in removed] == [(_key(19), _key(4), "embedding")]
     capsys.readouterr()
-    # an output without embeddings, a distance out of range, no output: one line, exit code 2
+    # an output without embeddings, a distance out of range, no output, a spill folder that is a file: one
+    # line, exit code 2
     write_rows([model_row(key=_key(0), status="ok", prompt="p", image=_photo(0))], str(tmp_path / "plain"))
     for args, message in (
         (["--output", str(tmp_path / "plain"), "--by", "embedding"], "no column 'embedding'"),
         (["--output", str(tmp_path / "plain"), "--max-distance", "40"], "--max-distance must be in [0, 12]"),
         (["--output", str(tmp_path / "nothing")], "holds no committed shards"),
+        (["--output", str(tmp_path / "plain"), "--tmp-dir", str(next((tmp_path / "plain").glob("*.parquet")))], "--tmp-dir"),
     ):
         assert cli_main(["dedup", *args]) == 2
         err = capsys.readouterr().err
