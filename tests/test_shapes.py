@@ -35,6 +35,22 @@ def test_the_judge_reads_every_drawn_scene():
     assert not wrong, wrong[:3]
 
 
+def test_drawn_variations_differ_and_the_judge_reads_them_at_64_px():
+    """With an rng each drawing is another picture of the scene (position, size, shade, rotation): the
+    generation targets the model learns to sample from; without one, exactly the palette colours."""
+    from janus.shapes.data import PALETTE as colours
+    from pipeline.images import distinct, phash
+
+    rng = np.random.default_rng(2)
+    scene = Scene("green", "triangle", "top", "white")
+    assert distinct([phash(draw(scene, 96, rng)) for _ in range(8)]) >= 7
+    exact = draw(scene)
+    assert {tuple(c) for c in exact.reshape(-1, 3)} == {colours["green"], colours["white"]}
+    assert not np.array_equal(draw(scene, rng=rng), exact)
+    for s in all_scenes(None):
+        assert correct(judge(draw(s, 64, rng)), s.attributes())["all"], s
+
+
 @pytest.mark.parametrize("size", [64, 96, 384])
 def test_the_judge_works_at_any_size_and_through_jpeg(size):
     import io

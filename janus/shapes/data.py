@@ -9,6 +9,7 @@ Every purple triangle and every orange circle is held out of training (compositi
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -47,9 +48,17 @@ VALUES: dict[str, tuple[str, ...]] = {
 }
 ATTRIBUTES = tuple(VALUES)
 HELD_OUT = frozenset({("purple", "triangle"), ("orange", "circle")})
-SIZE = 0.35  # shape extent as a fraction of the image side
-JITTER_POSITION = 0.025  # +- fraction of the side
-JITTER_SIZE = 0.03  # +- fraction of the side
+SIZE = 0.35  # shape extent as a fraction of the image side (drawn exactly)
+#: the variation of a drawn scene (``draw(..., rng)``), each well inside what the judge reads right:
+#: the shape's centroid moves up to this fraction of the side on each axis (the judge's bands are 0.125
+#: from each position's centre), its extent is drawn from SIZE_RANGE, each channel of the shape's and the
+#: background's colour moves up to JITTER_SHADE (the nearest two palette entries are 83 apart), and squares
+#: and triangles turn up to JITTER_ROTATION degrees (at 12 the judge starts to read squares as circles)
+JITTER_POSITION = 0.07
+SIZE_RANGE = (0.28, 0.42)
+JITTER_SHADE = 12.0
+JITTER_ROTATION = 6.0
+MARGIN = 0.02  # a jittered shape stays this far inside the image
 IMAGE_SIZE = 96
 
 
@@ -157,23 +166,43 @@ def one_changed(
             return other
 
 
+def _outline(shape: str, extent: float, degrees: float) -> list[tuple[float, float]] | None:
+    """The polygon of a square or an upright triangle ``extent`` wide, turned by ``degrees``, around its
+    area centroid (fractions of the side); None for a circle."""
+    h = extent / 2
+    if shape == "circle":
+        return None
+    corners = [(-h, -h), (h, -h), (h, h), (-h, h)] if shape == "square" else [(0, -4 * h / 3), (h, 2 * h / 3), (-h, 2 * h / 3)]
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return [(x * c - y * s, x * s + y * c) for x, y in corners]
+
+
+def _shade(rgb: tuple[int, int, int], rng: np.random.Generator | None) -> tuple[int, int, int]:
+    if rng is None:
+        return rgb
+    return tuple(int(round(v)) for v in np.clip(np.array(rgb) + rng.uniform(-JITTER_SHADE, JITTER_SHADE, 3), 0, 255))
+
+
 def draw(scene: Scene, size: int = IMAGE_SIZE, rng: np.random.Generator | None = None) -> np.ndarray:
-    """The scene as uint8 [size, size, 3], exact palette colours; ``rng`` adds small position/size jitter."""
+    """The scene as uint8 [size, size, 3]: exactly (palette colours, SIZE, upright, centred on its
+    position), or with ``rng`` one of its variations (position, size, shade, rotation; see JITTER_*)."""
     cx, cy = POSITIONS[scene.position]
-    extent = SIZE
+    extent, degrees = SIZE, 0.0
     if rng is not None:
         cx += rng.uniform(-JITTER_POSITION, JITTER_POSITION)
         cy += rng.uniform(-JITTER_POSITION, JITTER_POSITION)
-        extent += rng.uniform(-JITTER_SIZE, JITTER_SIZE)
-    image = PIL.Image.new("RGB", (size, size), PALETTE[scene.background])
+        extent = rng.uniform(*SIZE_RANGE)
+        degrees = rng.uniform(-JITTER_ROTATION, JITTER_ROTATION) if scene.shape != "circle" else 0.0
+    fill, background = _shade(PALETTE[scene.color], rng), _shade(PALETTE[scene.background], rng)
+    points = _outline(scene.shape, extent, degrees)
+    xs, ys = zip(*points, strict=True) if points else ((-extent / 2, extent / 2),) * 2
+    cx = min(max(cx, MARGIN - min(xs)), 1 - MARGIN - max(xs))
+    cy = min(max(cy, MARGIN - min(ys)), 1 - MARGIN - max(ys))
+    image = PIL.Image.new("RGB", (size, size), background)
     pen = PIL.ImageDraw.Draw(image)
-    half = extent * size / 2
-    x0, y0, x1, y1 = cx * size - half, cy * size - half, cx * size + half, cy * size + half
-    fill = PALETTE[scene.color]
-    if scene.shape == "circle":
-        pen.ellipse((x0, y0, x1, y1), fill=fill)
-    elif scene.shape == "square":
-        pen.rectangle((x0, y0, x1, y1), fill=fill)
-    else:  # upright triangle: apex at the top centre, base at the bottom of the box
-        pen.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    if points is None:
+        h = extent / 2
+        pen.ellipse(((cx - h) * size, (cy - h) * size, (cx + h) * size, (cy + h) * size), fill=fill)
+    else:
+        pen.polygon([((cx + x) * size, (cy + y) * size) for x, y in points], fill=fill)
     return np.asarray(image).copy()
