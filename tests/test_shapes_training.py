@@ -197,7 +197,7 @@ def test_training_continues_from_a_shipped_checkpoint(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["--out", str(out), "--work", str(work), "--init-from", str(shipped_dir), "--init-step", "300",
             "--vq-steps", "1250", "--llm-steps", "1000", "--stop-at", "302", "--pool", "64", "--gen-batch", "1", "--und-batch", "2",
-            "--eval-every", "0", "--threads", "1", "--grid", "12", "--exact-shapes"]  # fmt: skip
+            "--eval-every", "0", "--threads", "1", "--grid", "16", "--image-size", "64"]  # fmt: skip
     threads = torch.get_num_threads()
     try:
         assert main(argv) == 0

@@ -35,12 +35,12 @@ CFG_DROPOUT = 0.1
 
 
 class Pool:
-    """Drawn training scenes, their pixels and their VQ codes, made once (the codes cached in ``work``:
-    encoding 16k images takes minutes, drawing them again does not). Each scene is drawn with its own
-    jitter (position and size, `janus.shapes.draw`), at 96 px for understanding and at the VQ's size for the
-    codes (generation's targets), or with ``exact`` the codes come from the scenes drawn exactly: one
-    image per prompt, nothing else to model (a lookup table, not a sampler). With ``decoded``, also the
-    pixels the VQ makes of those codes: what generated images look like."""
+    """Drawn training scenes, their pixels and their VQ codes, made once (codes and decoded pixels cached
+    in ``work``: encoding and decoding 32k images take many minutes, drawing them again does not). Each
+    scene is drawn with its own variations (position, size, shade, rotation), at 96 px for understanding
+    and at the VQ's size for the codes (generation's targets), or with ``exact`` the codes come from the
+    scenes drawn exactly: one image per prompt, nothing else to model (a lookup table, not a sampler).
+    With ``decoded``, also the pixels the VQ makes of those codes: what generated images look like."""
 
     def __init__(
         self, vq, n: int, seed: int, work: Path | None = None, exact: bool = False, decoded: bool = False
@@ -49,8 +49,8 @@ class Pool:
         self.scenes = [random_scene(rng) for _ in range(n)]
         self.images = self._drawn(seed, IMAGE_SIZE, exact=False)
         size = image_size(vq)
-        name = f"pool_codes_{seed}_{n}_{size}px{'_exact' if exact else ''}.pt"
-        cache = work / name if work is not None else None
+        name = f"{seed}_{n}_{size}px{'_exact' if exact else ''}"
+        cache = work / f"pool_codes_{name}.pt" if work is not None else None
         if cache is not None and cache.exists():
             self.codes = torch.load(cache, weights_only=True)
         else:
@@ -58,7 +58,20 @@ class Pool:
             self.codes = vq_codes(vq, self.images if same else self._drawn(seed, size, exact))
             if cache is not None:
                 torch.save(self.codes, cache)
-        self.decoded = vq_pixels(vq, self.codes) if decoded else None
+        self.decoded = (
+            self._decoded(vq, work / f"pool_pixels_{name}.npy" if work is not None else None)
+            if decoded
+            else None
+        )
+
+    def _decoded(self, vq, cache: Path | None) -> np.ndarray:
+        """The VQ's decoding of every code grid, cached beside the codes."""
+        if cache is not None and cache.exists():
+            return np.load(cache, allow_pickle=False)
+        pixels = vq_pixels(vq, self.codes)
+        if cache is not None:
+            np.save(cache, pixels, allow_pickle=False)
+        return pixels
 
     def _drawn(self, seed: int, size: int, exact: bool) -> np.ndarray:
         """Every scene at ``size`` px: each with its own variations (the same at every size), or exactly."""

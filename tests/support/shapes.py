@@ -1,0 +1,37 @@
+"""The shipped shapes model's end-to-end checks' shared parts: the prompts, the guidance weight and the
+bounds the judge holds the images to (tests/test_shapes_model.py in process, tests/test_serve_shapes.py
+over HTTP). Bounds are the measured accuracies less a margin (benchmarks/results/eval_shapes.json)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from janus.shapes import Scene, judge
+from janus.shapes.judge import correct
+
+#: the guidance weight the end-to-end checks draw at: DeepSeek's default
+CFG = 5.0
+#: per-attribute accuracy measured on 128 prompts at CFG less a margin, as fractions of the 8 PROMPTS.
+#: Their backgrounds are 8 different colours, so an image stored under another prompt's key fails
+#: "background" (the attribute the model gets right most often).
+MIN_IMAGE = {"background": 0.875, "color": 0.875, "shape": 0.75, "position": 0.875}
+PROMPTS = [
+    Scene("red", "circle", "left", "blue"),
+    Scene("green", "square", "top", "white"),
+    Scene("yellow", "triangle", "bottom", "black"),
+    Scene("blue", "square", "right", "yellow"),
+    Scene("white", "circle", "center", "red"),
+    Scene("black", "triangle", "left", "green"),
+    Scene("orange", "square", "right", "purple"),
+    Scene("purple", "circle", "bottom", "orange"),
+]
+
+
+def accuracy(marks: list[dict[str, bool]]) -> dict[str, float]:
+    return {a: float(np.mean([m[a] for m in marks])) for a in marks[0]}
+
+
+def assert_right(images, scenes) -> None:
+    """Each image judged against the scene its prompt asked for; every attribute at its bound."""
+    got = accuracy([correct(judge(im), s.attributes()) for im, s in zip(images, scenes, strict=True)])
+    assert all(got[a] >= bound for a, bound in MIN_IMAGE.items()), (got, MIN_IMAGE)
