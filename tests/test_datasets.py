@@ -19,8 +19,11 @@ from pipeline.job import run_job
 from pipeline.recipe import RECIPE_FILE
 from tests.support import REPO
 from tests.support.jobs import output_rows
+from tests.support.shapes import shapes_vq
 
 DOC = REPO / "docs" / "datasets.md"
+#: the side of the demo's images: the shipped shapes checkpoint's
+SIDE = shapes_vq().image_size
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def test_webdataset_gives_image_text_and_recipe_per_sample(demo):
     captions = {r["key"]: r for r in output_rows(str(demo / "out" / "captions"))}
     assert len(ns["captioned"]) == len(captions) == 16
     for image, caption, row in ns["captioned"]:
-        assert caption == captions[row["key"]]["caption"] and image.size == (96, 96)
+        assert caption == captions[row["key"]]["caption"] and image.size == (SIDE, SIDE)
 
 
 def test_captions_join_their_source_samples_and_keep_their_bytes(demo):
@@ -98,7 +101,7 @@ def test_ray_data_reads_the_tars(demo):
     ns = run_snippet("# Ray Data", demo)
     assert len(ns["samples"]) == len(ns["captioned"]) == 16
     for sample in ns["samples"] + ns["captioned"]:
-        assert sample["png"].shape == (96, 96, 3) and sample["txt"] and sample["json"]["weights"].startswith("sha256:")
+        assert sample["png"].shape == (SIDE, SIDE, 3) and sample["txt"] and sample["json"]["weights"].startswith("sha256:")
     captions = {r["key"]: r["caption"] for r in output_rows(str(demo / "out" / "captions"))}
     assert {s["json"]["key"]: s["txt"] for s in ns["captioned"]} == captions
 

@@ -252,10 +252,12 @@ def test_the_python_api_takes_the_embedded_models_names_as_the_configs_do(tmp_pa
     from janus.embedded import embedded_path
     from janus.engine import CaptionEngine, SynthesisEngine
     from pipeline.model_ref import resolve_model_ref
+    from tests.support.shapes import shapes_vq
 
     synth = SynthesisEngine.from_pretrained("shapes", dtype="float32")
     result = synth.generate([{"prompt": "a red circle on the left, blue background", "seed": 1}])[0]
-    assert result.ok and result.image.shape == (96, 96, 3)
+    side = shapes_vq().image_size
+    assert result.ok and result.image.shape == (side, side, 3)
     assert CaptionEngine.from_pretrained("shapes").generate([{"image": result.image}])[0].ok
     assert resolve_model_ref("shapes") == embedded_path("shapes")
     assert embedded_path("deepseek-ai/Janus-Pro-7B") is None

@@ -23,6 +23,7 @@ from pipeline.plan import (
 from pipeline.sources.prompt_files import count_prompt_rows, read_prompts
 from tests.support import REPO
 from tests.support.rows import model_row, write_rows
+from tests.support.shapes import shapes_vq
 
 JSONL = [
     {"prompt": "a red circle"},
@@ -146,7 +147,8 @@ def test_a_resumed_output_counts_its_committed_rows_and_measures_its_bytes(promp
 
 def test_an_embedded_model_plans_with_its_own_image_size(prompts, tmp_path):
     plan = plan_synthesis(config(prompts, tmp_path / "out", "model.path=shapes"))
-    assert plan["output"]["bytes_per_row"] == pytest.approx(0.6 * 96 * 96 * 3 + 3450)
+    side = shapes_vq().image_size
+    assert plan["output"]["bytes_per_row"] == pytest.approx(0.6 * side * side * 3 + 3450)
 
 
 def test_the_resume_figure_is_the_benchmarks_recorded_one():

@@ -23,6 +23,7 @@ import PIL.Image
 import pytest
 
 from janus.shapes import Scene, caption, draw, judge
+from tests.support.shapes import shapes_vq
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -31,7 +32,8 @@ SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
 ONE = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}, **SMALL}
 SCENE = Scene("red", "circle", "left", "blue")
 CFG = 5.0  # the shapes model's best guidance (tests/test_shapes_model.py)
-SIDE = 96
+VQ = shapes_vq()  # the shipped checkpoint's geometry
+SIDE = VQ.image_size
 
 
 def png_array(data: bytes) -> np.ndarray:
@@ -146,7 +148,7 @@ def test_url_images_from_a_local_store_with_the_official_client(shapes_app):
     images = [png_array(p.read_bytes()) for p in paths]
     assert all(im.shape == (SIDE, SIDE, 3) for im in images)
     assert sum(right(im, SCENE) for im in images) >= 1, [judge(im) for im in images]
-    assert out.usage.output_tokens == 2 * 144 and out.usage.input_tokens > 0  # 12 x 12 codes an image
+    assert out.usage.output_tokens == 2 * VQ.image_tokens and out.usage.input_tokens > 0
     assert out.usage.total_tokens == out.usage.input_tokens + out.usage.output_tokens
 
 
@@ -219,10 +221,10 @@ def test_streamed_image_with_partial_pictures_of_the_prompt(shapes_app):
     assert right(final, SCENE), judge(final)
     assert judge(partials[-1])["background"] == SCENE.background
     # a third of the rows, two thirds: drawn as the image's own top rows, blank below
-    for picture, rows in zip(partials, (4, 8), strict=True):
-        cut = rows * SIDE // 12
+    for picture, rows in zip(partials, (VQ.grid // 3, 2 * VQ.grid // 3), strict=True):
+        cut = rows * SIDE // VQ.grid
         assert (picture[cut:] == 128).all() and not (picture[:cut] == 128).all()
-    assert got[-1].usage.output_tokens == 144 and got[-1].model_extra["seed"] == 4
+    assert got[-1].usage.output_tokens == VQ.image_tokens and got[-1].model_extra["seed"] == 4
 
 
 def test_a_stream_without_partials_is_one_completed_event(shapes_app):

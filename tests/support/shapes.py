@@ -4,6 +4,10 @@ over HTTP). Bounds are the measured accuracies less a margin (benchmarks/results
 
 from __future__ import annotations
 
+import json
+from functools import cache
+from pathlib import Path
+
 import numpy as np
 
 from janus.shapes import Scene, judge
@@ -25,6 +29,17 @@ PROMPTS = [
     Scene("orange", "square", "right", "purple"),
     Scene("purple", "circle", "bottom", "orange"),
 ]
+
+
+@cache
+def shapes_vq():
+    """The shipped checkpoint's image geometry (``grid`` codes a side, ``image_tokens`` an image, the
+    generated side ``image_size`` in pixels), read from its config.json as a job's driver reads it."""
+    from janus.models.vq_config import VQConfig
+    from pipeline.model_ref import resolve_model_ref
+
+    config = json.loads((Path(resolve_model_ref("shapes")) / "config.json").read_text())
+    return VQConfig.from_params(config["gen_vision_config"]["params"])
 
 
 def accuracy(marks: list[dict[str, bool]]) -> dict[str, float]:
