@@ -79,7 +79,7 @@ class SpeculativeSection(Section):
 class SynthesisEngineOptions(EngineOptions):
     engine = "SynthesisEngine"
     max_batch_size: int = Field(16, ge=1)
-    vq_decode_batch_size: int = Field(8, ge=1)
+    vq_decode_batch_size: int = Field(1, ge=1)  # > 1: faster on a GPU, pixels depend on the batch
     vq_channels_last: bool = True
     cfg_before_head: bool = True
     compile: bool = False

@@ -136,7 +136,11 @@ class SynthesisEngine(BatchEngine):
         processor,
         *,
         max_batch_size: int = 16,
-        vq_decode_batch_size: int = 8,
+        # one image per VQ decode: a convolution's summation order depends on how many images it runs
+        # at once, so decoding together can move a pixel a few steps, and an image regenerated alone
+        # from its recipe would not be the same bytes; on a CPU it costs nothing (8 real-size decodes,
+        # bf16: 14.4 s batched, 14.2 s one by one)
+        vq_decode_batch_size: int = 1,
         vq_channels_last: bool = True,
         cfg_before_head: bool = True,
         compile: bool = False,
