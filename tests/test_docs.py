@@ -103,6 +103,17 @@ def test_no_file_names_a_numbered_past_run():
     assert not hits and not named, "\n".join(hits + named)
 
 
+def test_no_file_keeps_a_merge_conflicts_markers():
+    marker = re.compile(r"^(<{7} |={7}$|>{7} )")
+    hits = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in [*text_files(), *sorted((REPO / "training").rglob("*.py"))]
+        for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+        if marker.match(line)
+    ]
+    assert not hits, hits
+
+
 def test_every_result_file_is_cited_and_every_cited_file_exists():
     cited = set(re.findall(r"results/([A-Za-z0-9_.-]+\.[a-z]+)\b", BENCHMARKS.read_text()))
     present = {p.name for p in RESULTS.iterdir() if p.is_file()}
