@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     out = Path(args.out or RESULTS / f"speculative_{args.model}_cpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the minutes of measuring, not after
     model, processor = load(args.model, args.threads)
     requests = prompts(args.model, max(args.images, max(args.batches)), args.seed)
     report: dict[str, Any] = {"model": args.model, "device": cpu(), "threads": args.threads, "cfg": CFG,
