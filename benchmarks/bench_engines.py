@@ -39,6 +39,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from benchmarks.machine import cpu, git_state
 from janus.engine.common import sync
 from janus.reference import reference_caption, reference_generate, t2i_prompt
 from janus.utils.cli import OneLineParser
@@ -482,23 +483,6 @@ def profile_contenders(contenders: dict[str, Callable], full: Any, small: Any, t
         print(f"profile of {task}/{name} ({wall:.1f} s) written to {path}", flush=True)
 
 
-def git_state() -> str:
-    """Commit of the checkout, and whether janus/ has uncommitted edits (the engine under test)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "janus"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" + uncommitted janus/ edits" if dirty else "")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
@@ -561,11 +545,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nsummary (best of {args.repeats} interleaved runs after warm-up)")
     for r in rows:
         hf = "" if r.ratio_vs_hf is None else f"  x{r.ratio_vs_hf:.2f} vs hf"
-        cpu = (
+        cpu_time = (
             "" if r.cpu_ratio_vs_reference is None else f"  (cpu-time x{r.cpu_ratio_vs_reference:.2f} vs ref"
         )
-        cpu += "" if r.cpu_ratio_vs_hf is None else f", x{r.cpu_ratio_vs_hf:.2f} vs hf"
-        print(format_row(r) + hf + (cpu + ")" if cpu else ""))
+        cpu_time += "" if r.cpu_ratio_vs_hf is None else f", x{r.cpu_ratio_vs_hf:.2f} vs hf"
+        print(format_row(r) + hf + (cpu_time + ")" if cpu_time else ""))
     meta = {
         "command": "python -m benchmarks.bench_engines "
         + " ".join(argv if argv is not None else sys.argv[1:]),

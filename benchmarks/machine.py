@@ -1,10 +1,12 @@
 """The CPU a benchmark ran on, as its results record it: model, cores and the matrix extensions that
-decide what bf16 costs (AMX tiles, AVX-512 BF16 / VNNI), read from /proc/cpuinfo where there is one."""
+decide what bf16 costs (AMX tiles, AVX-512 BF16 / VNNI), read from /proc/cpuinfo where there is one;
+and the git state of the code measured."""
 
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 #: the cpuinfo flags that change what a bf16 matmul costs on a CPU
@@ -27,3 +29,18 @@ def cpu() -> str:
     matrix = [f for f in MATRIX_FLAGS if f in flags]
     amx = "" if "amx_tile" in flags else ", no AMX"
     return f"{model}, {os.cpu_count()} cores, {' '.join(matrix) or 'no AVX-512'}{amx}"
+
+
+def git_state() -> str:
+    """Commit of the checkout, and whether janus/ has uncommitted edits (the engine under test)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "janus"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted janus/ edits" if dirty else "")
