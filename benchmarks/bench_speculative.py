@@ -1,7 +1,7 @@
 """Speculative decoding of image codes against plain decoding: passes, codes per pass, wall time, accuracy.
 
     python -m benchmarks.bench_speculative [--model shapes|small] [--batches 1 2 4 8 16] [--window 16]
-                                           [--images 16] [--accuracy 128] [--threads 2] [--out FILE]
+                                           [--images 16] [--accuracy 128] [--threads 1] [--out FILE]
 
 For each batch size and each method (``off``: one code per pass; ``jacobi``; ``coupled``), the same
 requests (``--images`` prompts at cfg 5, temperature 1, fixed seeds) are generated in batches of that
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_engines import CONFIGS
-from benchmarks.machine import cpu
+from benchmarks.machine import cpu, git_state
 from janus.engine import SynthesisEngine, load_model_and_processor
 from janus.utils.cli import OneLineParser
 
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--accuracy", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see benchmarks/README.md)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -164,8 +166,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)  # before the minutes of measuring, not after
     model, processor = load(args.model, args.threads)
     requests = prompts(args.model, max(args.images, max(args.batches)), args.seed)
-    report: dict[str, Any] = {"model": args.model, "device": cpu(), "threads": args.threads, "cfg": CFG,
-                              "window": args.window, "images": len(requests)}
+    report: dict[str, Any] = {
+        "command": "python -m benchmarks.bench_speculative " + " ".join(sys.argv[1:] if argv is None else argv),
+        "git": git_state(),
+        "loadavg_start": os.getloadavg(),
+        "model": args.model, "device": cpu(), "threads": args.threads, "cfg": CFG, "window": args.window,
+        "images": len(requests),
+    }  # fmt: skip
     made = engines(model, processor, args.window, max(args.batches))
     _, plain = run(made["off"], requests, 8)
     report["entropy_bits"] = round(entropy_bits(made["off"], requests, np.stack([r.tokens for r in plain])), 3)
@@ -183,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.model != "small" and args.accuracy:
         checked = prompts(args.model, args.accuracy, args.seed + 1)
         report["accuracy"] = {m: judged(checked, run(e, checked, 8)[1]) for m, e in made.items()}
+    report["loadavg_end"] = os.getloadavg()  # a shared machine: other processes skew the seconds
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out.with_suffix(".png"))
     print(json.dumps(report, indent=2))
