@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from benchmarks.machine import cpu, git_state
+from benchmarks.machine import command_line, cpu, git_state
 from janus.engine.common import sync
 from janus.reference import reference_caption, reference_generate, t2i_prompt
 from janus.utils.cli import OneLineParser
@@ -551,8 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         cpu_time += "" if r.cpu_ratio_vs_hf is None else f", x{r.cpu_ratio_vs_hf:.2f} vs hf"
         print(format_row(r) + hf + (cpu_time + ")" if cpu_time else ""))
     meta = {
-        "command": "python -m benchmarks.bench_engines "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("benchmarks.bench_engines", argv),
         "git": git_state(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

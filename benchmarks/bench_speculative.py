@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_engines import CONFIGS
-from benchmarks.machine import cpu, git_state
+from benchmarks.machine import command_line, cpu, git_state
 from janus.engine import SynthesisEngine, load_model_and_processor
 from janus.utils.cli import OneLineParser
 
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, processor = load(args.model, args.threads)
     requests = prompts(args.model, max(args.images, max(args.batches)), args.seed)
     report: dict[str, Any] = {
-        "command": "python -m benchmarks.bench_speculative " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("benchmarks.bench_speculative", argv),
         "git": git_state(),
         "loadavg_start": os.getloadavg(),
         "model": args.model, "device": cpu(), "threads": args.threads, "cfg": CFG, "window": args.window,

@@ -1,12 +1,13 @@
 """The CPU a benchmark ran on, as its results record it: model, cores and the matrix extensions that
 decide what bf16 costs (AMX tiles, AVX-512 BF16 / VNNI), read from /proc/cpuinfo where there is one;
-and the git state of the code measured."""
+the command and the git state of the code measured."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 #: the cpuinfo flags that change what a bf16 matmul costs on a CPU
@@ -29,6 +30,11 @@ def cpu() -> str:
     matrix = [f for f in MATRIX_FLAGS if f in flags]
     amx = "" if "amx_tile" in flags else ", no AMX"
     return f"{model}, {os.cpu_count()} cores, {' '.join(matrix) or 'no AVX-512'}{amx}"
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that reproduces a run of ``module`` (``argv``: its arguments, None for the process's)."""
+    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
 def git_state() -> str:

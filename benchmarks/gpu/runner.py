@@ -37,6 +37,7 @@ from benchmarks.gpu.processes import ROOT, product_env
 from benchmarks.gpu.record import Recorder, write_json
 from benchmarks.gpu.section import Section
 from benchmarks.gpu.sections import discover
+from benchmarks.machine import command_line
 
 ALL: dict[str, Section] = discover()
 SECTIONS = tuple(ALL)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     summary: dict[str, Any] = {
         "mode": "dry-run (CPU, tiny model)" if args.dry_run else "gpu",
-        "command": "python -m benchmarks.gpu_suite " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("benchmarks.gpu_suite", argv),
         "isolated": isolate,
         "sections": {},
     }
