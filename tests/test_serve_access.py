@@ -96,6 +96,58 @@ def test_a_lease_that_is_never_released_expires():
     assert counts.admit("k", limits, 0, lease_s=30)["refused"] is None
 
 
+def test_a_release_counts_its_tokens_once():
+    """An ingress retries a release whose answer it did not see: the second call changes nothing."""
+    counts = Counts()
+    limits = LimitsSection(tokens_per_minute=100, max_parallel_requests=1).model_dump()
+    lease = counts.admit("k", limits, 0, 300)["lease"]
+    counts.release("k", lease, tokens=60)
+    counts.release("k", lease, tokens=60)
+    out = counts.admit("k", limits, 0, 300)
+    assert out["refused"] is None and out["state"]["tokens"][1] == 40
+
+
+def test_a_release_the_holder_does_not_answer_is_retried_until_it_lands():
+    """A loaded cluster: the first two releases time out (and are cancelled). The answer is not held
+    up beyond ``timeout_s``, and the lease still ends within seconds, not after ``lease_s``."""
+    counts = Counts()
+    limits = LimitsSection(max_parallel_requests=1)
+
+    class Slow:
+        calls = 0
+
+        class admit:  # noqa: N801 (a handle's method)
+            @staticmethod
+            async def remote(name, limits, images, lease_s):
+                return counts.admit(name, limits, images, lease_s)
+
+        class release:  # noqa: N801
+            @staticmethod
+            async def remote(name, lease, tokens):
+                Slow.calls += 1
+                if Slow.calls <= 2:
+                    await asyncio.sleep(3600)
+                counts.release(name, lease, tokens)
+
+    async def scenario():
+        gate = Gate(Slow, timeout_s=0.2, lease_s=60, retry_after_s=1)
+        admission = await gate.admit("k", limits)
+        started = time.monotonic()
+        await gate.release("k", admission, tokens=5)
+        answered = time.monotonic() - started
+        with pytest.raises(APIError):  # still running as far as the holder knows
+            await gate.admit("k", limits)
+        while True:
+            await asyncio.sleep(0.1)
+            try:
+                return answered, await gate.admit("k", limits), time.monotonic() - started
+            except APIError:
+                pass
+
+    answered, again, freed = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert answered < 1.0 and again.lease is not None and Slow.calls == 3 and freed < 5
+
+
 def test_rate_limit_headers_in_openais_form():
     headers = rate_headers({"requests": (60, 59, 1.0), "tokens": (150000, 149984, 360.0)})
     assert headers == {

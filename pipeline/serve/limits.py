@@ -109,10 +109,11 @@ class Counts:
         }
 
     def release(self, name: str, lease: int | None, tokens: int) -> None:
-        """A request ended: its lease ends, its tokens count."""
+        """A request ended: its lease ends, its tokens count. Idempotent (an ingress retries a release
+        whose answer it did not see): only the call that ends a running lease counts the tokens."""
         counts = self.keys.setdefault(name, KeyCounts())
-        counts.leases.pop(lease, None)
-        counts.windows["tokens"].add(self.clock(), tokens)
+        if counts.leases.pop(lease, None) is not None:
+            counts.windows["tokens"].add(self.clock(), tokens)
 
     @staticmethod
     def _state(counts: KeyCounts, limits: dict[str, Any], now: float) -> dict[str, tuple[int, int, float]]:
@@ -164,6 +165,7 @@ class Gate:
         self.timeout_s = timeout_s
         self.lease_s = lease_s
         self.retry_after_s = retry_after_s
+        self._retrying: set[asyncio.Task] = set()  # releases still being retried (the loop keeps weak refs)
 
     async def admit(self, name: str, limits: LimitsSection, images: int = 0) -> Admission:
         """A lease for one request, or 429 (a limit) / 503 (the counts did not answer: fail closed)."""
@@ -199,15 +201,34 @@ class Gate:
 
     async def release(self, name: str, admission: Admission, tokens: int = 0) -> None:
         """The request ended: its lease ends and its tokens count before the next request of this
-        client is admitted. A limiter that does not answer only delays this by ``timeout_s``."""
+        client is admitted. A limiter that does not answer within ``timeout_s`` (a loaded cluster, a
+        restarting holder) delays the answer by no more than that: the release is then retried in
+        the background until it lands or the lease would have expired anyway, so a key limited to
+        one request at a time is not locked out for the lease's whole length."""
         if self.handle is None or admission.lease is None:
             return
+        if await self._release_once(name, admission.lease, tokens):
+            return
+        task = asyncio.get_running_loop().create_task(self._retry_release(name, admission.lease, tokens))
+        self._retrying.add(task)
+        task.add_done_callback(self._retrying.discard)
+
+    async def _release_once(self, name: str, lease: int, tokens: int) -> bool:
         try:
-            await asyncio.wait_for(
-                _awaited(self.handle.release.remote(name, admission.lease, tokens)), self.timeout_s
-            )
-        except Exception as exc:  # the lease expires on its own; the tokens are lost
-            logger.warning("rate limiter release for key %s failed: %s", name, type(exc).__name__)
+            await asyncio.wait_for(_awaited(self.handle.release.remote(name, lease, tokens)), self.timeout_s)
+            return True
+        except Exception as exc:
+            logger.warning("rate limiter release for key %s failed (%s); retrying", name, type(exc).__name__)
+            return False
+
+    async def _retry_release(self, name: str, lease: int, tokens: int) -> None:
+        deadline, delay = time.monotonic() + self.lease_s, 0.5
+        while time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            if await self._release_once(name, lease, tokens):
+                return
+            delay = min(delay * 2, 10.0)
+        logger.warning("rate limiter release for key %s never landed: the lease expires on its own", name)
 
 
 async def _awaited(response: Any) -> Any:
