@@ -8,6 +8,8 @@ Every input row becomes exactly one committed output row; a rerun resumes where 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -27,7 +29,7 @@ from .connect import check_where_it_runs, connect
 from .console import quiet_ray_data
 from .crash_guard import start_journal
 from .graphs import build_caption, build_synthesis, checkpoint_json, model_actor_class
-from .output import OutputDir
+from .output import COMPLETE_FILE, OutputDir
 from .recipe import check_recipe, job_recipe, model_weights, record_recipe
 from .sinks import STAT_COUNTS, ShardDatasink
 from .sources.image_files import list_image_inputs
@@ -167,11 +169,30 @@ def own_sections(cfg: JobConfig) -> dict[str, Any]:
     return data
 
 
+#: settings that decide where and how a job runs and where it writes, never which rows it makes
+HOW_IT_RUNS = ("compute", "ray", "output", "max_failed_fraction")
+
+
+def rows_from(cfg: JobConfig, listing: Listing) -> str:
+    """A digest of what decides a job's rows: its input files (names, sizes, change stamps) and every
+    setting but ``HOW_IT_RUNS`` (credentials in ``storage_options`` enter only the digest)."""
+    settings = {k: v for k, v in own_sections(cfg).items() if k not in HOW_IT_RUNS}
+    text = json.dumps(settings, sort_keys=True, default=str) + listing.fingerprint()
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Run (or resume) a job to completion; returns the summary that the CLI prints."""
+    """Run (or resume) a job to completion; returns the summary that the CLI prints. A rerun of a job
+    that completed, with the same input and settings, ends at once (no Ray, no model)."""
     t0 = time.perf_counter()
     job = check_job(cfg)
     cfg, out, listing = job.cfg, job.out, job.listing
+    identity = rows_from(cfg, listing)
+    if not job.new_recipe and out.complete_for(identity):
+        logger.info(
+            "%s: nothing to run: %s already holds every row of this input (%s)", cfg.job, out.url, COMPLETE_FILE
+        )
+        return summarize(job, [], time.perf_counter() - t0)
     bound_stale_resource_requests()
     connect(cfg)
     quiet_ray_data()
@@ -202,7 +223,10 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         ds.write_datasink(sink)
     finally:
         ray.kill(journal)
-    return summarize(job, sink.shards, time.perf_counter() - t0)
+    summary = summarize(job, sink.shards, time.perf_counter() - t0)
+    if summary["complete"]:  # every input row is a committed row, each once
+        out.mark_complete(identity, summary["total"]["count"])
+    return summary
 
 
 def decoding(cfg: JobConfig, shards: list[dict[str, Any]]) -> dict[str, Any]:

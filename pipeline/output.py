@@ -3,14 +3,18 @@
 ``OutputDir`` lists the directory once per look and answers what a job needs from it: committed
 shards, committed keys (resume), cleanup of what a crash left behind, totals and duplicates. A rerun
 first removes uncommitted leftovers, then skips every key some committed shard already holds (failed
-rows count as done, so a rerun never writes a key twice). Only the ``key`` column of each Parquet
+rows count as done, so a rerun never writes a key twice). A job that ends with every row of its input
+committed says so in ``_complete.json`` (what decided its rows, and its shards): a rerun that finds
+both unchanged has nothing to run and starts neither Ray nor a model. Only the ``key`` column of each Parquet
 file is read, and keys are held packed (12 bytes each, ``sources.keys.packed_keys``): a resume over
 the 72M rows of the Janus-Pro paper's synthetic set needs under 2 GB on the driver.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import posixpath
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +27,13 @@ from ray.data import Dataset
 
 from .sinks import SHARD_PREFIX, STAT_COUNTS, shard_files
 from .sources.keys import PACKED_BYTES, packed_keys
-from .storage import is_temp_name, open_fs, storage_step
+from .storage import atomic_write, is_temp_name, open_fs, storage_step
+
+logger = logging.getLogger(__name__)
 
 READ_THREADS = 4  # overlapping reads hide object-store latency; each thread's buffers cost ~4 MB of driver memory
 EMPTY_KEYS = np.array([], dtype=f"S{PACKED_BYTES}")
+COMPLETE_FILE = "_complete.json"
 
 
 class OutputDir:
@@ -87,6 +94,35 @@ class OutputDir:
             gone = {posixpath.basename(p) for p in doomed}
             self.names = [n for n in self.names if n not in gone]
         return doomed
+
+    # -- completion ----------------------------------------------------------------------------
+    def _shards_digest(self) -> str:
+        return hashlib.sha256("\n".join(self.committed_shards).encode()).hexdigest()
+
+    def mark_complete(self, rows_from: str, rows: int) -> None:
+        """Every row of the input that ``rows_from`` names (a digest) is committed, in these shards."""
+        marker = {"rows_from": rows_from, "shards": self._shards_digest(), "shard_count": len(self.committed_shards)}
+        data = (json.dumps({**marker, "rows": rows}, indent=1) + "\n").encode()
+        with storage_step("write", self.url):
+            atomic_write(self.fs, self.path(COMPLETE_FILE), data)
+
+    def complete_for(self, rows_from: str) -> bool:
+        """Whether a job whose rows come from ``rows_from`` has nothing to run here: the marker names the
+        same input and settings, and the committed shards are the ones it was written beside (a shard
+        deleted or added since: no)."""
+        if COMPLETE_FILE not in self.names:
+            return False
+        try:
+            with storage_step("read the output", self.url):
+                marker = json.loads(self.fs.cat_file(self.path(COMPLETE_FILE)))
+        except (ValueError, OSError) as exc:  # unreadable: the shards' keys decide, as without it
+            logger.warning("ignoring %s in %s: %s", COMPLETE_FILE, self.url, exc)
+            return False
+        return (
+            isinstance(marker, dict)
+            and marker.get("rows_from") == rows_from
+            and marker.get("shards") == self._shards_digest()
+        )
 
     # -- keys ----------------------------------------------------------------------------------
     def _read_keys(self, shard: str) -> pa.ChunkedArray:

@@ -7,6 +7,8 @@ Every byte the pipeline reads or writes goes through fsspec (``s3://``, ``file:/
 from __future__ import annotations
 
 import gzip
+import hashlib
+import itertools
 import logging
 import lzma
 import os
@@ -182,12 +184,31 @@ class Listing:
     sizes: tuple[int, ...]
     #: files under the root that are not inputs of the wanted kinds (e.g. a .svg among images)
     skipped: tuple[str, ...] = ()
+    #: per file, what changes when its content does (an object store's ETag, a file's mtime)
+    stamps: tuple[str, ...] = ()
 
     def relative(self, path: str) -> str:
         """The file's name relative to the input root: stable when the data moves to another bucket."""
         if self.root and path.startswith(self.root.rstrip("/") + "/"):
             return path[len(self.root.rstrip("/")) + 1 :]
         return posixpath.basename(path)
+
+    def fingerprint(self) -> str:
+        """A digest of every input file's relative name, size and change stamp: equal digests, the same
+        input as far as a listing can tell."""
+        digest = hashlib.sha256()
+        for path, size, stamp in itertools.zip_longest(self.paths, self.sizes, self.stamps, fillvalue=""):
+            digest.update(f"{self.relative(path)}\0{size}\0{stamp}\n".encode())
+        return digest.hexdigest()
+
+
+#: fsspec ``info`` fields that change with a file's content, most telling first
+_STAMP_FIELDS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated", "created")
+
+
+def change_stamp(info: dict[str, Any]) -> str:
+    """What an fsspec listing says changes when the file does ("" when it says nothing)."""
+    return next((str(info[f]) for f in _STAMP_FIELDS if info.get(f) is not None), "")
 
 
 def _is_hidden(path: str) -> bool:
@@ -223,7 +244,8 @@ def list_files(
         found = fs.find(path, detail=True, withdirs=False)
     elif fs.isfile(path):
         info = fs.info(path)
-        return Listing(fs, posixpath.dirname(path), (path,), (int(info.get("size") or 0),))
+        sizes, stamps = (int(info.get("size") or 0),), (change_stamp(info),)
+        return Listing(fs, posixpath.dirname(path), (path,), sizes, stamps=stamps)
     else:
         raise FileNotFoundError(
             f"no such file, directory or prefix: {url!r} (check the URL and storage_options)"
@@ -239,4 +261,5 @@ def list_files(
         kinds = f" ending in {', '.join(wanted)}" if wanted else ""
         raise FileNotFoundError(f"no input files{kinds} found under {url!r}")
     skipped = tuple(p for p in visible if wanted is not None and not p.lower().endswith(wanted))
-    return Listing(fs, root, tuple(paths), tuple(int(found[p].get("size") or 0) for p in paths), skipped)
+    sizes = tuple(int(found[p].get("size") or 0) for p in paths)
+    return Listing(fs, root, tuple(paths), sizes, skipped, tuple(change_stamp(found[p]) for p in paths))

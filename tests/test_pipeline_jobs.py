@@ -23,7 +23,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.graphs import actor_options
 from pipeline.job import run_job
-from pipeline.output import OutputDir
+from pipeline.output import COMPLETE_FILE, OutputDir
 from pipeline.recipe import RECIPE_FILE
 from pipeline.sources.image_files import read_images
 from pipeline.sources.prompt_files import PromptDefaults, read_prompts
@@ -108,6 +108,7 @@ def test_rerun_makes_no_duplicates_and_same_seed_same_image(ray_session, model_d
     out = tmp_path / "out"
     cfg = job(model_dir, "synthesize", tmp_path / "p.jsonl", out, "compute.gpus_per_actor=0")
     run_job(cfg)
+    (out / COMPLETE_FILE).unlink()  # as if the driver died after the last commit: the keys decide
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     again = run_job(cfg)
     assert again["this_run"]["count"] == 0 and again["total"]["count"] == 3
@@ -237,7 +238,7 @@ def test_resume_after_the_driver_is_killed(ray_session, model_dir, gate, tmp_pat
     leftovers = [
         p.name
         for p in out.iterdir()
-        if not p.name.startswith("shard-") and p.name not in ("contact_sheet.png", RECIPE_FILE)
+        if not p.name.startswith("shard-") and p.name not in ("contact_sheet.png", RECIPE_FILE, COMPLETE_FILE)
     ]
     assert not leftovers
     for tar in out.glob("*.tar"):

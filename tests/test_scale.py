@@ -22,6 +22,7 @@ from pipeline.actors import Synthesizer
 from pipeline.config import ConfigError, load_config
 from pipeline.graphs import model_actor_class
 from pipeline.job import run_job
+from pipeline.output import COMPLETE_FILE
 from pipeline.recipe import RECIPE_FILE
 from pipeline.sources.prompt_files import read_prompts
 from tests.support.faulty_s3 import FaultPlan, FaultyS3Proxy, Trigger
@@ -108,7 +109,7 @@ def assert_exactly_once(rows: list[dict], expected_keys: list[str]) -> None:
 def assert_only_committed_shards(directory: Path) -> None:
     """Nothing half-written is visible: every tar and stats file belongs to a committed shard (its
     Parquet file exists), no temporary file is left, and the stats agree with the Parquet rows."""
-    names = {p.name for p in directory.iterdir()} - {RECIPE_FILE}
+    names = {p.name for p in directory.iterdir()} - {RECIPE_FILE, COMPLETE_FILE}
     for name in names:
         assert name.startswith("shard-"), f"leftover {name}"
         shard = name.split(".")[0].removesuffix("_stats")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import uuid
 
@@ -37,6 +38,25 @@ def test_atomic_write_object_stores(kind, request):
     storage.atomic_write(fs, path, b"two")
     assert fs.cat_file(path) == b"two"
     assert fs.ls(posixpath.dirname(path), detail=False) == [path]
+
+
+def test_a_listings_fingerprint_changes_with_any_files_content(store):
+    """What a finished job's rerun compares (``_complete.json``): a file rewritten to the same size
+    (a new ETag on S3, a new mtime here), a file added or one renamed each change it."""
+    store.put("a.txt", b"one\n")
+    store.put("b.txt", b"two\n")
+    first = storage.list_files(store.root, store.options)
+    assert all(first.stamps) and first.fingerprint() == storage.list_files(store.root, store.options).fingerprint()
+    seen = {first.fingerprint()}
+    fs, path = storage.open_fs(store.url("b.txt"), store.options)
+    written = fs.info(path).get("mtime")
+    store.put("b.txt", b"TWO\n")
+    if written is not None:  # a local clock may not tick between two writes: a later mtime, as a clock gives
+        os.utime(path, (written + 5, written + 5))
+    for change in (lambda: None, lambda: store.put("c.txt", b"3\n"), lambda: fs.mv(path, path + ".old.txt")):
+        change()
+        seen.add(storage.list_files(store.root, store.options).fingerprint())
+    assert len(seen) == 4
 
 
 def test_list_files_glob_directory_single(store):
