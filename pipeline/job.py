@@ -175,8 +175,10 @@ HOW_IT_RUNS = ("compute", "ray", "output", "max_failed_fraction")
 
 def rows_from(cfg: JobConfig, listing: Listing) -> str:
     """A digest of what decides a job's rows: its input files (names, sizes, change stamps) and every
-    setting but ``HOW_IT_RUNS`` (credentials in ``storage_options`` enter only the digest)."""
+    setting but ``HOW_IT_RUNS`` and the input's ``storage_options`` (credentials rotate; the files they
+    reach are in the listing)."""
     settings = {k: v for k, v in own_sections(cfg).items() if k not in HOW_IT_RUNS}
+    settings["input"] = {k: v for k, v in settings["input"].items() if k != "storage_options"}
     text = json.dumps(settings, sort_keys=True, default=str) + listing.fingerprint()
     return hashlib.sha256(text.encode()).hexdigest()
 

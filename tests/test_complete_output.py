@@ -43,10 +43,11 @@ def test_a_finished_job_reruns_without_ray_until_its_rows_change(ray_session, tm
     assert marker["rows"] == 3 and marker["shard_count"] == first["total"]["shards"]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    with monkeypatch.context() as m:  # unchanged; how it runs and where it writes do not decide rows
+    with monkeypatch.context() as m:  # unchanged; how it runs and the credentials do not decide rows
         no_ray(m)
         caplog.set_level(logging.INFO, logger="pipeline.job")
-        again = run_job(config(tmp_path, "compute.batch_size=2", "max_failed_fraction=0.5"))
+        how = ("compute.batch_size=2", "max_failed_fraction=0.5", 'input.storage_options={"auto_mkdir": true}')
+        again = run_job(config(tmp_path, *how))
     assert again["this_run"]["count"] == 0 and again["total"] == first["total"] and again["complete"]
     assert "nothing to run" in caplog.text
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
