@@ -194,7 +194,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         logger.info(
             "%s: nothing to run: %s already holds every row of this input (%s)", cfg.job, out.url, COMPLETE_FILE
         )
-        return summarize(job, [], time.perf_counter() - t0)
+        return summarize(job, [], time.perf_counter() - t0, checked=True)
     bound_stale_resource_requests()
     connect(cfg)
     quiet_ray_data()
@@ -246,15 +246,19 @@ def decoding(cfg: JobConfig, shards: list[dict[str, Any]]) -> dict[str, Any]:
     return {**out, "codes_per_pass": round(VQConfig.from_params(params).image_tokens / passes, 2)}
 
 
-def summarize(job: CheckedJob, shards: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
-    """The job summary: this run's and the output's counts, skipped inputs, duplicates, notes."""
+def summarize(
+    job: CheckedJob, shards: list[dict[str, Any]], elapsed: float, checked: bool = False
+) -> dict[str, Any]:
+    """The job summary: this run's and the output's counts, skipped inputs, duplicates, notes.
+    ``checked``: the shards are those a completed run found free of duplicates (``_complete.json``;
+    a shard's name is a hash of its keys), so their keys are not read again."""
     cfg, out, listing = job.cfg, job.out, job.listing
     written = {f: sum(s.get(f, 0) for s in shards) for f in STAT_COUNTS}
     # writers killed mid-file (a lost node) may leave temporaries; their shards were rewritten whole
     leftovers = out.refresh().cleanup()
     if leftovers:
         logger.info("removed %d leftovers of writers that died mid-file", len(leftovers))
-    duplicates = out.duplicates()
+    duplicates = {} if checked else out.duplicates()
     total = out.totals()
     summary: dict[str, Any] = {
         "job": cfg.job,

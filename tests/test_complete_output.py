@@ -13,7 +13,7 @@ import pytest
 import pipeline.job
 from pipeline.config import load_config
 from pipeline.job import run_job
-from pipeline.output import COMPLETE_FILE
+from pipeline.output import COMPLETE_FILE, OutputDir
 from tests.support.jobs import job_overrides, output_rows
 
 STAND_IN = "compute.actor_class=tests.support.scale_actors:StandInSynthesizer"
@@ -25,12 +25,14 @@ def config(tmp_path, *extra: str):
 
 
 def no_ray(monkeypatch):
-    """A run that reaches Ray fails the test."""
+    """A run that reaches Ray, or reads the committed keys, fails the test."""
 
-    def refused(cfg):
-        raise AssertionError("this run should not have started Ray")
+    def refused(*args):
+        raise AssertionError("this run should neither start Ray nor read the committed keys")
 
     monkeypatch.setattr(pipeline.job, "connect", refused)
+    monkeypatch.setattr(OutputDir, "committed_keys", refused)
+    monkeypatch.setattr(OutputDir, "duplicates", refused)
 
 
 @pytest.mark.timeout(600)
