@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import io
 import pickle
@@ -22,10 +23,10 @@ import PIL.Image
 import pytest
 import yaml
 
-from pipeline.serve.access import ANONYMOUS, KeyRing
-from pipeline.serve.config import APISection, LimitsSection, ServeConfigError, load_keys
+from pipeline.serve.access import ANONYMOUS, Call, Door, KeyRing
+from pipeline.serve.config import APISection, Key, LimitsSection, ServeConfigError, load_keys
 from pipeline.serve.errors import APIError
-from pipeline.serve.limits import Counts, Gate, duration, rate_headers
+from pipeline.serve.limits import Admission, Counts, Gate, duration, rate_headers
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -146,6 +147,54 @@ def test_a_release_the_holder_does_not_answer_is_retried_until_it_lands():
 
     answered, again, freed = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert answered < 1.0 and again.lease is not None and Slow.calls == 3 and freed < 5
+
+
+def test_a_stream_the_client_leaves_ends_its_call_at_once():
+    """The client leaves while the server waits on a send (ASGI < 2.4: Starlette cancels the sending
+    task): the model's stream is closed and the key's lease released within a moment, not when the
+    garbage collector reaches the abandoned generator (CI saw a lease outlive 90 s)."""
+    released, closed = [], []
+
+    class Recorder:
+        async def release(self, name, admission, tokens=0):
+            released.append((name, admission.lease))
+
+    async def events():
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+                yield "data: a\n\n"
+        finally:
+            closed.append(True)
+
+    async def scenario():
+        door = Door(KeyRing([], LimitsSection()), Recorder(), max_body_bytes=1024)
+        call = Call("/v1/chat/completions", key=Key("k", b"", LimitsSection()), admission=Admission(lease=7))
+        response = door.streamed(call, events())
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+            await asyncio.sleep(0.05)  # a slow client: the disconnect lands here, outside the generator
+
+        async def receive():
+            await asyncio.sleep(0.12)
+            return {"type": "http.disconnect"}
+
+        gc.disable()  # the generator may not be rescued by a collection
+        try:
+            await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+            for _ in range(50):
+                if released:
+                    break
+                await asyncio.sleep(0.01)
+            seen = list(released), list(closed)  # before asyncio.run's exit closes what is left
+        finally:
+            gc.enable()
+        return response, sent, seen
+
+    response, sent, (released_then, closed_then) = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert len(sent) >= 2 and released_then == [("k", 7)] and closed_then == [True]
 
 
 def test_rate_limit_headers_in_openais_form():

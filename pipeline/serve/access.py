@@ -6,11 +6,10 @@ key's tokens and running requests handed back to the limits when the answer ends
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +85,23 @@ def unauthorized(message: str) -> APIError:
 Route = Callable[[Any, Call], Awaitable[Response]]
 
 
+class EndingStream(StreamingResponse):
+    """A streamed response that calls ``on_end`` once it ends, however: sent whole, failed, or
+    cancelled because the client left. (Starlette stops iterating the body on a disconnect without
+    closing it: a generator left waiting at a ``yield`` runs its ``finally`` only when the garbage
+    collector reaches it, which on an idle replica can take minutes.)"""
+
+    def __init__(self, content: AsyncIterator[str], on_end: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._on_end = on_end
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_end()
+
+
 class Door:
     def __init__(self, keys: KeyRing, gate: Gate, max_body_bytes: int):
         self.keys = keys
@@ -136,20 +152,21 @@ class Door:
         if call.key is not None:
             await self.gate.release(call.key.name, call.admission, call.tokens)
 
-    def streamed(self, call: Call, events: AsyncIterator[str]) -> StreamingResponse:
+    def streamed(self, call: Call, events: AsyncGenerator[str, None]) -> StreamingResponse:
         """A server-sent event stream whose end (or the client's leaving) ends the call."""
 
-        async def accounted() -> AsyncIterator[str]:
+        async def end() -> None:
             try:
-                async with contextlib.aclosing(events):
-                    async for item in events:
-                        yield item
-            finally:  # also when the client left: the lease ends in a task of its own
-                task = asyncio.get_running_loop().create_task(self._finish(call))
-                self._ending.add(task)  # the loop keeps only a weak reference
-                task.add_done_callback(self._ending.discard)
+                await events.aclose()  # the model's stream is cancelled now, not when collected
+            finally:
+                await self._finish(call)
 
-        return StreamingResponse(accounted(), **EVENT_STREAM)
+        def ended() -> None:  # a task of its own: the response's task may be being cancelled
+            task = asyncio.get_running_loop().create_task(end())
+            self._ending.add(task)  # the loop keeps only a weak reference
+            task.add_done_callback(self._ending.discard)
+
+        return EndingStream(events, ended, **EVENT_STREAM)
 
     # -- what the routes report ------------------------------------------------------------------
     def first_text(self, call: Call) -> None:
