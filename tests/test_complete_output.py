@@ -14,6 +14,7 @@ import pipeline.job
 from pipeline.config import load_config
 from pipeline.job import run_job
 from pipeline.output import COMPLETE_FILE, OutputDir
+from pipeline.storage import StorageError
 from tests.support.jobs import job_overrides, output_rows
 
 STAND_IN = "compute.actor_class=tests.support.scale_actors:StandInSynthesizer"
@@ -37,17 +38,26 @@ def no_ray(monkeypatch):
 
 @pytest.mark.timeout(600)
 def test_a_finished_job_reruns_without_ray_until_its_rows_change(ray_session, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.job")
     (tmp_path / "p.txt").write_text("a red circle\na blue square\nthe sea\n")
     out = tmp_path / "out"
-    first = run_job(config(tmp_path))
-    assert first["this_run"]["count"] == 3 and first["complete"]
+
+    def unwritable(*args):
+        raise StorageError("cannot write: the store said no")
+
+    with monkeypatch.context() as m:  # the marker cannot be written: the job still succeeds, and says so
+        m.setattr(OutputDir, "mark_complete", unwritable)
+        unmarked = run_job(config(tmp_path))
+    assert unmarked["this_run"]["count"] == 3 and unmarked["complete"] and not (out / COMPLETE_FILE).exists()
+    assert "not recorded as complete" in caplog.text
+    first = run_job(config(tmp_path))  # every key is committed: nothing made, the marker written
+    assert first["this_run"]["count"] == 0 and first["complete"]
     marker = json.loads((out / COMPLETE_FILE).read_text())
     assert marker["rows"] == 3 and marker["shard_count"] == first["total"]["shards"]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     with monkeypatch.context() as m:  # unchanged; how it runs and the credentials do not decide rows
         no_ray(m)
-        caplog.set_level(logging.INFO, logger="pipeline.job")
         how = ("compute.batch_size=2", "max_failed_fraction=0.5", 'input.storage_options={"auto_mkdir": true}')
         again = run_job(config(tmp_path, *how))
     assert again["this_run"]["count"] == 0 and again["total"] == first["total"] and again["complete"]
