@@ -3,11 +3,12 @@
 ``OutputDir`` lists the directory once per look and answers what a job needs from it: committed
 shards, committed keys (resume), cleanup of what a crash left behind, totals and duplicates. A rerun
 first removes uncommitted leftovers, then skips every key some committed shard already holds (failed
-rows count as done, so a rerun never writes a key twice). A job that ends with every row of its input
-committed says so in ``_complete.json`` (what decided its rows, and its shards): a rerun that finds
-both unchanged has nothing to run and starts neither Ray nor a model. Only the ``key`` column of each Parquet
+rows count as done, so a rerun never writes a key twice). Only the ``key`` column of each Parquet
 file is read, and keys are held packed (12 bytes each, ``sources.keys.packed_keys``): a resume over
-the 72M rows of the Janus-Pro paper's synthetic set needs under 2 GB on the driver.
+the 72M rows of the Janus-Pro paper's synthetic set needs under 2 GB on the driver. A job that ends
+with every row of its input committed says so in ``_complete.json`` (a digest of what decided its rows,
+and of its shards): a rerun that finds both unchanged has nothing to run, and starts neither Ray nor
+a model nor reads a key.
 """
 
 from __future__ import annotations
