@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import gc
 import hashlib
 import io
@@ -149,15 +150,19 @@ def test_a_release_the_holder_does_not_answer_is_retried_until_it_lands():
     assert answered < 1.0 and again.lease is not None and Slow.calls == 3 and freed < 5
 
 
+#: stands for Serve's request context, which a task created in the request inherits
+REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("request", default=None)
+
+
 def test_a_stream_the_client_leaves_ends_its_call_at_once():
     """The client leaves while the server waits on a send (ASGI < 2.4: Starlette cancels the sending
     task): the model's stream is closed and the key's lease released within a moment, not when the
-    garbage collector reaches the abandoned generator (CI saw a lease outlive 90 s)."""
+    garbage collector reaches the abandoned generator."""
     released, closed = [], []
 
     class Recorder:
         async def release(self, name, admission, tokens=0):
-            released.append((name, admission.lease))
+            released.append((name, admission.lease, REQUEST.get()))
 
     async def events():
         try:
@@ -168,6 +173,7 @@ def test_a_stream_the_client_leaves_ends_its_call_at_once():
             closed.append(True)
 
     async def scenario():
+        REQUEST.set("a request that Serve cancels with every call made in its context")
         door = Door(KeyRing([], LimitsSection()), Recorder(), max_body_bytes=1024)
         call = Call("/v1/chat/completions", key=Key("k", b"", LimitsSection()), admission=Admission(lease=7))
         response = door.streamed(call, events())
@@ -194,7 +200,42 @@ def test_a_stream_the_client_leaves_ends_its_call_at_once():
         return response, sent, seen
 
     response, sent, (released_then, closed_then) = asyncio.run(asyncio.wait_for(scenario(), 10))
-    assert len(sent) >= 2 and released_then == [("k", 7)] and closed_then == [True]
+    assert len(sent) >= 2 and released_then == [("k", 7, None)] and closed_then == [True]
+
+
+def test_a_request_the_client_leaves_before_its_answer_ends_its_call():
+    """Serve cancels the request of a client that left (here: mid-route); its lease is handed back
+    anyway, from outside the request's context."""
+    released = []
+
+    class Recorder:
+        async def admit(self, name, limits, images=0):
+            return Admission(lease=9)
+
+        async def release(self, name, admission, tokens=0):
+            released.append((name, admission.lease, REQUEST.get()))
+
+    class Request:
+        headers = {}
+
+    async def route(req, call):
+        await asyncio.sleep(3600)
+
+    async def scenario():
+        REQUEST.set("a request that Serve cancels with every call made in its context")
+        door = Door(KeyRing([], LimitsSection()), Recorder(), max_body_bytes=1024)
+        task = asyncio.create_task(door.handle(Request(), Call("/v1/images/generations"), None, route))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(50):
+            if released:
+                break
+            await asyncio.sleep(0.01)
+        return list(released)
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) == [(ANONYMOUS, 9, None)]
 
 
 def test_rate_limit_headers_in_openais_form():

@@ -6,6 +6,7 @@ key's tokens and running requests handed back to the limits when the answer ends
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import logging
 import time
@@ -91,7 +92,7 @@ class EndingStream(StreamingResponse):
     closing it: a generator left waiting at a ``yield`` runs its ``finally`` only when the garbage
     collector reaches it, which on an idle replica can take minutes.)"""
 
-    def __init__(self, content: AsyncIterator[str], on_end: Callable[[], None], **kwargs: Any):
+    def __init__(self, content: AsyncIterator[str], on_end: Callable[[], Any], **kwargs: Any):
         super().__init__(content, **kwargs)
         self._on_end = on_end
 
@@ -135,9 +136,12 @@ class Door:
         except Exception:
             logger.exception("unexpected error on %s", call.route)
             response = APIError(500, "internal error", code="internal_error").response()
+        except asyncio.CancelledError:  # the client left before its answer: the call still ends
+            self._end(call)
+            raise
         response.headers.update(call.admission.headers)
         if not isinstance(response, StreamingResponse):
-            await self._finish(call)
+            await asyncio.shield(self._end(call))
         self.metrics.answered(call.route, call.model, call.tags["key"], response.status_code)
         return response
 
@@ -148,25 +152,28 @@ class Door:
             self.metrics.rate_limited.inc(tags={"route": call.route, **call.tags, "limit": exc.limit})
         return exc.response()
 
-    async def _finish(self, call: Call) -> None:
-        if call.key is not None:
-            await self.gate.release(call.key.name, call.admission, call.tokens)
-
-    def streamed(self, call: Call, events: AsyncGenerator[str, None]) -> StreamingResponse:
-        """A server-sent event stream whose end (or the client's leaving) ends the call."""
+    def _end(self, call: Call, events: AsyncGenerator[str, None] | None = None) -> asyncio.Task:
+        """End ``call``: close its event stream (the model's stream is cancelled now, not when the
+        garbage collector finds it), then hand its lease and tokens back to the limits. In a task of
+        its own, in a fresh context: when a client leaves, Serve cancels its request and every call
+        made in that request's context, and that is just when the lease must still end."""
 
         async def end() -> None:
             try:
-                await events.aclose()  # the model's stream is cancelled now, not when collected
+                if events is not None:
+                    await events.aclose()
             finally:
-                await self._finish(call)
+                if call.key is not None:
+                    await self.gate.release(call.key.name, call.admission, call.tokens)
 
-        def ended() -> None:  # a task of its own: the response's task may be being cancelled
-            task = asyncio.get_running_loop().create_task(end())
-            self._ending.add(task)  # the loop keeps only a weak reference
-            task.add_done_callback(self._ending.discard)
+        task = asyncio.get_running_loop().create_task(end(), context=contextvars.Context())
+        self._ending.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self._ending.discard)
+        return task
 
-        return EndingStream(events, ended, **EVENT_STREAM)
+    def streamed(self, call: Call, events: AsyncGenerator[str, None]) -> StreamingResponse:
+        """A server-sent event stream whose end (or the client's leaving) ends the call."""
+        return EndingStream(events, lambda: self._end(call, events), **EVENT_STREAM)
 
     # -- what the routes report ------------------------------------------------------------------
     def first_text(self, call: Call) -> None:

@@ -217,9 +217,14 @@ class Gate:
         try:
             await asyncio.wait_for(_awaited(self.handle.release.remote(name, lease, tokens)), self.timeout_s)
             return True
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # this task is being cancelled: let it end
+                raise
+            failure = "CancelledError"  # Serve cancelled the call itself
         except Exception as exc:
-            logger.warning("rate limiter release for key %s failed (%s); retrying", name, type(exc).__name__)
-            return False
+            failure = type(exc).__name__
+        logger.warning("rate limiter release for key %s failed (%s); retrying", name, failure)
+        return False
 
     async def _retry_release(self, name: str, lease: int, tokens: int) -> None:
         deadline, delay = time.monotonic() + self.lease_s, 0.5
