@@ -190,11 +190,12 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     job = check_job(cfg)
     cfg, out, listing = job.cfg, job.out, job.listing
     identity = rows_from(cfg, listing)
-    if not job.new_recipe and out.complete_for(identity):
+    recorded = None if job.new_recipe else out.completed(identity)
+    if recorded is not None:
         logger.info(
             "%s: nothing to run: %s already holds every row of this input (%s)", cfg.job, out.url, COMPLETE_FILE
         )
-        return summarize(job, [], time.perf_counter() - t0, checked=True)
+        return summarize(job, [], time.perf_counter() - t0, recorded=recorded)
     bound_stale_resource_requests()
     connect(cfg)
     quiet_ray_data()
@@ -228,7 +229,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     summary = summarize(job, sink.shards, time.perf_counter() - t0)
     if summary["complete"]:  # every input row is a committed row, each once
         try:
-            out.mark_complete(identity, summary["total"]["count"])
+            out.mark_complete(identity, summary["total"])
         except (StorageError, FileNotFoundError) as exc:  # the rows are committed: only a shortcut is lost
             logger.warning("not recorded as complete (a rerun will check every key instead): %s", exc)
     return summary
@@ -250,19 +251,19 @@ def decoding(cfg: JobConfig, shards: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(
-    job: CheckedJob, shards: list[dict[str, Any]], elapsed: float, checked: bool = False
+    job: CheckedJob, shards: list[dict[str, Any]], elapsed: float, recorded: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The job summary: this run's and the output's counts, skipped inputs, duplicates, notes.
-    ``checked``: the shards are those a completed run found free of duplicates (``_complete.json``;
-    a shard's name is a hash of its keys), so their keys are not read again."""
+    ``recorded``: the totals of the completed run whose shards these are (``_complete.json``): it found
+    them free of duplicates (a shard's name is a hash of its keys), so no key or stats file is read."""
     cfg, out, listing = job.cfg, job.out, job.listing
     written = {f: sum(s.get(f, 0) for s in shards) for f in STAT_COUNTS}
     # writers killed mid-file (a lost node) may leave temporaries; their shards were rewritten whole
     leftovers = out.refresh().cleanup()
     if leftovers:
         logger.info("removed %d leftovers of writers that died mid-file", len(leftovers))
-    duplicates = {} if checked else out.duplicates()
-    total = out.totals()
+    duplicates = {} if recorded is not None else out.duplicates()
+    total = recorded if recorded is not None else out.totals()
     summary: dict[str, Any] = {
         "job": cfg.job,
         "output": out.url,

@@ -8,7 +8,7 @@ file is read, and keys are held packed (12 bytes each, ``sources.keys.packed_key
 the 72M rows of the Janus-Pro paper's synthetic set needs under 2 GB on the driver. A job that ends
 with every row of its input committed says so in ``_complete.json`` (a digest of what decided its rows,
 and of its shards): a rerun that finds both unchanged has nothing to run, and starts neither Ray nor
-a model nor reads a key.
+a model nor reads a key or a stats file.
 """
 
 from __future__ import annotations
@@ -100,30 +100,34 @@ class OutputDir:
     def _shards_digest(self) -> str:
         return hashlib.sha256("\n".join(self.committed_shards).encode()).hexdigest()
 
-    def mark_complete(self, rows_from: str, rows: int) -> None:
-        """Every row of the input that ``rows_from`` names (a digest) is committed, in these shards."""
-        marker = {"rows_from": rows_from, "shards": self._shards_digest(), "shard_count": len(self.committed_shards)}
-        data = (json.dumps({**marker, "rows": rows}, indent=1) + "\n").encode()
+    def mark_complete(self, rows_from: str, total: dict[str, Any]) -> None:
+        """Every row of the input that ``rows_from`` names (a digest) is committed, in these shards,
+        whose counts are ``total`` (``totals()``)."""
+        data = json.dumps({"rows_from": rows_from, "shards": self._shards_digest(), "total": total}, indent=1)
         with storage_step("write", self.url):
-            atomic_write(self.fs, self.path(COMPLETE_FILE), data)
+            atomic_write(self.fs, self.path(COMPLETE_FILE), (data + "\n").encode())
 
-    def complete_for(self, rows_from: str) -> bool:
-        """Whether a job whose rows come from ``rows_from`` has nothing to run here: the marker names the
-        same input and settings, and the committed shards are the ones it was written beside (a shard
-        deleted or added since: no)."""
+    def completed(self, rows_from: str) -> dict[str, Any] | None:
+        """The totals of the run that completed this output, if a job whose rows come from
+        ``rows_from`` has nothing to run here: the marker names the same input and settings, and the
+        committed shards are the ones it was written beside (a shard deleted or added since: None).
+        Their stats files are written before their commit and never after, so the totals stand."""
         if COMPLETE_FILE not in self.names:
-            return False
+            return None
         try:
             with storage_step("read the output", self.url):
                 marker = json.loads(self.fs.cat_file(self.path(COMPLETE_FILE)))
         except (ValueError, OSError) as exc:  # unreadable: the shards' keys decide, as without it
             logger.warning("ignoring %s in %s: %s", COMPLETE_FILE, self.url, exc)
-            return False
-        return (
+            return None
+        if (
             isinstance(marker, dict)
             and marker.get("rows_from") == rows_from
             and marker.get("shards") == self._shards_digest()
-        )
+            and isinstance(marker.get("total"), dict)
+        ):
+            return marker["total"]
+        return None
 
     # -- keys ----------------------------------------------------------------------------------
     def _read_keys(self, shard: str) -> pa.ChunkedArray:

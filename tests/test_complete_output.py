@@ -26,14 +26,15 @@ def config(tmp_path, *extra: str):
 
 
 def no_ray(monkeypatch):
-    """A run that reaches Ray, or reads the committed keys, fails the test."""
+    """A run that reaches Ray, or reads the committed keys or the shards' stats, fails the test."""
 
     def refused(*args):
-        raise AssertionError("this run should neither start Ray nor read the committed keys")
+        raise AssertionError("this run should neither start Ray nor read the committed keys or stats")
 
     monkeypatch.setattr(pipeline.job, "connect", refused)
     monkeypatch.setattr(OutputDir, "committed_keys", refused)
     monkeypatch.setattr(OutputDir, "duplicates", refused)
+    monkeypatch.setattr(OutputDir, "totals", refused)
 
 
 @pytest.mark.timeout(600)
@@ -53,7 +54,7 @@ def test_a_finished_job_reruns_without_ray_until_its_rows_change(ray_session, tm
     first = run_job(config(tmp_path))  # every key is committed: nothing made, the marker written
     assert first["this_run"]["count"] == 0 and first["complete"]
     marker = json.loads((out / COMPLETE_FILE).read_text())
-    assert marker["rows"] == 3 and marker["shard_count"] == first["total"]["shards"]
+    assert marker["total"] == first["total"] and first["total"]["count"] == 3
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     with monkeypatch.context() as m:  # unchanged; how it runs and the credentials do not decide rows
