@@ -96,11 +96,15 @@ def test_training_sequences_are_the_engines_prompts(tmp_path):
     # model that misses only the shape's codes loses more with w > 1, and w = 1 is the plain mean
     codes = torch.tensor([[5, 5, 7, 5], [2, 9, 9, 9]])
     assert code_weights(codes, 4.0).tolist() == [[1, 1, 4, 1], [4, 1, 1, 1]]
+    assert code_weights(codes, 1.0) is None  # the plain mean
+    # --telling-weight: the shape-telling cells weigh their own, background or not
+    telling = torch.tensor([[False, True, True, False], [False, False, False, True]])
+    assert code_weights(codes, 4.0, telling, 8.0).tolist() == [[1, 8, 8, 1], [4, 1, 1, 8]]
     logits = torch.nn.functional.one_hot(codes, 16).float() * 10
     logits[0, 2] = 0.0  # unsure only where the shape is
     plain = code_loss(logits, codes)
-    assert plain.item() == pytest.approx(code_loss(logits, codes, 1.0).item())
-    assert code_loss(logits, codes, 4.0).item() > 2 * plain.item()
+    assert plain.item() == pytest.approx(code_loss(logits, codes, None).item())
+    assert code_loss(logits, codes, code_weights(codes, 4.0)).item() > 2 * plain.item()
 
     prompt_ids, answer_ids = batches.understanding_ids(DEFAULT_QUESTION, caption(scene))
     prepared = CaptionEngine(model, processor).prepare(
@@ -294,6 +298,19 @@ def test_a_12_by_12_code_grid_trains_and_encodes_to_144_codes(tmp_path):
         assert pool.images.shape == (4, 96, 96, 3) and pool.decoded.shape == (4, 64, 64, 3)
         assert torch.equal(pool.codes, vq_codes(small, at_64)) and pool.codes.shape == (4, 256)
         assert [judge(a)["position"] for a in at_64] == [judge(b)["position"] for b in pool.images]
+        # --telling-weight's cells: where the scene drawn with another shape differs (exactly drawn
+        # scenes: the same colours, so any pixel that differs); a varied scene's are its own variation's
+        telling = pool.shape_telling()
+        assert telling.shape == (4, 256) and telling.dtype == torch.bool and bool(telling.any(dim=1).all())
+        exact_pool = Pool(small, 6, 0, exact=True)
+        for scene, cells in zip(exact_pool.scenes, exact_pool.shape_telling(), strict=True):
+            own = draw(scene, 64)
+            differs = np.zeros((64, 64), dtype=bool)
+            for shape in {"circle", "square", "triangle"} - {scene.shape}:
+                other = draw(Scene(scene.color, shape, scene.position, scene.background), 64)
+                differs |= (own != other).any(axis=-1)
+            expected = differs.reshape(16, 4, 16, 4).any(axis=(1, 3)).reshape(-1)
+            assert cells.tolist() == expected.tolist()
     finally:
         torch.set_num_threads(threads)
 

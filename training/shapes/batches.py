@@ -19,7 +19,7 @@ from janus.engine.prompts import (
     t2i_prompt_ids,
     unconditional_ids,
 )
-from janus.shapes.data import ATTRIBUTES, IMAGE_SIZE, Scene, caption, draw, random_scene
+from janus.shapes.data import ATTRIBUTES, IMAGE_SIZE, SHAPES, Scene, caption, draw, random_scene
 
 from .examples import (
     ATTRIBUTE_QUESTIONS,
@@ -47,6 +47,7 @@ class Pool:
     ):
         rng = np.random.default_rng([seed, 3])
         self.scenes = [random_scene(rng) for _ in range(n)]
+        self.seed, self.exact, self.code_size = seed, exact, image_size(vq)
         self.images = self._drawn(seed, IMAGE_SIZE, exact=False)
         size = image_size(vq)
         name = f"{seed}_{n}_{size}px{'_exact' if exact else ''}"
@@ -72,6 +73,33 @@ class Pool:
         if cache is not None:
             np.save(cache, pixels, allow_pickle=False)
         return pixels
+
+    def shape_telling(self) -> torch.Tensor:
+        """bool [N, codes]: each scene's shape-telling code cells, those whose pixels would change were
+        the shape another (each other shape drawn with the scene's own variation draws: centre, extent,
+        rotation). Drawn once, on first use, from geometry alone (a pixel is the shape's if it is not the
+        corner's colour), so no VQ pass: ~1 ms a scene."""
+        if getattr(self, "_telling", None) is None:
+            grid = int(round(self.codes.shape[1] ** 0.5))
+            cell = self.code_size // grid
+            masks = []
+            for i, scene in enumerate(self.scenes):
+                inside = [
+                    self._inside(Scene(scene.color, shape, scene.position, scene.background), i)
+                    for shape in SHAPES
+                ]
+                own = inside[SHAPES.index(scene.shape)]
+                changed = np.any([own != other for other in inside], axis=0)
+                masks.append(changed.reshape(grid, cell, grid, cell).any(axis=(1, 3)).reshape(-1))
+            self._telling = torch.from_numpy(np.stack(masks))
+        return self._telling
+
+    def _inside(self, scene: Scene, i: int) -> np.ndarray:
+        """bool [size, size]: the shape's pixels of scene ``i``'s drawing at the VQ's size (``scene`` may
+        swap its shape: the variation draws are the scene's own)."""
+        rng = None if self.exact else np.random.default_rng([self.seed, 3, i])
+        image = draw(scene, self.code_size, rng)
+        return (image != image[0, 0]).any(axis=-1)
 
     def _drawn(self, seed: int, size: int, exact: bool) -> np.ndarray:
         """Every scene at ``size`` px: each with its own variations (the same at every size), or exactly."""

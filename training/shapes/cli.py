@@ -102,6 +102,13 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
         help="loss weight of the image codes that are not the image's background code (the shape, where "
         "colour, shape and position are decided) relative to the background's; 1: plain mean",
     )
+    parser.add_argument(
+        "--telling-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of the shape-telling codes (the cells that would change were the scene's shape "
+        "another: where the shape word shows), in place of --shape-weight's; 1: --shape-weight's",
+    )
 
 
 def _understanding_options(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from .batches import Batches, Pool
 from .evaluate import evaluate
-from .losses import generation_loss, guided_generation_loss, understanding_loss
+from .losses import code_weights, generation_loss, guided_generation_loss, understanding_loss
 from .state import lr_at, resume
 
 logger = logging.getLogger("training.shapes")
@@ -53,14 +53,17 @@ def _losses(
     rng = random.Random(args.seed * 1_000_003 + step)
     gen_idx = [rng.randrange(len(batches.pool.scenes)) for _ in range(args.gen_batch)]
     und_idx = [rng.randrange(len(batches.pool.scenes)) for _ in range(args.und_batch)]
+    pool = batches.pool
+    telling = pool.shape_telling()[gen_idx] if args.telling_weight != 1.0 else None
+    weights = code_weights(pool.codes[gen_idx], args.shape_weight, telling, args.telling_weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         if args.guided_loss:
             loss_gen, loss_guided = guided_generation_loss(
-                model, *batches.generation_pairs(gen_idx), args.guided_cfg, args.shape_weight
+                model, *batches.generation_pairs(gen_idx), args.guided_cfg, weights
             )
             loss_gen = loss_gen + args.guided_loss * loss_guided
         else:
-            loss_gen = generation_loss(model, *batches.generation(gen_idx, rng), args.shape_weight)
+            loss_gen = generation_loss(model, *batches.generation(gen_idx, rng), weights)
         loss_und = understanding_loss(model, *batches.understanding(und_idx, rng, step))
     return loss_gen, loss_und
 

@@ -22,34 +22,45 @@ def generation_logits(model, ids, mask, codes) -> torch.Tensor:
     return model.gen_head(hidden[:, ids.shape[1] - 1 :]).float()
 
 
-def code_weights(codes: torch.Tensor, shape_weight: float) -> torch.Tensor:
-    """Per-code loss weights [B, codes]: 1 for an image's background code (its most frequent one),
-    ``shape_weight`` for every other code: the shape, its edges, and the first code of the shape, where
-    the image's position is decided. The background is ~88% of the codes and the easiest to predict;
-    colour, shape and position live in the rest."""
+def code_weights(
+    codes: torch.Tensor,
+    shape_weight: float = 1.0,
+    telling: torch.Tensor | None = None,
+    telling_weight: float = 1.0,
+) -> torch.Tensor | None:
+    """Per-code loss weights [B, codes], or None for a plain mean: 1 for an image's background code (its
+    most frequent one), ``shape_weight`` for every other code (the shape, its edges, and the first code
+    of the shape, where the image's position is decided), and ``telling_weight`` for the codes in
+    ``telling`` (bool [B, codes], ``Pool.shape_telling``: the cells that would change were the scene's
+    shape another). The background is ~88% of the codes and the easiest to predict; colour and position
+    show in every shape code, but the shape only in its few telling ones, so without their own weight
+    the shape word carries the least of the loss and the model learns to read it last."""
+    if shape_weight == 1.0 and (telling is None or telling_weight == 1.0):
+        return None
     background = codes.mode(dim=1).values[:, None]
-    return torch.where(codes == background, 1.0, shape_weight)
+    weights = torch.where(codes == background, 1.0, shape_weight)
+    return weights if telling is None else torch.where(telling, telling_weight, weights)
 
 
-def code_loss(logits: torch.Tensor, codes: torch.Tensor, shape_weight: float = 1.0) -> torch.Tensor:
+def code_loss(logits: torch.Tensor, codes: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of image-code logits [B, codes, V] against ``codes``, weighted by ``code_weights``."""
     flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1), reduction="none")
-    if shape_weight == 1.0:
+    if weights is None:
         return flat.mean()
-    weights = code_weights(codes, shape_weight).reshape(-1)
-    return (flat * weights).sum() / weights.sum()
+    return (flat * weights.reshape(-1)).sum() / weights.sum()
 
 
-def generation_loss(model, ids, mask, codes, shape_weight: float = 1.0) -> torch.Tensor:
+def generation_loss(model, ids, mask, codes, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher-forced next-code prediction: prompt + codes[:-1] in, codes out."""
-    return code_loss(generation_logits(model, ids, mask, codes), codes, shape_weight)
+    return code_loss(generation_logits(model, ids, mask, codes), codes, weights)
 
 
 def guided_generation_loss(
-    model, ids, mask, codes, scale: float, shape_weight: float = 1.0
+    model, ids, mask, codes, scale: float, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """On ``Batches.generation_pairs``: (next-code loss of both branches, next-code loss of the logits
-    CFG samples from at ``scale``: uncond + scale * (cond - uncond), DeepSeek's formula on raw logits).
+    CFG samples from at ``scale``: uncond + scale * (cond - uncond), DeepSeek's formula on raw logits);
+    ``weights`` are the first half's (each scene's), used for both branches.
 
     Why: with raw-logit CFG a code that both branches rate very low but the unconditional one lower
     still gets its gap multiplied by ``scale`` and can win; the 4-layer model, trained on each branch
@@ -59,7 +70,8 @@ def guided_generation_loss(
     logits = generation_logits(model, ids, mask, codes)
     n = ids.shape[0] // 2
     guided = logits[n:] + scale * (logits[:n] - logits[n:])
-    return code_loss(logits, codes, shape_weight), code_loss(guided, codes[:n], shape_weight)
+    both = None if weights is None else torch.cat([weights, weights])
+    return code_loss(logits, codes, both), code_loss(guided, codes[:n], weights)
 
 
 def understanding_loss(model, ids, mask, labels, pixels, image_pos) -> torch.Tensor:
