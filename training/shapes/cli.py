@@ -107,7 +107,8 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1.0,
         help="loss weight of the shape-telling codes (the cells that would change were the scene's shape "
-        "another: where the shape word shows), in place of --shape-weight's; 1: --shape-weight's",
+        "another: where the shape word shows), in place of --shape-weight's; 1: --shape-weight's (an "
+        "ablation that drew no better: docs/shapes_model.md)",
     )
 
 

@@ -33,8 +33,8 @@ def code_weights(
     of the shape, where the image's position is decided), and ``telling_weight`` for the codes in
     ``telling`` (bool [B, codes], ``Pool.shape_telling``: the cells that would change were the scene's
     shape another). The background is ~88% of the codes and the easiest to predict; colour and position
-    show in every shape code, but the shape only in its few telling ones, so without their own weight
-    the shape word carries the least of the loss and the model learns to read it last."""
+    show in every shape code, the shape only in its few telling ones (weighting those drew no better:
+    docs/shapes_model.md, "Ablations worth keeping")."""
     if shape_weight == 1.0 and (telling is None or telling_weight == 1.0):
         return None
     background = codes.mode(dim=1).values[:, None]
