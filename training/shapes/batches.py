@@ -47,16 +47,16 @@ class Pool:
     ):
         rng = np.random.default_rng([seed, 3])
         self.scenes = [random_scene(rng) for _ in range(n)]
-        self.seed, self.exact, self.code_size = seed, exact, image_size(vq)
-        self.images = self._drawn(seed, IMAGE_SIZE, exact=False)
-        size = image_size(vq)
-        name = f"{seed}_{n}_{size}px{'_exact' if exact else ''}"
+        self.seed, self.exact, self.grid, self.size = seed, exact, vq.config.grid, image_size(vq)
+        self._telling: torch.Tensor | None = None  # shape_telling(), drawn on first use
+        self.images = self._drawn(IMAGE_SIZE, exact=False)
+        name = f"{seed}_{n}_{self.size}px{'_exact' if exact else ''}"
         cache = work / f"pool_codes_{name}.pt" if work is not None else None
         if cache is not None and cache.exists():
             self.codes = torch.load(cache, weights_only=True)
         else:
-            same = size == IMAGE_SIZE and not exact
-            self.codes = vq_codes(vq, self.images if same else self._drawn(seed, size, exact))
+            same = self.size == IMAGE_SIZE and not exact
+            self.codes = vq_codes(vq, self.images if same else self._drawn(self.size, exact))
             if cache is not None:
                 torch.save(self.codes, cache)
         self.decoded = (
@@ -79,9 +79,8 @@ class Pool:
         the shape another (each other shape drawn with the scene's own variation draws: centre, extent,
         rotation). Drawn once, on first use, from geometry alone (a pixel is the shape's if it is not the
         corner's colour), so no VQ pass: ~1 ms a scene."""
-        if getattr(self, "_telling", None) is None:
-            grid = int(round(self.codes.shape[1] ** 0.5))
-            cell = self.code_size // grid
+        if self._telling is None:
+            grid, cell = self.grid, self.size // self.grid
             masks = []
             for i, scene in enumerate(self.scenes):
                 inside = [
@@ -97,18 +96,17 @@ class Pool:
     def _inside(self, scene: Scene, i: int) -> np.ndarray:
         """bool [size, size]: the shape's pixels of scene ``i``'s drawing at the VQ's size (``scene`` may
         swap its shape: the variation draws are the scene's own)."""
-        rng = None if self.exact else np.random.default_rng([self.seed, 3, i])
-        image = draw(scene, self.code_size, rng)
+        image = draw(scene, self.size, self._variation(i, self.exact))
         return (image != image[0, 0]).any(axis=-1)
 
-    def _drawn(self, seed: int, size: int, exact: bool) -> np.ndarray:
+    def _drawn(self, size: int, exact: bool) -> np.ndarray:
         """Every scene at ``size`` px: each with its own variations (the same at every size), or exactly."""
-        return np.stack(
-            [
-                draw(s, size, None if exact else np.random.default_rng([seed, 3, i]))
-                for i, s in enumerate(self.scenes)
-            ]
-        )
+        return np.stack([draw(s, size, self._variation(i, exact)) for i, s in enumerate(self.scenes)])
+
+    def _variation(self, i: int, exact: bool) -> np.random.Generator | None:
+        """The generator of scene ``i``'s variation draws (the same at every size and for any shape it is
+        drawn in), or None for the scene drawn exactly."""
+        return None if exact else np.random.default_rng([self.seed, 3, i])
 
 
 @dataclass
