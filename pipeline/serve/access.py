@@ -23,7 +23,7 @@ from .backend import Answer
 from .config import Key, LimitsSection, digest
 from .errors import APIError
 from .inputs import read_body
-from .limits import Admission, Gate, RateLimited
+from .limits import Admission, Background, Gate, RateLimited
 from .metrics import IngressMetrics
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Door:
         self.gate = gate
         self.max_body_bytes = max_body_bytes
         self.metrics = IngressMetrics()
-        self._ending: set[asyncio.Task] = set()
+        self._ending = Background()  # calls still ending after their response
         if keys.open:
             logger.warning("no API keys configured (api.keys): anyone who reaches this port can use the API")
 
@@ -166,10 +166,7 @@ class Door:
                 if call.key is not None:
                     await self.gate.release(call.key.name, call.admission, call.tokens)
 
-        task = asyncio.get_running_loop().create_task(end(), context=contextvars.Context())
-        self._ending.add(task)  # the loop keeps only a weak reference
-        task.add_done_callback(self._ending.discard)
-        return task
+        return self._ending.start(end(), context=contextvars.Context())
 
     def streamed(self, call: Call, events: AsyncGenerator[str, None]) -> StreamingResponse:
         """A server-sent event stream whose end (or the client's leaving) ends the call."""

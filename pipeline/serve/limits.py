@@ -11,11 +11,13 @@ so nobody passes unmetered.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import math
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +159,20 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+class Background:
+    """Tasks started to run on after their caller returns, each held until done: the event loop keeps
+    only a weak reference to a task, so one nobody holds can be collected mid-run."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def start(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context | None = None) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, context=context)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
 class Gate:
     """An ingress replica's client of ``RateLimits``; keys without limits never ask it."""
 
@@ -165,7 +181,7 @@ class Gate:
         self.timeout_s = timeout_s
         self.lease_s = lease_s
         self.retry_after_s = retry_after_s
-        self._retrying: set[asyncio.Task] = set()  # releases still being retried (the loop keeps weak refs)
+        self._retrying = Background()  # releases still being retried
 
     async def admit(self, name: str, limits: LimitsSection, images: int = 0) -> Admission:
         """A lease for one request, or 429 (a limit) / 503 (the counts did not answer: fail closed)."""
@@ -209,9 +225,7 @@ class Gate:
             return
         if await self._release_once(name, admission.lease, tokens):
             return
-        task = asyncio.get_running_loop().create_task(self._retry_release(name, admission.lease, tokens))
-        self._retrying.add(task)
-        task.add_done_callback(self._retrying.discard)
+        self._retrying.start(self._retry_release(name, admission.lease, tokens))
 
     async def _release_once(self, name: str, lease: int, tokens: int) -> bool:
         try:
