@@ -50,3 +50,46 @@ def test_the_code_grid_is_24_by_24_unless_the_config_sets_an_image_size():
     assert (shrunk.downsample, shrunk.grid, shrunk.image_tokens) == (8, 12, 144)
     with pytest.raises(ValueError, match="multiple of the VQ's downsampling"):
         VQConfig.from_params({"ch_mult": [1, 2, 2, 2], "image_size": 100})
+
+
+def test_bf16_convolution_without_bf16_units_matches_pytorchs_bf16_kernel(tiny_model, monkeypatch):
+    """On a CPU without bf16 arithmetic the VQ's convolutions widen to fp32 and round back (PyTorch's
+    emulated bf16 kernel is ~60x slower there). Forced on here, whatever this CPU has, and compared
+    with PyTorch's own bf16 convolution: at most one bf16 ulp apart, on very few elements, and whole
+    decodes agree to bf16 rounding."""
+    import copy
+
+    from janus.models import vq_model
+
+    def ulp(t: torch.Tensor) -> torch.Tensor:  # the spacing of bf16 values at |t|: 8 significant bits
+        return torch.exp2(torch.floor(torch.log2(t.abs().clamp_min(1e-30))) - 7)
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        conv = vq_model.Conv2d(32, 16, 3, padding=1).to(torch.bfloat16)
+    x = torch.randn(2, 32, 20, 20, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        monkeypatch.setattr(vq_model, "_NATIVE_BF16", False)
+        widened = conv(x)
+        monkeypatch.setattr(vq_model, "_NATIVE_BF16", True)
+        kernel = conv(x)  # nn.Conv2d.forward: PyTorch's bf16 convolution, native or emulated
+    assert widened.dtype == kernel.dtype == torch.bfloat16
+    gap = (widened.float() - kernel.float()).abs()
+    # one ulp, plus fp32 summation noise where 288 products of about one cancel to nearly zero
+    assert bool((gap <= ulp(kernel.float()) + 1e-5).all()), gap.max()
+    assert float((gap > 0).float().mean()) < 0.01
+
+    # whole decodes: the widened path is as close to the fp32 decode as PyTorch's bf16 kernel is
+    vq = tiny_model.gen_vision_model
+    codes = torch.randint(0, vq.config.codebook_size, (2 * 3 * 3,), generator=gen)
+    with torch.inference_mode():
+        exact = vq.decode_code(codes, shape=[2, 8, 3, 3])
+        vq16 = copy.deepcopy(vq).to(torch.bfloat16)
+        errors = {}
+        for native in (False, True):
+            monkeypatch.setattr(vq_model, "_NATIVE_BF16", native)
+            errors[native] = (vq16.decode_code(codes, shape=[2, 8, 3, 3]).float() - exact).abs()
+    assert exact.shape == (2, 3, 48, 48) and float(exact.std()) > 0.1
+    assert float(errors[False].mean()) <= 1.2 * float(errors[True].mean())
+    assert float(errors[False].max()) <= 1.5 * float(errors[True].max())
