@@ -18,8 +18,6 @@ history; captioning all tokens and a max-diff of half an ulp.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import PIL.Image
 import pytest
@@ -31,17 +29,13 @@ from janus.checkpoints import write_tiny_checkpoint
 from janus.engine import CaptionEngine, SynthesisEngine
 from janus.models import MultiModalityCausalLM, VLChatProcessor
 from janus.reference import reference_caption, reference_generate
+from tests.support.bf16 import bf16_ulp
 
 CFG = 5.0
 SHARPEN = 8.0
 ULPS = 4  # the logit max-diff bound, in bf16 ulps of the largest logit (measured: at most 2)
 SYNTH_AGREEMENT = 0.85  # measured 0.96-0.99; the position drift above: 0.14
 CAPTION_AGREEMENT = 0.9  # measured 1.0; the position drift above: 0.76
-
-
-def bf16_ulp(scale: float) -> float:
-    """The spacing of bf16 numbers at ``scale``: 2^-7 relative to its power of two."""
-    return torch.finfo(torch.bfloat16).eps * 2.0 ** math.floor(math.log2(scale))
 
 
 def load_sharpened(path) -> tuple[MultiModalityCausalLM, VLChatProcessor]:

@@ -60,9 +60,7 @@ def test_bf16_convolution_without_bf16_units_matches_pytorchs_bf16_kernel(tiny_m
     import copy
 
     from janus.models import vq_model
-
-    def ulp(t: torch.Tensor) -> torch.Tensor:  # the spacing of bf16 values at |t|: 8 significant bits
-        return torch.exp2(torch.floor(torch.log2(t.abs().clamp_min(1e-30))) - 7)
+    from tests.support.bf16 import bf16_ulp
 
     gen = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
@@ -77,7 +75,7 @@ def test_bf16_convolution_without_bf16_units_matches_pytorchs_bf16_kernel(tiny_m
     assert widened.dtype == kernel.dtype == torch.bfloat16
     gap = (widened.float() - kernel.float()).abs()
     # one ulp, plus fp32 summation noise where 288 products of about one cancel to nearly zero
-    assert bool((gap <= ulp(kernel.float()) + 1e-5).all()), gap.max()
+    assert bool((gap <= bf16_ulp(kernel.float()) + 1e-5).all()), gap.max()
     assert float((gap > 0).float().mean()) < 0.01
 
     # whole decodes: the widened path is as close to the fp32 decode as PyTorch's bf16 kernel is
