@@ -121,7 +121,8 @@ class ReplacesFromP(Speculator):
 
 
 def sampled(model, processor, method: str, draft_init: str, top_k: int | None, broken=None):
-    engine = SynthesisEngine(model, processor, max_batch_size=500,
+    # the codes are what is checked: images decode 500 at a time (one at a time is ~80% of the test)
+    engine = SynthesisEngine(model, processor, max_batch_size=500, vq_decode_batch_size=500,
                              speculative={"method": method, "window": 3, "draft_init": draft_init})
     if broken is not None:
         engine.speculator = broken(engine.speculative, V, GRID, engine.device)
@@ -157,7 +158,7 @@ def test_speculative_codes_follow_the_exact_distribution(oracle_model, method, d
 def test_plain_codes_follow_the_exact_distribution(oracle_model):
     """The same bound holds for plain decoding (the oracle is the plain sampler's law too)."""
     model, processor = oracle_model
-    engine = SynthesisEngine(model, processor, max_batch_size=500)
+    engine = SynthesisEngine(model, processor, max_batch_size=500, vq_decode_batch_size=500)
     results = engine.generate([{"prompt": PROMPT, "seed": s, "cfg_weight": CFG} for s in range(SEEDS)])
     samples = np.stack([r.tokens[:CODES] for r in results])
     assert chi_square(samples, exact_joint(model, processor, 1.0, None)) < CHI2_BOUND
