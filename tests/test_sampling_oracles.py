@@ -115,6 +115,22 @@ def test_kept_set_and_renormalised_probabilities_equal_transformers_warpers():
     assert kept[4] == kept[5] == 1 and kept[1] == 5 and kept[0] == vocab > kept[6]  # rows really differ
 
 
+def test_rows_without_top_k_do_not_make_a_batch_sort_the_vocabulary(monkeypatch):
+    """A batch that mixes rows with and without top-k takes the top-k of the largest k asked for, not
+    of the whole vocabulary (16384 image codes for Janus: a full sort at every step)."""
+    asked = []
+    topk = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda x, k, *a, **kw: asked.append(k) or topk(x, k, *a, **kw))
+    vocab = 64
+    logits = torch.randn(len(ROWS), vocab, generator=torch.Generator().manual_seed(4))
+    params = SamplingParams.build([r[0] for r in ROWS[:4]], [r[1] for r in ROWS[:4]], [None] * 4, CPU)
+    probabilities(logits[:4], params)
+    assert asked == [10]
+    params = SamplingParams.build([1.0] * 3, [None, 500, 3], [None] * 3, CPU)  # above the vocabulary
+    probabilities(logits[:3], params)
+    assert asked[-1] == vocab
+
+
 def test_filtered_draws_follow_transformers_distribution():
     logits, temperature, top_k, top_p = fixed_logits(vocab=40, seed=2), 0.9, 8, 0.85
     tokens = draw(logits, DRAWS, temperature, top_k, top_p)

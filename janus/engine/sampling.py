@@ -34,6 +34,9 @@ class SamplingParams:
     use_top_p: bool
     any_greedy: bool = False  # Python flags, known when the batch is built: a step skips the work
     all_greedy: bool = False  # that no row needs (argmax when none is greedy, the CDF when all are)
+    #: the largest top-k of the rows that use one: the only top-k a step computes (rows without one
+    #: in the same batch must not make it a full sort of the vocabulary)
+    max_top_k: int = 0
 
     @classmethod
     def build(cls, temperature, top_k, top_p, device: torch.device) -> SamplingParams:
@@ -48,6 +51,7 @@ class SamplingParams:
             use_top_p=any(v < 1.0 for v in p),
             any_greedy=any(greedy),
             all_greedy=bool(greedy) and all(greedy),
+            max_top_k=max(k, default=0),
         )
 
 
@@ -61,9 +65,10 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     greedy = params.temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(params.temperature), params.temperature)[:, None]
     if params.use_top_k:
-        k = torch.where(params.top_k > 0, params.top_k, torch.full_like(params.top_k, logits.shape[-1]))
-        k = k.clamp(max=logits.shape[-1])
-        kth = torch.topk(scaled, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+        k_max = min(params.max_top_k, logits.shape[-1])
+        k = params.top_k.clamp(min=1, max=k_max)
+        kth = torch.topk(scaled, k_max, dim=-1).values.gather(1, (k - 1)[:, None])
+        kth = kth.masked_fill((params.top_k <= 0)[:, None], float("-inf"))  # top-k off: nothing cut
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     if params.use_top_p:
