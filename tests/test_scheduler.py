@@ -11,6 +11,7 @@ import torch
 from janus.engine import CaptionEngine, SynthesisEngine
 from janus.engine.common import CANCELLED, INVALID_REQUEST, OUT_OF_MEMORY
 from janus.engine.scheduler import BackgroundScheduler, Scheduler
+from tests.support.checkpoints import grid_10_model
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -274,17 +275,8 @@ def test_the_cache_is_sized_by_memory(synth, monkeypatch):
 def test_a_model_with_a_smaller_code_grid_makes_its_own_number_of_codes(tmp_path):
     """A shrunk VQ may set its generated image's size (gen_vision_config ``image_size``): the engine and
     the scheduler then make grid x grid codes, not Janus' 576, and the same ones."""
-    import json
-
-    from janus.checkpoints import write_tiny_checkpoint
-    from janus.models import MultiModalityCausalLM, VLChatProcessor
-
-    path = write_tiny_checkpoint(tmp_path / "m", seed=3, vq_ch_mult=(1, 2))  # 2 px per code
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["gen_vision_config"]["params"]["image_size"] = 20  # a 10 x 10 grid
-    (path / "config.json").write_text(json.dumps(cfg))
-    model = MultiModalityCausalLM.from_pretrained(path, dtype=torch.float32)
-    engine = SynthesisEngine(model, VLChatProcessor.from_pretrained(path), max_batch_size=2)
+    model, processor = grid_10_model(tmp_path / "m")
+    engine = SynthesisEngine(model, processor, max_batch_size=2)
     assert (engine.grid, engine.image_tokens, engine.image_size) == (10, 100, 20)
     alone = engine.generate(SYNTH[:2])
     assert all(r.ok and r.tokens.shape == (100,) and r.image.shape == (20, 20, 3) for r in alone)

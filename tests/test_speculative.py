@@ -23,6 +23,7 @@ from janus.engine import SynthesisEngine
 from janus.engine.prompts import t2i_prompt_ids, unconditional_ids
 from janus.engine.scheduler import Scheduler
 from janus.engine.speculative import SpeculativeOptions, Speculator
+from tests.support.checkpoints import grid_10_model
 from tests.support.shapes import shapes_vq
 from tests.test_scheduler import SYNTH
 
@@ -172,16 +173,7 @@ REQUESTS = SYNTH  # the scheduler tests' requests: each its own seed and setting
 @pytest.fixture(scope="module")
 def grid_model(tmp_path_factory):
     """A tiny model with a 10 x 10 code grid: 100 codes per image keep these tests quick."""
-    import json
-
-    from janus.checkpoints import write_tiny_checkpoint
-    from janus.models import MultiModalityCausalLM, VLChatProcessor
-
-    path = write_tiny_checkpoint(tmp_path_factory.mktemp("grid") / "m", seed=3, vq_ch_mult=(1, 2))
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["gen_vision_config"]["params"]["image_size"] = 20
-    (path / "config.json").write_text(json.dumps(cfg))
-    return MultiModalityCausalLM.from_pretrained(path, dtype=torch.float32), VLChatProcessor.from_pretrained(path)
+    return grid_10_model(tmp_path_factory.mktemp("grid") / "m")
 
 
 @pytest.mark.parametrize("method", ["jacobi", "coupled"])
