@@ -58,3 +58,32 @@ def test_one_sample_per_prompt_tiles_a_square(tmp_path):
     sheet = np.asarray(PIL.Image.open(write_contact_sheet(OutputDir(str(tmp_path)), 4)))
     assert sheet.shape[:2] == (2 * (THUMB + CAPTION_LINES * LINE + 6), 2 * THUMB)
     assert write_contact_sheet(OutputDir(str(tmp_path / "empty")), 4) is None
+
+
+def test_a_sheet_is_redrawn_only_when_what_it_shows_changed(tmp_path):
+    """A rerun that committed nothing (a finished job's "nothing to run") keeps the sheet; another N or
+    a new first shard redraws it, and so does a new shard when the sheet had room for more images."""
+    _shard(tmp_path, "shard-b", [("prompt 1", 0, 1), ("prompt 2", 0, 2)])
+    sheet = tmp_path / "contact_sheet.png"
+
+    def draw(n: int) -> int:
+        """Draws (or keeps) a sheet of ``n``; its file's identity (a kept file is the same file)."""
+        assert write_contact_sheet(OutputDir(str(tmp_path)), n) == f"{tmp_path}/contact_sheet.png"
+        return sheet.stat().st_ino, sheet.stat().st_mtime_ns
+
+    first = draw(2)
+    assert draw(2) == first  # nothing changed: kept
+    assert draw(1) != first  # another N
+    one = draw(1)
+    _shard(tmp_path, "shard-c", [("prompt 3", 0, 3)])  # after the shard the sheet of 1 came from
+    assert draw(1) == one
+    _shard(tmp_path, "shard-a", [("prompt 4", 0, 4)])  # a new first shard
+    assert draw(1) != one
+    three = draw(3)  # from shards a and b
+    _shard(tmp_path, "shard-d", [("prompt 5", 0, 5)])
+    assert draw(3) == three  # the first three images are still those of shards a and b
+    all_five = draw(8)  # 5 images in all, fewer than 8: every shard read
+    assert draw(8) == all_five
+    _shard(tmp_path, "shard-e", [("prompt 6", 0, 6)])  # one more image to show
+    assert draw(8) != all_five
+    assert len(PIL.Image.open(sheet).getcolors(1 << 20)) > 2  # a real picture, not a stub

@@ -109,9 +109,13 @@ def test_rerun_makes_no_duplicates_and_same_seed_same_image(ray_session, model_d
     cfg = job(model_dir, "synthesize", tmp_path / "p.jsonl", out, "compute.gpus_per_actor=0")
     run_job(cfg)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    sheet = (out / "contact_sheet.png").stat()
     again = run_job(cfg)
     assert again["this_run"]["count"] == 0 and again["total"]["count"] == 3
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
+    kept = (out / "contact_sheet.png").stat()  # not drawn again: it shows what it showed
+    assert (kept.st_ino, kept.st_mtime_ns) == (sheet.st_ino, sheet.st_mtime_ns)
+    assert again["contact_sheet"] == str(out / "contact_sheet.png")
     # a second output with the same rows gives the same shards and byte-identical images
     other = tmp_path / "other"
     run_job(job(model_dir, "synthesize", tmp_path / "p.jsonl", other, "compute.gpus_per_actor=0"))
