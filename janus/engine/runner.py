@@ -104,13 +104,7 @@ class Runner:
         expand = lambda t: t.repeat_interleave(w, dim=0)  # noqa: E731  (per request -> per position)
         p = settings.params
         per_position = SamplingParams(
-            expand(p.temperature),
-            expand(p.top_k),
-            expand(p.top_p),
-            p.use_top_k,
-            p.use_top_p,
-            p.any_greedy,
-            max_top_k=p.max_top_k,
+            expand(p.temperature), expand(p.top_k), expand(p.top_p), p.max_top_k, p.use_top_p, p.any_greedy
         )
         probs = probabilities(flat, per_position)
         probs = probs / probs.sum(-1, keepdim=True)

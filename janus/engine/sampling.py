@@ -30,13 +30,16 @@ class SamplingParams:
     temperature: torch.Tensor  # [B] float32, <= 0 means greedy
     top_k: torch.Tensor  # [B] long, 0 means off
     top_p: torch.Tensor  # [B] float32, 1.0 means off
-    use_top_k: bool
+    #: the largest top-k asked for (0: no row uses one): the only top-k a step computes, so that rows
+    #: without one in the same batch do not make it a full sort of the vocabulary
+    max_top_k: int
     use_top_p: bool
     any_greedy: bool = False  # Python flags, known when the batch is built: a step skips the work
     all_greedy: bool = False  # that no row needs (argmax when none is greedy, the CDF when all are)
-    #: the largest top-k of the rows that use one: the only top-k a step computes (rows without one
-    #: in the same batch must not make it a full sort of the vocabulary)
-    max_top_k: int = 0
+
+    @property
+    def use_top_k(self) -> bool:
+        return self.max_top_k > 0
 
     @classmethod
     def build(cls, temperature, top_k, top_p, device: torch.device) -> SamplingParams:
@@ -47,11 +50,10 @@ class SamplingParams:
             temperature=torch.tensor([float(t) for t in temperature], dtype=torch.float32, device=device),
             top_k=torch.tensor(k, dtype=torch.long, device=device),
             top_p=torch.tensor(p, dtype=torch.float32, device=device),
-            use_top_k=any(v > 0 for v in k),
+            max_top_k=max(k, default=0),
             use_top_p=any(v < 1.0 for v in p),
             any_greedy=any(greedy),
             all_greedy=bool(greedy) and all(greedy),
-            max_top_k=max(k, default=0),
         )
 
 
