@@ -66,7 +66,7 @@ def test_a_sheet_is_redrawn_only_when_what_it_shows_changed(tmp_path):
     _shard(tmp_path, "shard-b", [("prompt 1", 0, 1), ("prompt 2", 0, 2)])
     sheet = tmp_path / "contact_sheet.png"
 
-    def draw(n: int) -> int:
+    def draw(n: int) -> tuple[int, int]:
         """Draws (or keeps) a sheet of ``n``; its file's identity (a kept file is the same file)."""
         assert write_contact_sheet(OutputDir(str(tmp_path)), n) == f"{tmp_path}/contact_sheet.png"
         return sheet.stat().st_ino, sheet.stat().st_mtime_ns
