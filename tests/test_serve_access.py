@@ -369,7 +369,13 @@ def keyed(serve_port, tmp_path_factory):
     from tests.support.fake_model import FakeModel
 
     small = {"ray_actor_options": {"num_cpus": 0.05}}
-    settings = {"keys": {"file": str(key_file(tmp_path_factory.mktemp("keys")))}, "deployment": small}
+    settings = {
+        "keys": {"file": str(key_file(tmp_path_factory.mktemp("keys")))},
+        "deployment": small,
+        # a cold replica's first call to the counts holder can take seconds on a loaded 2-core machine;
+        # these tests count requests, and the fail-closed timeout has its own test above
+        "limits_timeout_s": 30,
+    }
     keys = load_keys(APISection.model_validate(settings), environ={})
     synth = FakeModel.options(name="FakeSynthesis", **small).bind("synthesis")
     caption = FakeModel.options(name="FakeCaption", **small).bind("caption")
