@@ -69,11 +69,12 @@ def tiny_processor(tiny_dir):
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> str:
-    """The jobs' and the server's checkpoint: a 2-level VQ (48 px images) is fast, and neither the
-    pipeline nor the API cares about the image size."""
-    from janus.checkpoints import write_tiny_checkpoint
+    """The jobs' and the server's checkpoint: 144 codes per image (24 px) instead of the official 576
+    make each image ~5x cheaper, and neither the pipeline nor the API cares about the image size (the
+    engine and scheduler tests decode the official 24 x 24 grid)."""
+    from tests.support.checkpoints import JOB_GRID, write_grid_checkpoint
 
-    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("jobs") / "tiny", seed=5, vq_ch_mult=(1, 2)))
+    return str(write_grid_checkpoint(tmp_path_factory.mktemp("jobs") / "tiny", JOB_GRID, seed=5))
 
 
 @pytest.fixture(scope="session")

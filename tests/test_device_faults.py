@@ -18,6 +18,7 @@ from janus.engine.health import fatal_device_error
 from pipeline.config import load_config
 from pipeline.job import run_job
 from pipeline.sources.prompt_files import read_prompts
+from tests.support.checkpoints import JOB_IMAGE_PX
 from tests.support.jobs import job_overrides, output_rows
 from tests.support.scale_actors import BREAK, ILLEGAL_ACCESS
 
@@ -181,7 +182,7 @@ def test_a_serve_replica_whose_device_broke_answers_503_and_is_replaced(serve_po
     handle = serve.get_deployment_handle("BreakingSynthesizer", app_name="broken")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{serve_port}/broken", timeout=300) as client:
-            body = {"prompt": "a red circle", "size": "48x48", "seed": 1}
+            body = {"prompt": "a red circle", "size": f"{JOB_IMAGE_PX}x{JOB_IMAGE_PX}", "seed": 1}
             assert client.post("/v1/images/generations", json=body).status_code == 200
             before = handle.stats.remote().result()["replica"]
             r = client.post("/v1/images/generations", json={**body, "prompt": f"a red circle {BREAK}"})

@@ -28,6 +28,7 @@ from pipeline.recipe import RECIPE_FILE
 from pipeline.sources.image_files import read_images
 from pipeline.sources.prompt_files import PromptDefaults, read_prompts
 from tests.support import REPO
+from tests.support.checkpoints import JOB_IMAGE_PX
 from tests.support.inputs import encode
 from tests.support.jobs import (
     committed_shards,
@@ -96,7 +97,7 @@ def test_synthesis_job_on_fake_gpus_with_bad_prompts(ray_session, model_dir, tmp
     tars = sorted(str(p) for p in out.glob("*.tar"))
     samples = list(wds.WebDataset(tars, shardshuffle=False).decode("rgb8"))
     assert sorted(s["__key__"] for s in samples) == sorted(r["key"] for r in by_status["ok"])
-    assert samples[0]["png"].shape == (48, 48, 3)
+    assert samples[0]["png"].shape == (JOB_IMAGE_PX, JOB_IMAGE_PX, 3)
 
 
 @pytest.mark.slow

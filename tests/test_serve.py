@@ -28,12 +28,13 @@ from pipeline.serve.app import build_app
 from pipeline.serve.backend import Backend, readiness
 from pipeline.serve.config import APISection, ServeConfigError, check_serve_config, parse_args
 from tests.support import REPO
+from tests.support.checkpoints import JOB_IMAGE_PX
 
 # the server fixture starts two apps and four model replicas: minutes on a busy 2-core machine
 pytestmark = pytest.mark.timeout(1200)
 
 MODEL = "janus-test"
-SIZE = 48  # vq_ch_mult=(1, 2): 24 * 2 px
+SIZE = JOB_IMAGE_PX  # model_dir's images
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
 ONE_REPLICA = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}  # per-replica stats
 
