@@ -88,6 +88,25 @@ def test_every_block_runs_or_says_why_not():
         assert any(phrase in b.code for b in blocks), f"skip-list entry {phrase!r} matches no README block"
 
 
+def on_screen(lines: list[str]) -> list[str]:
+    """A job's log as the one-screen rule counts it: each dataset's first progress report, not the ones
+    Ray Data repeats every ``pipeline.console.PROGRESS_EVERY_S`` while it runs (a busier machine logs
+    more of them)."""
+    kept: list[str] = []
+    seen: set[str] = set()
+    repeat = False
+    for line in lines:
+        header = re.search(r"logging_progress\.py.*Running Dataset: (\S+)", line)
+        if header:
+            repeat = header.group(1) in seen
+            seen.add(header.group(1))
+        elif "logging_progress.py" not in line:
+            repeat = False
+        if not repeat:
+            kept.append(line)
+    return kept
+
+
 def job_logs(make_output: str) -> list[list[str]]:
     """``make demo``'s output cut at the commands make echoes: one list of lines per job."""
     logs: list[list[str]] = []
@@ -127,7 +146,7 @@ def test_every_readme_block_runs_as_written(tmp_path, monkeypatch):
     logs = job_logs(demo)
     assert len(logs) == 2, demo  # make demo: a synthesis and a caption job
     for lines in logs:
-        assert len(lines) <= SCREEN_LINES, "\n".join(lines)
+        assert len(on_screen(lines)) <= SCREEN_LINES, "\n".join(lines)
         assert not [line for line in lines if any(n in line for n in NOT_FOR_USERS)], "\n".join(lines)
     # the quick start's first command after make demo: that job finished, so it ends at once
     [quick] = [log for b, log in ran if b.lang in SHELL and "demo_prompts.txt -> out/synthesis" in b.code]
