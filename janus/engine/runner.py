@@ -14,7 +14,7 @@ synthesis) every request's unconditional row: hidden states [R * n, ..., D] for 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -103,9 +103,7 @@ class Runner:
         flat = logits.reshape(n * w, v)
         expand = lambda t: t.repeat_interleave(w, dim=0)  # noqa: E731  (per request -> per position)
         p = settings.params
-        per_position = SamplingParams(
-            expand(p.temperature), expand(p.top_k), expand(p.top_p), p.max_top_k, p.use_top_p, p.any_greedy
-        )
+        per_position = replace(p, temperature=expand(p.temperature), top_k=expand(p.top_k), top_p=expand(p.top_p))
         probs = probabilities(flat, per_position)
         probs = probs / probs.sum(-1, keepdim=True)
         if p.any_greedy:
