@@ -76,7 +76,6 @@ def engine_along(engine, monkeypatch, prompt: str, history: list[int]) -> torch.
     return torch.stack(seen)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_bf16_synthesis_stays_within_rounding_of_the_reference_loop(tmp_path, monkeypatch):
     model, processor = load_sharpened(write_tiny_checkpoint(tmp_path / "m", seed=7, vq_ch_mult=(1, 2)))

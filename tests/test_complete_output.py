@@ -37,6 +37,7 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(OutputDir, "totals", refused)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_finished_job_reruns_without_ray_until_its_rows_change(ray_session, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="pipeline.job")

@@ -51,6 +51,7 @@ def run_snippet(first_line: str, demo: Path) -> dict:
     return namespace
 
 
+@pytest.mark.slow
 def test_webdataset_gives_image_text_and_recipe_per_sample(demo):
     ns = run_snippet("# webdataset", demo)
     rows = {r["key"]: r for r in output_rows(str(demo / "out" / "synthesis"))}
@@ -66,6 +67,7 @@ def test_webdataset_gives_image_text_and_recipe_per_sample(demo):
         assert caption == captions[row["key"]]["caption"] and image.size == (SIDE, SIDE)
 
 
+@pytest.mark.slow
 def test_captions_join_their_source_samples_and_keep_their_bytes(demo):
     ns = run_snippet("# pyarrow and DuckDB", demo)
     assert ns["synthesis"].num_rows == 16 and len(ns["joined"]) == 16
@@ -85,6 +87,7 @@ def _member(folder: Path, row: dict) -> bytes:
         return tar.extractfile(row["member"]).read()
 
 
+@pytest.mark.slow
 def test_the_stored_caption_is_the_model_text_stripped(demo):
     """The shapes model's captions start with a space (the tokenizer's word boundary); stored, not."""
     from janus.engine import CaptionEngine
@@ -97,6 +100,7 @@ def test_the_stored_caption_is_the_model_text_stripped(demo):
     assert raw.text.startswith(" ") and raw.text.strip() == row["caption"]
 
 
+@pytest.mark.slow
 def test_ray_data_reads_the_tars(demo):
     ns = run_snippet("# Ray Data", demo)
     assert len(ns["samples"]) == len(ns["captioned"]) == 16
@@ -106,11 +110,13 @@ def test_ray_data_reads_the_tars(demo):
     assert {s["json"]["key"]: s["txt"] for s in ns["captioned"]} == captions
 
 
+@pytest.mark.slow
 def test_the_recipe_alone_makes_the_same_image(demo):
     ns = run_snippet("# regenerate", demo)  # it asserts that the PNG bytes are equal
     assert json.loads((demo / "out" / "synthesis" / RECIPE_FILE).read_text())["model.weights"] == ns["row"]["weights"]
 
 
+@pytest.mark.slow
 def test_dedup_on_the_demo_and_the_kept_set(demo, capsys):
     from jobs.cli import main as cli_main
 

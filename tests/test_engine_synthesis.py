@@ -39,7 +39,6 @@ def tokens_of(results):
     return [r.tokens.tolist() for r in results]
 
 
-@pytest.mark.slow
 def test_a_request_gives_the_same_tokens_alone_and_in_a_mixed_batch(small):
     model, processor = small
     engine = SynthesisEngine(model, processor, max_batch_size=8)
@@ -57,7 +56,6 @@ def test_a_request_gives_the_same_tokens_alone_and_in_a_mixed_batch(small):
     assert tokens_of(engine.generate([batch[0], target, batch[2]]))[1] == alone
 
 
-@pytest.mark.slow
 def test_seed_and_settings_change_the_image(small):
     model, processor = small
     engine = SynthesisEngine(model, processor)
@@ -71,7 +69,6 @@ def test_seed_and_settings_change_the_image(small):
     assert {"prefill_s", "decode_s", "vq_decode_s", "total_s"} <= set(r.timings)
 
 
-@pytest.mark.slow
 def test_greedy_equals_the_reference_loop(small):
     from janus.reference import reference_generate
 
@@ -94,7 +91,6 @@ def test_greedy_equals_the_reference_loop(small):
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
-@pytest.mark.slow
 def test_cfg_mixed_before_the_head_matches_the_head_then_mix(small):
     """The default moves the CFG mix in front of gen_head's last Linear: the logits agree with
     head-then-mix (DeepSeek's order) to float rounding, and sampled tokens are the same."""
@@ -116,7 +112,6 @@ def test_cfg_mixed_before_the_head_matches_the_head_then_mix(small):
     assert tokens_of(fused.generate(requests)) == tokens_of(plain.generate(requests))
 
 
-@pytest.mark.slow
 def test_greedy_batch_of_one_prompt_equals_the_reference_parallel_size_loop(small):
     """DeepSeek's example makes ``parallel_size`` images of ONE prompt in one batch (cond/uncond rows
     interleaved, one cfg weight). Greedy, that is comparable row for row with our batch of the same
@@ -144,7 +139,6 @@ def test_greedy_batch_of_one_prompt_equals_the_reference_parallel_size_loop(smal
         assert (got.image == expected).all()
 
 
-@pytest.mark.slow
 def test_greedy_equals_transformers_janus_generate(hf_pair):
     hf, ours, processor = hf_pair
     engine = SynthesisEngine(ours, processor, max_batch_size=2)
@@ -213,7 +207,6 @@ def test_requests_that_cannot_fit_fail_before_allocating(small, monkeypatch):
     assert "free memory" in results[0].error
 
 
-@pytest.mark.slow
 def test_batches_are_split_to_fit_the_memory_budget(small, monkeypatch):
     model, processor = small
     engine = SynthesisEngine(model, processor, max_batch_size=8, vq_decode_batch_size=1)
@@ -255,7 +248,6 @@ def test_compiled_prompt_bucketing_keeps_tokens(small, monkeypatch):
     assert tokens_of(bucketed.generate(request)) == tokens_of(eager.generate(request))
 
 
-@pytest.mark.slow
 def test_the_compiled_decode_step_gives_the_eager_tokens(small):
     """compile=True really compiles the decode step (fullgraph: the cache writes, the masked attention
     over the whole static cache, the CFG head and sampling in one graph) and, greedy, makes the eager

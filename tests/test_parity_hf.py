@@ -99,7 +99,6 @@ def test_generation_head_and_embeddings(hf_pair):
     assert max_diff(ours.prepare_gen_img_embeds(ids), hf.prepare_embeddings_for_image_generation(ids)) <= TOL
 
 
-@pytest.mark.slow
 @torch.inference_mode()
 def test_vq_decode_code_pixels(hf_pair):
     hf, ours, _ = hf_pair
@@ -110,7 +109,6 @@ def test_vq_decode_code_pixels(hf_pair):
     assert max_diff(mine, theirs) <= TOL
 
 
-@pytest.mark.slow
 @torch.inference_mode()
 def test_vq_encoder_features_and_own_round_trip(hf_pair):
     hf, ours, _ = hf_pair

@@ -249,7 +249,6 @@ def test_resume_after_the_driver_is_killed(ray_session, model_dir, gate, tmp_pat
         assert (out / tar.name.replace(".tar", ".parquet")).exists()
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_killed_actor_is_replaced_and_every_row_lands_once(ray_session, model_dir, gate, tmp_path):
     keys = write_prompts(tmp_path / "p.txt", 32)

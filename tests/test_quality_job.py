@@ -40,6 +40,7 @@ def tar_members(out: Path) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quality_settings_through_a_job(ray_session, model_dir, tmp_path):
     keys = write_prompts(tmp_path / "p.txt", 12)

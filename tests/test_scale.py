@@ -289,6 +289,7 @@ FLAKY = FaultPlan(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_flaky_object_storage_loses_and_duplicates_nothing(
     ray_session, model_dir, s3_endpoint, s3_options, tmp_path

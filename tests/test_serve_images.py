@@ -329,6 +329,7 @@ def total(samples: dict, name: str, **labels: str) -> float:
     return sum(v for got, v in samples.get(name, []) if all(got.get(k) == w for k, w in labels.items()))
 
 
+@pytest.mark.slow
 def test_metrics_with_the_right_counts_and_the_dashboard_plots_only_them(shapes_app, ray_session, tmp_path):
     """Real requests through a keyed, limited ingress and a batch actor's rows, then Ray's export: each
     of our metrics with the counts those requests make, labelled by route, model and key; and every

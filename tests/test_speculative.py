@@ -138,9 +138,9 @@ def sampled(model, processor, method: str, draft_init: str, top_k: int | None, b
     ("method", "draft_init", "top_k", "broken_rules"),
     [
         ("jacobi", "random", None, (AcceptsTheArgmax, ReplacesFromP)),
-        ("coupled", "left", None, (AcceptsTheArgmax, ReplacesFromP)),
+        pytest.param("coupled", "left", None, (AcceptsTheArgmax, ReplacesFromP), marks=pytest.mark.slow),
         # with top-k 2 of 4 codes p and max(0, p - q) differ too little for ReplacesFromP to show
-        ("coupled", "random", 2, (AcceptsTheArgmax,)),
+        pytest.param("coupled", "random", 2, (AcceptsTheArgmax,), marks=pytest.mark.slow),
     ],
 )
 def test_speculative_codes_follow_the_exact_distribution(oracle_model, method, draft_init, top_k, broken_rules):
@@ -267,6 +267,7 @@ def test_the_job_and_serve_configs_take_the_engines_options():
 # -- in the jobs and in Serve -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_job_and_serve_decode_speculatively_and_say_so(ray_session, serve_port, tmp_path):
     """``engine.speculative`` through a Ray Data job (each row's decode_method and decode_passes, the
