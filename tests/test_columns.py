@@ -1,5 +1,6 @@
 """The column declarations (``pipeline.columns``) against everything that names columns: the readers'
-rows, the real model actors' output, Serve's quality fields and the README's column lists."""
+rows, the real model actors' output, Serve's quality fields, the README's column lists and the tables of
+docs/datasets.md."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from pipeline.columns import INPUT, KINDS, OutputColumns
+from pipeline.columns import INPUT, KINDS, OutputColumns, markdown_table
 from pipeline.sources.image_files import IMAGE_SCHEMA
 from pipeline.sources.prompt_files import PROMPT_SCHEMA
 from tests.support import REPO
@@ -106,3 +107,11 @@ def test_the_readme_lists_the_declared_columns():
         assert match, f"README has no '- {kind} columns:' list"
         listed = re.findall(r"`([a-z_<>]+)`", match.group(1))
         assert listed == OutputColumns(kind).schema.names + extra, kind
+
+
+def test_the_datasets_doc_tables_are_the_declarations():
+    doc = REPO / "docs" / "datasets.md"
+    text = doc.read_text()
+    for kind, title in (("synthesis", "### Synthesis"), ("caption", "### Caption")):
+        table = text.split(title, 1)[1].strip().split("\n\n")[0]
+        assert table == markdown_table(kind), f"{doc.name} {title}: run pipeline.columns.markdown_table"

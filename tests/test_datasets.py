@@ -1,6 +1,7 @@
 """The demo's output as a trainer loads it: every snippet of docs/datasets.md runs on it (webdataset,
 pyarrow and DuckDB, Ray Data's read_webdataset, a sample made again from its recipe alone, dedup), and
-the caption job's tars and keys hold what they say."""
+the caption job's tars and keys hold what they say. Every test here reads the demo jobs' output
+(``demo``, ~1 minute of jobs on a 2-core machine): the slow tier."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.columns import markdown_table
 from pipeline.config import load_config
 from pipeline.images import decode_image
 from pipeline.job import run_job
@@ -24,6 +24,8 @@ from tests.support.shapes import shapes_vq
 DOC = REPO / "docs" / "datasets.md"
 #: the side of the demo's images: the shipped shapes checkpoint's
 SIDE = shapes_vq().image_size
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,6 @@ def run_snippet(first_line: str, demo: Path) -> dict:
     return namespace
 
 
-@pytest.mark.slow
 def test_webdataset_gives_image_text_and_recipe_per_sample(demo):
     ns = run_snippet("# webdataset", demo)
     rows = {r["key"]: r for r in output_rows(str(demo / "out" / "synthesis"))}
@@ -67,7 +68,6 @@ def test_webdataset_gives_image_text_and_recipe_per_sample(demo):
         assert caption == captions[row["key"]]["caption"] and image.size == (SIDE, SIDE)
 
 
-@pytest.mark.slow
 def test_captions_join_their_source_samples_and_keep_their_bytes(demo):
     ns = run_snippet("# pyarrow and DuckDB", demo)
     assert ns["synthesis"].num_rows == 16 and len(ns["joined"]) == 16
@@ -87,7 +87,6 @@ def _member(folder: Path, row: dict) -> bytes:
         return tar.extractfile(row["member"]).read()
 
 
-@pytest.mark.slow
 def test_the_stored_caption_is_the_model_text_stripped(demo):
     """The shapes model's captions start with a space (the tokenizer's word boundary); stored, not."""
     from janus.engine import CaptionEngine
@@ -100,7 +99,6 @@ def test_the_stored_caption_is_the_model_text_stripped(demo):
     assert raw.text.startswith(" ") and raw.text.strip() == row["caption"]
 
 
-@pytest.mark.slow
 def test_ray_data_reads_the_tars(demo):
     ns = run_snippet("# Ray Data", demo)
     assert len(ns["samples"]) == len(ns["captioned"]) == 16
@@ -110,13 +108,11 @@ def test_ray_data_reads_the_tars(demo):
     assert {s["json"]["key"]: s["txt"] for s in ns["captioned"]} == captions
 
 
-@pytest.mark.slow
 def test_the_recipe_alone_makes_the_same_image(demo):
     ns = run_snippet("# regenerate", demo)  # it asserts that the PNG bytes are equal
     assert json.loads((demo / "out" / "synthesis" / RECIPE_FILE).read_text())["model.weights"] == ns["row"]["weights"]
 
 
-@pytest.mark.slow
 def test_dedup_on_the_demo_and_the_kept_set(demo, capsys):
     from jobs.cli import main as cli_main
 
@@ -131,10 +127,3 @@ def test_dedup_on_the_demo_and_the_kept_set(demo, capsys):
     assert len(kept) == 16 - len(removed)
     readme = re.search(r"(SELECT s\.\* FROM [^;]*ANTI JOIN[^;]*;)", (REPO / "README.md").read_text()).group(1)
     assert sorted(duckdb.sql(readme.replace("'out/", f"'{demo}/out/")).fetchall(), key=str) == sorted(kept, key=str)
-
-
-def test_the_column_tables_are_the_declarations():
-    text = DOC.read_text()
-    for kind, title in (("synthesis", "### Synthesis"), ("caption", "### Caption")):
-        table = text.split(title, 1)[1].strip().split("\n\n")[0]
-        assert table == markdown_table(kind), f"{DOC.name} {title}: run pipeline.columns.markdown_table"
